@@ -1,0 +1,208 @@
+"""Reading a model's structure: canonical names, tied parameters, and role inference.
+
+Roles come from comparing each parameter's shape with its counterpart in the base
+model (and, when the model has the base's shapes, a ``delta`` model of another
+width): the dims that differ are the ones that scale with width.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from .rules import Multipliers, Role
+
+__all__ = ["canonical_name", "unwrap", "Usage", "TiedParam", "collect", "infer_roles", "match", "check_same_structure"]
+
+# Wrapper modules insert these components into parameter names; masks and metadata are
+# keyed by names without them, so wrapped and unwrapped models agree.
+_WRAPPER_PARTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+# Modules whose weight is laid out (num_inputs, out_features): an embedding table.
+_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without wrapper prefixes such as DDP's ``module.`` or torch.compile's ``_orig_mod.``."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        return model
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One place a parameter appears: the module that owns it and its attribute name."""
+
+    name: str  # canonical full name, e.g. "blocks.0.mlp.fc.weight"
+    module_name: str
+    attr: str
+
+
+@dataclass
+class TiedParam:
+    """A parameter with every name it appears under (several when weights are tied)."""
+
+    param: nn.Parameter
+    usages: list[Usage]
+
+    @property
+    def name(self) -> str:
+        return self.usages[0].name
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(u.name for u in self.usages)
+
+
+def collect(model: nn.Module) -> dict[str, TiedParam]:
+    """All parameters of ``model`` keyed by their first canonical name, ties grouped."""
+    by_id: dict[int, TiedParam] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module.named_parameters(recurse=False):
+            module_name_c = canonical_name(module_name)
+            full = f"{module_name_c}.{attr}" if module_name_c else attr
+            usage = Usage(full, module_name_c, attr)
+            entry = by_id.setdefault(id(param), TiedParam(param, []))
+            if usage not in entry.usages:
+                entry.usages.append(usage)
+    return {entry.name: entry for entry in by_id.values()}
+
+
+def _fan_dims(module: nn.Module, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(fan-out dims, fan-in dims) of a weight of ``ndim`` dims owned by ``module``."""
+    if isinstance(module, _EMBEDDING_TYPES):
+        return (1,), (0,)
+    return (0,), tuple(range(1, ndim))
+
+
+def _ratio(shape: tuple[int, ...], base: tuple[int, ...], dims: tuple[int, ...]) -> float:
+    return math.prod(shape[d] / base[d] for d in dims)
+
+
+def match(patterns: Mapping[str, object], names: tuple[str, ...]) -> str | None:
+    """The first pattern (fnmatch, in mapping order) matching any of ``names``."""
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            return pattern
+    return None
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """Role and multipliers of one usage of a parameter."""
+
+    role: Role
+    multipliers: Multipliers
+
+
+def _infer_usage(
+    usage: Usage,
+    module: nn.Module,
+    shape: tuple[int, ...],
+    base_shape: tuple[int, ...],
+    scaling: tuple[bool, ...],
+    override: Role | None,
+) -> Inferred:
+    ndim = len(shape)
+    if ndim <= 1:
+        role = override or Role.VECTOR
+        if role is not Role.VECTOR:
+            raise ValueError(
+                f"parameter {usage.name!r} has {ndim} dim(s) and can only have role 'vector', not {role.value!r}"
+            )
+        width = _ratio(shape, base_shape, tuple(range(ndim)))
+        return Inferred(Role.VECTOR, Multipliers(width=width))
+    fan_out, fan_in = _fan_dims(module, ndim)
+    m_out, m_in = _ratio(shape, base_shape, fan_out), _ratio(shape, base_shape, fan_in)
+    if override is None:
+        grows_out = any(scaling[d] for d in fan_out)
+        grows_in = any(scaling[d] for d in fan_in)
+        if grows_out and grows_in:
+            override = Role.HIDDEN
+        elif grows_out:
+            override = Role.INPUT
+        elif grows_in:
+            override = Role.OUTPUT
+        else:
+            raise ValueError(
+                f"cannot classify parameter {usage.name!r} (shape {shape}): none of its dims scale "
+                f"with width (base shape {base_shape}). Give its role explicitly, e.g. "
+                f"roles={{{usage.name!r}: 'hidden'}} (roles: input, hidden, output, vector)"
+            )
+    if override is Role.HIDDEN:
+        return Inferred(Role.HIDDEN, Multipliers(width=m_in, fan_out=m_out))
+    if override is Role.INPUT:
+        return Inferred(Role.INPUT, Multipliers(width=m_out))
+    if override is Role.OUTPUT:
+        return Inferred(Role.OUTPUT, Multipliers(width=m_in))
+    return Inferred(Role.VECTOR, Multipliers(width=1.0))
+
+
+def infer_roles(
+    model: nn.Module,
+    params: Mapping[str, TiedParam],
+    base_shapes: Mapping[str, tuple[int, ...]],
+    scaling: Mapping[str, tuple[bool, ...]],
+    roles: Mapping[str, Role],
+) -> dict[str, list[Inferred]]:
+    """Role and multipliers of every usage of every parameter, by shape comparison.
+
+    ``scaling[name][d]`` says whether dim d grows with width; ``roles`` maps name
+    patterns to explicit roles, which win over inference.
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = {canonical_name(k): v for k, v in modules.items()}
+    out: dict[str, list[Inferred]] = {}
+    for name, tied in params.items():
+        pattern = match(roles, tied.names)
+        override = roles[pattern] if pattern is not None else None
+        shape = tuple(tied.param.shape)
+        out[name] = [
+            _infer_usage(u, modules[u.module_name], shape, base_shapes[name], scaling[name], override)
+            for u in tied.usages
+        ]
+    return out
+
+
+def check_same_structure(
+    model_params: Mapping[str, TiedParam], other: nn.Module, what: str
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``other``'s parameters keyed like ``model_params``; a clear error if they differ."""
+    other_params = collect(other)
+    mine = {n for t in model_params.values() for n in t.names}
+    theirs = {n for t in other_params.values() for n in t.names}
+    if mine != theirs:
+        missing = sorted(mine - theirs)[:5]
+        extra = sorted(theirs - mine)[:5]
+        raise ValueError(
+            f"the {what} model's structure does not match the model's: "
+            f"parameters missing from the {what}: {missing or 'none'}; only in the {what}: {extra or 'none'}. "
+            f"Build the {what} with the same code as the model, changing only its width"
+        )
+    shape_of = {n: tuple(t.param.shape) for t in other_params.values() for n in t.names}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tied in model_params.items():
+        shape = shape_of[name]
+        if len(shape) != tied.param.dim():
+            raise ValueError(
+                f"parameter {name!r} has {tied.param.dim()} dims in the model but {len(shape)} in the {what} "
+                f"({tuple(tied.param.shape)} vs {shape}); the {what} must differ from the model only in width"
+            )
+        shapes[name] = shape
+    return shapes
+

@@ -1,0 +1,38 @@
+"""Small models shared by the tests."""
+
+import torch
+from torch import nn
+
+import sparsemup as smp
+from sparsemup.models import GPTConfig, build_gpt, build_mlp
+
+
+def tiny_gpt(width=64, base_width=32, density=0.25, scheme="supar", **kw):
+    cfg = GPTConfig(vocab_size=50, width=width, depth=2, head_dim=16, context=32)
+    return build_gpt(cfg, base_width, scheme=scheme, density=density, **kw)[0]
+
+
+def tiny_mlp(width=64, base_width=32, density=0.25, scheme="supar", **kw):
+    return build_mlp(8, width, 5, base_width, depth=2, scheme=scheme, density=density, **kw)[0]
+
+
+class TwoLayer(nn.Module):
+    """A user model not from sparsemup, for structure tests."""
+
+    def __init__(self, width: int, extra: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(10, width)
+        self.mid = nn.Linear(width, width)
+        self.head = nn.Linear(width, 10)
+        if extra:
+            self.more = nn.Linear(width, width)
+
+    def forward(self, idx):
+        return self.head(torch.relu(self.mid(self.emb(idx))))
+
+
+def tokens(batch=4, seq=16, vocab=50, seed=0):
+    return torch.randint(vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+__all__ = ["smp", "tiny_gpt", "tiny_mlp", "TwoLayer", "tokens"]

@@ -1,0 +1,87 @@
+"""Parameter groups: the optimizer contract."""
+
+import pytest
+import torch
+
+import sparsemup as smp
+from helpers import tiny_gpt, tiny_mlp
+
+
+def by_name(groups):
+    return {n: g for g in groups for n in g["param_names"]}
+
+
+def test_adam_groups_follow_rules():
+    model = tiny_mlp(width=128, base_width=32, density=0.25)
+    groups = by_name(smp.param_groups(model, torch.optim.AdamW, lr=0.01, weight_decay=0.1))
+    assert groups["hidden.0.weight"]["lr"] == pytest.approx(0.01 / (4 * 0.25))
+    assert groups["hidden.0.weight"]["weight_decay"] == pytest.approx(0.1 * 4 * 0.25)  # lr·wd = 0.001
+    assert groups["input.weight"]["lr"] == 0.01
+    assert groups["readout.weight"]["lr"] == 0.01
+    assert groups["hidden.0.bias"]["weight_decay"] == 0.0
+    coupled = by_name(smp.param_groups(model, "adam", lr=0.01, weight_decay=0.1, weight_decay_mode="coupled"))
+    assert coupled["hidden.0.weight"]["weight_decay"] == 0.1
+    vec = by_name(smp.param_groups(model, "adam", lr=0.01, weight_decay=0.1, decay_vectors=True))
+    assert vec["hidden.0.bias"]["weight_decay"] == pytest.approx(0.1)
+
+
+def test_sgd_groups_follow_rules():
+    model = tiny_mlp(width=128, base_width=32, density=0.25)
+    groups = by_name(smp.param_groups(model, torch.optim.SGD, lr=0.1))
+    assert groups["hidden.0.weight"]["lr"] == pytest.approx(0.1 / 0.25)
+    assert groups["input.weight"]["lr"] == pytest.approx(0.4)
+    assert groups["readout.weight"]["lr"] == pytest.approx(0.4)
+    assert groups["hidden.0.bias"]["lr"] == pytest.approx(0.4)
+    assert groups["readout.bias"]["lr"] == pytest.approx(0.1)  # no width dimension
+
+
+def test_every_trainable_parameter_once():
+    model = tiny_gpt()
+    model.ln_f.weight.requires_grad_(False)
+    groups = smp.param_groups(model, "adam", lr=1e-3)
+    ids = [id(p) for g in groups for p in g["params"]]
+    expected = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(ids) == sorted(expected)
+
+
+def test_family_detection_and_unknown_optimizer():
+    assert smp.optimizer_family(torch.optim.NAdam) is smp.Family.ADAM
+    assert smp.optimizer_family("SGD") is smp.Family.SGD
+
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    assert smp.optimizer_family(MyAdam) is smp.Family.ADAM
+    with pytest.raises(ValueError, match="no parameterization rule is known for optimizer.*LBFGS.*optimizer='adam'"):
+        smp.param_groups(tiny_mlp(), torch.optim.LBFGS, lr=1.0)
+    with pytest.raises(ValueError, match="no parameterization rule"):
+        smp.optimizer_family("lion")
+    with pytest.raises(ValueError, match="weight_decay_mode"):
+        smp.param_groups(tiny_mlp(), "adam", lr=1.0, weight_decay_mode="decoupled")
+
+
+def test_schedulers_keep_ratios():
+    model = tiny_mlp(width=128, base_width=32, density=0.25)
+    opt = smp.make_optimizer(model, torch.optim.AdamW, lr=0.01, weight_decay=0.1)
+    ratios = [g["lr"] / 0.01 for g in opt.param_groups]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    for g, r in zip(opt.param_groups, ratios):
+        assert g["lr"] == pytest.approx(0.01 * r * 0.125)
+
+
+def test_optimizer_state_dict_round_trip():
+    model = tiny_gpt()
+    opt = smp.make_optimizer(model, torch.optim.AdamW, lr=0.01)
+    opt2 = smp.make_optimizer(tiny_gpt(), torch.optim.AdamW, lr=0.01)
+    opt2.load_state_dict(opt.state_dict())
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+
+
+def test_param_groups_of_wrapped_model():
+    model = tiny_gpt()
+    wrapped = torch.nn.DataParallel(model)
+    names = sorted(n for g in smp.param_groups(wrapped, "adam", lr=1e-3) for n in g["param_names"])
+    assert names == sorted(smp.get_parameterization(model).params)

@@ -1,0 +1,293 @@
+"""Applying a scheme to a model: roles, init, multipliers, attention, and input errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparsemup as smp
+from helpers import TwoLayer, tiny_gpt, tiny_mlp, tokens
+from sparsemup.models import GPT, MLP, GPTConfig, build_gpt
+
+
+def roles(model):
+    return {n: i.role.value for n, i in smp.get_parameterization(model).params.items()}
+
+
+def test_gpt_roles_and_ties():
+    model = tiny_gpt()
+    r = roles(model)
+    assert r["wte.weight"] == "input"  # tied with lm_head: one entry
+    assert "lm_head.weight" not in r
+    info = smp.get_parameterization(model).info("lm_head.weight")
+    assert info.names == ("wte.weight", "lm_head.weight")
+    assert info.usage_roles == {"wte.weight": smp.Role.INPUT, "lm_head.weight": smp.Role.OUTPUT}
+    assert info.forward_multipliers == {"wte.weight": 1.0, "lm_head.weight": pytest.approx(0.5)}
+    assert {r[n] for n in r if ".attn.qkv" in n or ".mlp." in n or ".attn.proj" in n} == {"hidden"}
+    assert {r[n] for n in r if "ln" in n} == {"vector"}
+
+
+def test_mlp_roles_and_multipliers():
+    model = tiny_mlp(width=128, base_width=32)
+    rec = smp.get_parameterization(model)
+    assert roles(model) == {
+        "input.weight": "input", "input.bias": "vector", "hidden.0.weight": "hidden", "hidden.0.bias": "vector",
+        "hidden.1.weight": "hidden", "hidden.1.bias": "vector", "readout.weight": "output", "readout.bias": "vector",
+    }
+    assert rec.params["hidden.0.weight"].multipliers == smp.Multipliers(width=4, fan_out=4, density=0.25)
+    assert rec.params["input.weight"].multipliers.width == 4
+    assert rec.params["readout.bias"].multipliers.width == 1  # no width dim
+
+
+def test_masks_exact_and_weights_zero():
+    model = tiny_gpt(width=64, density=0.25)
+    for name, info in smp.get_parameterization(model).params.items():
+        mask = smp.get_mask(model, name)
+        if info.role is smp.Role.HIDDEN:
+            fan_in = info.shape[1]
+            assert (mask.sum(dim=1) == round(0.25 * fan_in)).all()
+            weight = model.get_parameter(name)
+            assert (weight[mask == 0] == 0).all()
+            assert info.density == round(0.25 * fan_in) / fan_in
+        else:
+            assert mask is None
+
+
+def test_init_std_matches_rule_empirically():
+    model = tiny_mlp(width=512, base_width=32, density=0.25, init_std=0.1)
+    w = model.hidden[0].weight
+    nz = w[smp.get_mask(model, "hidden.0.weight") != 0]
+    expected = 0.1 / math.sqrt(16 * 0.25)
+    assert nz.std().item() == pytest.approx(expected, rel=0.02)
+    assert smp.get_parameterization(model).params["hidden.0.weight"].init_std == pytest.approx(expected)
+    assert model.input.weight.std().item() == pytest.approx(0.1, rel=0.05)
+
+
+def test_realised_density_sets_m_rho():
+    # fan-in 24 at density 0.3 keeps round(7.2) = 7 per row: m_ρ = 7/24, not 0.3.
+    with torch.device("meta"):
+        base, delta = MLP(4, 24, 3), MLP(4, 48, 3)
+    model = MLP(4, 24, 3)
+    rec = smp.parameterize(model, base, delta=delta, density=0.3)
+    assert rec.params["hidden.0.weight"].multipliers.density == pytest.approx(7 / 24)
+
+
+def test_sparse_base_density():
+    with torch.device("meta"):
+        base = MLP(4, 32, 3)
+    model = MLP(4, 64, 3)
+    rec = smp.parameterize(model, base, density=0.125, base_density=0.5)
+    assert rec.params["hidden.0.weight"].multipliers.density == pytest.approx(0.25)
+
+
+def test_per_layer_density_patterns():
+    model = tiny_gpt(density={"blocks.*.mlp.*": 0.25, "blocks.0.*": 0.5})
+    rec = smp.get_parameterization(model)
+    assert rec.params["blocks.0.mlp.fc.weight"].density == 0.25  # first match wins
+    assert rec.params["blocks.0.attn.qkv.weight"].density == 0.5
+    assert rec.params["blocks.1.attn.qkv.weight"].density == 1.0
+    assert smp.get_mask(model, "blocks.1.attn.qkv.weight") is None
+
+
+def test_user_masks():
+    mask = torch.zeros(64, 64)
+    mask[:, :8] = 1
+    model = tiny_mlp(width=64, masks={"hidden.0.weight": mask})
+    assert torch.equal(smp.get_mask(model, "hidden.0.weight"), mask)
+    assert smp.get_parameterization(model).params["hidden.0.weight"].density == pytest.approx(8 / 64)
+
+
+def test_forward_multipliers_apply_in_train_and_eval():
+    x = tokens()
+    model = tiny_gpt(input_alpha=3.0, output_alpha=2.0)
+    plain = smp.export(model)
+    for mode in (True, False):
+        model.train(mode)
+        plain.train(mode)
+        assert torch.allclose(model(x), plain(x), atol=1e-5)
+    # And the multiplier really is there: the readout input is scaled by α_output/m_d = 2/2.
+    seen = {}
+    model.lm_head.register_forward_hook(lambda m, a, o: seen.setdefault("in", a[0]))
+    model.ln_f.register_forward_hook(lambda m, a, o: seen.setdefault("ln", o))
+    model(x)
+    assert torch.allclose(seen["in"], seen["ln"] * 1.0)
+    model2 = tiny_gpt(input_alpha=3.0, output_alpha=4.0)
+    seen.clear()
+    model2.lm_head.register_forward_hook(lambda m, a, o: seen.setdefault("in", a[0]))
+    model2.ln_f.register_forward_hook(lambda m, a, o: seen.setdefault("ln", o))
+    model2(x)
+    assert torch.allclose(seen["in"], seen["ln"] * 2.0)
+
+
+def test_attention_scale_set_from_base_head_dim():
+    cfg = GPTConfig(vocab_size=50, width=64, depth=1, head_dim=32, context=16)
+    model, rec = build_gpt(cfg, base_width=32, base_head_dim=16, scheme="mup")
+    assert model.blocks[0].attn.core.scale == pytest.approx(math.sqrt(16) / 32)
+    assert rec.attention_scales == {"blocks.0.attn.core": pytest.approx(4 / 32)}
+    model_sp, _ = build_gpt(cfg, base_width=32, base_head_dim=16, scheme="sp")
+    assert model_sp.blocks[0].attn.core.scale == pytest.approx(1 / math.sqrt(32))
+
+
+def test_mup_at_base_shape_equals_sp():
+    x = tokens()
+    cfg = GPTConfig(vocab_size=50, width=32, depth=2, head_dim=16, context=32)
+    sp, _ = build_gpt(cfg, base_width=32, scheme="sp", seed=3, input_alpha=2.0, output_alpha=0.5)
+    mup, _ = build_gpt(cfg, base_width=32, scheme="mup", seed=3, input_alpha=2.0, output_alpha=0.5)
+    for (n, a), (_, b) in zip(sp.state_dict().items(), mup.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert torch.equal(sp(x), mup(x))
+    for fam in (torch.optim.AdamW, torch.optim.SGD):
+        lrs = [[g["lr"] for g in smp.param_groups(m, fam, lr=0.01)] for m in (sp, mup)]
+        assert lrs[0] == lrs[1]
+
+
+def test_supar_at_unit_density_equals_mup():
+    x = tokens()
+    a = tiny_gpt(scheme="mup", density=1.0, seed=1)
+    b = tiny_gpt(scheme="supar", density=1.0, seed=1)
+    assert torch.equal(a(x), b(x))
+    assert [g["lr"] for g in smp.param_groups(a, "adam", 0.01)] == [g["lr"] for g in smp.param_groups(b, "adam", 0.01)]
+
+
+def test_explain_lists_every_parameter():
+    model = tiny_gpt()
+    text = smp.explain(model)
+    for name in smp.get_parameterization(model).params:
+        assert name.split(" ")[0] in text
+    assert "attention blocks.0.attn.core" in text
+    rows = smp.explain_rows(model, "sgd")
+    qkv = next(r for r in rows if r["name"] == "blocks.0.attn.qkv.weight")
+    assert qkv["lr_mult"] == pytest.approx(1 / qkv["m_rho"])  # SGD: m_out/m_d = 1
+    assert qkv["density"] == 0.25
+
+
+# ---- bad input: a clear error naming the fix, and the model left untouched ----
+
+def fresh_pair(width=64):
+    with torch.device("meta"):
+        base = MLP(8, 32, 5)
+    return MLP(8, width, 5), base
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"density": 0.0}, r"density must be a number in \(0, 1\]"),
+        ({"density": 1.5}, r"density must be a number in \(0, 1\]"),
+        ({"density": -0.1}, r"density must be a number in \(0, 1\]"),
+        ({"density": {"hidden.*": 2.0}}, r"density\['hidden.\*'\] must be"),
+        ({"density": {"nothing.*": 0.5}}, "pattern 'nothing.*' matches no parameter"),
+        ({"base_density": 0.0}, r"base_density must be a number in \(0, 1\]"),
+        ({"density": 0.001}, "leaves every row of fan-in 64 with no weights"),
+        ({"scheme": "spar"}, "unknown scheme 'spar'"),
+        ({"roles": {"input.weight": "embedding"}}, "is not a role"),
+        ({"mask_kind": "block"}, "unknown mask_kind"),
+        ({"masks": {"input.weight": torch.ones(64, 8)}}, "only hidden weights can be masked"),
+        ({"zero_readout": True, "density": 0.001}, "no weights"),
+    ],
+)
+def test_bad_input_is_rejected_before_any_change(kwargs, message):
+    model, base = fresh_pair()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        smp.parameterize(model, base, **kwargs)
+    assert not smp.is_parameterized(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not model.hidden[0]._forward_pre_hooks
+
+
+def test_base_density_leaving_empty_rows():
+    model, base = fresh_pair()
+    with pytest.raises(ValueError, match="in the base model.*no weights"):
+        smp.parameterize(model, base, base_density=0.001)
+
+
+def test_base_structure_mismatch():
+    with torch.device("meta"):
+        base = TwoLayer(16, extra=True)
+    with pytest.raises(ValueError, match=r"structure does not match.*only in the base: \['more.bias', 'more.weight'\]"):
+        smp.parameterize(TwoLayer(32), base)
+    with torch.device("meta"):
+        base = MLP(8, 32, 5, depth=3)
+    with pytest.raises(ValueError, match="missing from the base: none"):
+        smp.parameterize(MLP(8, 64, 5), base)
+
+
+def test_unclassifiable_parameter_names_it_and_the_fix():
+    class WithTable(TwoLayer):
+        def __init__(self, width):
+            super().__init__(width)
+            self.table = nn.Parameter(torch.zeros(10, 10))
+
+    with torch.device("meta"):
+        base = WithTable(16)
+    with pytest.raises(ValueError, match=r"cannot classify parameter 'table'.*roles=\{'table': 'hidden'\}"):
+        smp.parameterize(WithTable(32), base)
+    model = WithTable(32)
+    rec = smp.parameterize(model, base, roles={"table": "input"})
+    assert rec.params["table"].role is smp.Role.INPUT
+
+
+def test_same_shapes_need_delta():
+    with torch.device("meta"):
+        base, delta = TwoLayer(16), TwoLayer(32)
+    with pytest.raises(ValueError, match="pass delta="):
+        smp.parameterize(TwoLayer(16), base, density=0.5)
+    model = TwoLayer(16)
+    rec = smp.parameterize(model, base, delta=delta, density=0.5)
+    assert rec.params["mid.weight"].role is smp.Role.HIDDEN
+    assert rec.params["mid.weight"].multipliers.width == 1.0
+    assert rec.params["mid.weight"].multipliers.density == 0.5
+
+
+def test_applying_twice_raises():
+    model, base = fresh_pair()
+    smp.parameterize(model, base, density=0.5)
+    w = model.hidden[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="already parameterized"):
+        smp.parameterize(model, base, density=0.5)
+    assert torch.equal(model.hidden[0].weight, w)
+
+
+def test_model_on_meta_and_same_object_errors():
+    _, base = fresh_pair()
+    with pytest.raises(ValueError, match="meta device"):
+        smp.parameterize(copy.deepcopy(base), base)
+    model, _ = fresh_pair()
+    with pytest.raises(ValueError, match="same object"):
+        smp.parameterize(model, model)
+
+
+def test_zero_readout_untied_and_tied():
+    model = tiny_mlp(zero_readout=True)
+    assert (model.readout.weight == 0).all()
+    with pytest.raises(ValueError, match="tied to the embedding"):
+        tiny_gpt(zero_readout=True)
+
+
+def test_custom_owner_needs_manual_multipliers():
+    class FunctionalHead(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.emb = nn.Embedding(10, width)
+            self.mid = nn.Linear(width, width)
+            self.out_weight = nn.Parameter(torch.zeros(10, width))
+
+        def forward(self, idx):
+            return self.mid(self.emb(idx)) @ self.out_weight.T
+
+    with torch.device("meta"):
+        base = FunctionalHead(16)
+    with pytest.raises(ValueError, match="forward_multipliers='manual'"):
+        smp.parameterize(FunctionalHead(32), base)
+    model = FunctionalHead(32)
+    rec = smp.parameterize(model, base, forward_multipliers="manual")
+    assert rec.info("out_weight").forward_multipliers == {"out_weight": 0.5}
+
+
+def test_unparameterized_model_errors():
+    with pytest.raises(ValueError, match="not parameterized"):
+        smp.get_parameterization(GPT(GPTConfig(vocab_size=10, width=32, head_dim=16, context=8)))

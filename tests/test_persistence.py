@@ -1,0 +1,165 @@
+"""Masks and metadata survive training, copies, checkpoints and export."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsemup as smp
+from helpers import tiny_gpt, tiny_mlp, tokens
+
+
+def lm_loss(model, x):
+    logits = model(x[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+
+def masked_zero_violations(model):
+    bad = 0
+    for name, info in smp.get_parameterization(model).params.items():
+        if info.masked:
+            w = model.get_parameter(name)
+            bad += int((w.detach()[smp.get_mask(model, name) == 0] != 0).sum())
+    return bad
+
+
+def train(model, opt, steps, x, clip=None):
+    for _ in range(steps):
+        opt.zero_grad()
+        lm_loss(model, x).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+
+
+def test_zeros_stay_exact_through_200_adamw_steps_with_decay_and_clipping():
+    model = tiny_gpt(density=0.25)
+    opt = smp.make_optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+    x = tokens(seq=17)
+    before = lm_loss(model, x).item()
+    train(model, opt, 200, x, clip=1.0)
+    assert lm_loss(model, x).item() < before - 0.5  # it did train
+    assert masked_zero_violations(model) == 0
+
+
+@pytest.mark.parametrize("opt_cls, kw", [(torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+                                          (torch.optim.Adam, {"weight_decay": 0.1, "amsgrad": True}),
+                                          (torch.optim.RMSprop, {"momentum": 0.5})])
+def test_zeros_stay_exact_with_other_optimizers(opt_cls, kw):
+    model = tiny_gpt(density=0.25)
+    wd = kw.pop("weight_decay", 0.0)
+    opt = smp.make_optimizer(model, opt_cls, lr=1e-3, weight_decay=wd, **kw)
+    train(model, opt, 20, tokens(seq=17))
+    assert masked_zero_violations(model) == 0
+
+
+def test_state_dict_round_trip_into_fresh_model_is_bit_identical():
+    model = tiny_gpt(density=0.25, seed=5)
+    train(model, smp.make_optimizer(model, torch.optim.AdamW, lr=1e-2), 3, tokens(seq=17))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    assert any(k.endswith("qkv.weight_mask") for k in model.state_dict())
+    fresh = tiny_gpt(density=0.25, seed=99)  # other seed: other masks and init until loaded
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    x = tokens(seq=16)
+    assert torch.equal(model(x), fresh(x))
+    # The loaded masks govern training too.
+    train(fresh, smp.make_optimizer(fresh, torch.optim.AdamW, lr=1e-2), 3, tokens(seq=17))
+    assert masked_zero_violations(fresh) == 0
+
+
+def test_loading_other_density_or_dense_weights_is_refused():
+    sparse = tiny_gpt(density=0.25)
+    with pytest.raises(ValueError, match="loaded mask has .* nonzeros .* with the checkpoint's density"):
+        tiny_gpt(density=0.5).load_state_dict(sparse.state_dict())
+    state = sparse.state_dict()
+    state["blocks.0.attn.qkv.weight"] = torch.randn_like(state["blocks.0.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="nonzero entries outside its mask"):
+        tiny_gpt(density=0.25).load_state_dict(state)
+
+
+def _behaves_like(a, b):
+    x = tokens(seq=17)
+    assert torch.equal(a(x[:, :-1]), b(x[:, :-1]))
+    assert smp.get_parameterization(b).params.keys() == smp.get_parameterization(a).params.keys()
+    # the copy still masks its gradients and keeps zeros through training
+    opt = smp.make_optimizer(b, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    train(b, opt, 5, x)
+    assert masked_zero_violations(b) == 0
+    for name, info in smp.get_parameterization(b).params.items():
+        if info.masked:
+            g = b.get_parameter(name).grad
+            assert (g[smp.get_mask(b, name) == 0] == 0).all()
+
+
+def test_deepcopy_keeps_behaviour():
+    model = tiny_gpt(density=0.25, input_alpha=2.0)
+    _behaves_like(model, copy.deepcopy(model))
+
+
+def test_pickle_and_torch_save_whole_model():
+    model = tiny_gpt(density=0.25, input_alpha=2.0)
+    _behaves_like(model, pickle.loads(pickle.dumps(model)))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    _behaves_like(model, torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+
+
+def test_to_dtype_moves_masks():
+    model = tiny_mlp(density=0.25).to(torch.float64)
+    assert smp.get_mask(model, "hidden.0.weight").dtype == torch.float64
+    x = torch.randn(4, 8, dtype=torch.float64)
+    model(x).sum().backward()
+    assert (model.hidden[0].weight.grad[smp.get_mask(model, "hidden.0.weight") == 0] == 0).all()
+
+
+def test_export_is_plain_and_equivalent():
+    model = tiny_gpt(density=0.25, input_alpha=3.0, output_alpha=2.0)
+    plain = smp.export(model)
+    x = tokens()
+    assert torch.allclose(model(x), plain(x), atol=1e-5)
+    assert not smp.is_parameterized(plain)
+    assert not any(k.endswith("_mask") for k in plain.state_dict())
+    for m in plain.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._load_state_dict_post_hooks
+    assert plain.lm_head.weight is not plain.wte.weight  # untied: different folded factors
+    assert (plain.blocks[0].attn.qkv.weight == 0).float().mean() > 0.7
+    # the original is untouched
+    assert smp.is_parameterized(model) and model.lm_head.weight is model.wte.weight
+
+
+def test_export_folds_bias_of_input_layer():
+    model = tiny_mlp(input_alpha=3.0, output_alpha=2.0)
+    plain = smp.export(model)
+    x = torch.randn(4, 8)
+    assert torch.allclose(model(x), plain(x), atol=1e-6)
+
+
+def test_bf16_autocast_training():
+    model = tiny_gpt(density=0.25)
+    opt = smp.make_optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    x = tokens(seq=17)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = lm_loss(model, x).item()
+    for _ in range(30):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss(model, x)
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+    assert masked_zero_violations(model) == 0
+
+
+def test_apply_masks_rezeroes_after_direct_writes():
+    model = tiny_mlp(density=0.25)
+    with torch.no_grad():
+        model.hidden[0].weight.add_(1.0)
+    assert masked_zero_violations(model) > 0
+    smp.apply_masks(model)
+    assert masked_zero_violations(model) == 0

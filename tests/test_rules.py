@@ -1,0 +1,128 @@
+"""The rule table (SUPAR.md §3) as exact identities."""
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparsemup.rules import (
+    SCHEMES,
+    Family,
+    Multipliers,
+    Role,
+    Scheme,
+    attention_scale,
+    forward_multiplier,
+    get_scheme,
+    init_std,
+    lr_multiplier,
+    weight_decay_multiplier,
+)
+
+mult = st.floats(min_value=1 / 64, max_value=64, allow_nan=False)
+ROLES = list(Role)
+FAMILIES = list(Family)
+
+
+@given(st.sampled_from(ROLES), st.sampled_from(FAMILIES), st.floats(0.001, 1.0), st.floats(0.1, 10), st.floats(0.1, 10))
+def test_all_schemes_coincide_at_base_shape(role, family, sigma, a_in, a_out):
+    base = Multipliers()
+    for scheme in ("mup", "supar"):
+        assert init_std(role, scheme, base, sigma) == init_std(role, "sp", base, sigma)
+        assert lr_multiplier(role, scheme, base, family) == lr_multiplier(role, "sp", base, family)
+        assert forward_multiplier(role, scheme, base, a_in, a_out) == forward_multiplier(role, "sp", base, a_in, a_out)
+
+
+@given(st.integers(1, 512))
+def test_attention_scale_mup_equals_sp_at_base_head_dim(d):
+    assert attention_scale("mup", d, d) == pytest.approx(attention_scale("sp", d, d), rel=1e-15)
+    assert attention_scale("supar", d, d) == pytest.approx(1 / math.sqrt(d), rel=1e-15)
+
+
+def test_attention_scale_values():
+    assert attention_scale("supar", 128, 64) == pytest.approx(8 / 128)
+    assert attention_scale("sp", 128, 64) == pytest.approx(1 / math.sqrt(128))
+    with pytest.raises(ValueError, match="positive"):
+        attention_scale("sp", 0, 64)
+
+
+@given(st.sampled_from(ROLES), st.sampled_from(FAMILIES), mult, mult)
+def test_supar_at_unit_density_equals_mup(role, family, m_d, m_out):
+    m = Multipliers(width=m_d, fan_out=m_out, density=1.0)
+    assert init_std(role, "supar", m, 0.02) == init_std(role, "mup", m, 0.02)
+    assert lr_multiplier(role, "supar", m, family) == lr_multiplier(role, "mup", m, family)
+    assert forward_multiplier(role, "supar", m, 2.0, 3.0) == forward_multiplier(role, "mup", m, 2.0, 3.0)
+
+
+@given(mult, mult, st.floats(0.001, 1.0))
+def test_supar_hidden_adam(m_d, m_rho, sigma):
+    m = Multipliers(width=m_d, fan_out=m_d, density=m_rho)
+    # Table 1: hidden init var σ²/(m_d·m_ρ), LR η/(m_d·m_ρ).
+    assert init_std("hidden", "supar", m, sigma) ** 2 == pytest.approx(sigma**2 / (m_d * m_rho), rel=1e-12)
+    assert lr_multiplier("hidden", "supar", m, "adam") == pytest.approx(1 / (m_d * m_rho), rel=1e-12)
+    assert lr_multiplier("hidden", "mup", m, "adam") == pytest.approx(1 / m_d, rel=1e-12)
+    assert lr_multiplier("hidden", "sp", m, "adam") == 1.0
+    assert init_std("hidden", "mup", m, sigma) ** 2 == pytest.approx(sigma**2 / m_d, rel=1e-12)
+    assert init_std("hidden", "sp", m, sigma) == sigma
+
+
+@given(mult, mult, mult)
+def test_supar_sgd_column(m_d, m_out, m_rho):
+    m = Multipliers(width=m_d, fan_out=m_out, density=m_rho)
+    assert lr_multiplier("hidden", "supar", m, "sgd") == pytest.approx(m_out / m_d / m_rho, rel=1e-12)
+    assert lr_multiplier("hidden", "mup", m, "sgd") == pytest.approx(m_out / m_d, rel=1e-12)
+    # Paper App. D.3.1: when both sides scale, SµPar's SGD hidden LR is η/m_ρ.
+    square = Multipliers(width=m_d, fan_out=m_d, density=m_rho)
+    assert lr_multiplier("hidden", "supar", square, "sgd") == pytest.approx(1 / m_rho, rel=1e-12)
+    for role in ("input", "output", "vector"):
+        assert lr_multiplier(role, "supar", m, "sgd") == pytest.approx(m_d, rel=1e-12)
+        assert lr_multiplier(role, "sp", m, "sgd") == 1.0
+    # SGD init follows the Adam column.
+    assert init_std("hidden", "supar", m, 0.02) == pytest.approx(0.02 / math.sqrt(m_d * m_rho), rel=1e-12)
+
+
+@given(mult, mult)
+def test_non_hidden_adam_rules(m_d, m_rho):
+    m = Multipliers(width=m_d, density=m_rho)
+    for scheme in ("sp", "mup", "supar"):
+        assert init_std("input", scheme, m, 0.05) == 0.05
+        assert init_std("output", scheme, m, 0.05) == 0.05
+        for role in ("input", "output", "vector"):
+            assert lr_multiplier(role, scheme, m, "adam") == 1.0
+    assert forward_multiplier("input", "supar", m, 9.17, 1.095) == 9.17
+    assert forward_multiplier("output", "supar", m, 9.17, 1.095) == pytest.approx(1.095 / m_d, rel=1e-12)
+    assert forward_multiplier("output", "sp", m, 9.17, 1.095) == 1.095
+    assert forward_multiplier("hidden", "supar", m, 9.17, 1.095) == 1.0
+
+
+def test_ablation_schemes_apply_one_correction_each():
+    m = Multipliers(width=4, fan_out=4, density=0.25)
+    assert init_std("hidden", "mup+density_init", m, 1.0) == init_std("hidden", "supar", m, 1.0)
+    assert lr_multiplier("hidden", "mup+density_init", m, "adam") == lr_multiplier("hidden", "mup", m, "adam")
+    assert init_std("hidden", "mup+density_lr", m, 1.0) == init_std("hidden", "mup", m, 1.0)
+    assert lr_multiplier("hidden", "mup+density_lr", m, "adam") == lr_multiplier("hidden", "supar", m, "adam")
+
+
+@given(st.sampled_from(ROLES), st.floats(1 / 4096, 4096))
+def test_weight_decay_modes(role, lr_mult):
+    independent = weight_decay_multiplier(role, lr_mult, "independent")
+    coupled = weight_decay_multiplier(role, lr_mult, "coupled")
+    if role is Role.VECTOR:
+        assert independent == coupled == 0.0
+        assert weight_decay_multiplier(role, lr_mult, "independent", decay_vectors=True) == pytest.approx(1 / lr_mult)
+    else:
+        assert lr_mult * independent == pytest.approx(1.0)  # lr·wd held at η_base·wd_base
+        assert coupled == 1.0
+
+
+def test_bad_names_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown scheme 'spar'.*sp, mup, supar"):
+        get_scheme("spar")
+    with pytest.raises(ValueError, match="weight-decay mode"):
+        weight_decay_multiplier("hidden", 1.0, "decoupled")
+    with pytest.raises(ValueError, match="on top of µP"):
+        Scheme("bad", width=False, density_init=True, density_lr=False)
+    with pytest.raises(ValueError, match="positive"):
+        Multipliers(width=0.0)
+    assert set(SCHEMES) >= {"sp", "mup", "supar"}
