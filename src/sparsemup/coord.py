@@ -136,16 +136,19 @@ def run(
     steps: int,
     progress: Callable[[Case], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """``measure`` every case with a fresh optimizer from ``sparsemup.make_optimizer``."""
+    """``measure`` every case with a fresh optimizer from ``sparsemup.make_optimizer``.
+
+    ``progress`` is called with each case once it is measured.
+    """
     rows = []
     for case in cases:
-        if progress is not None:
-            progress(case)
         model = case.build()
         optimizer = make_optimizer(model, optimizer_class, lr=lr)
         for row in measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps):
             rows.append({"width": case.width, "density": case.density, "seed": case.seed, **row})
         del model, optimizer
+        if progress is not None:
+            progress(case)
     return rows
 
 

@@ -1,0 +1,112 @@
+"""The coordinate check: verdicts that separate SP, µP and SµPar, and the CLI's outputs."""
+
+import json
+
+import pytest
+import torch
+
+from sparsemup import cli, coord
+from sparsemup.coordcases import gpt_cases, mlp_cases
+
+WIDTHS = [64, 128, 256, 512]
+DENSITIES = [1.0, 0.25, 0.0625, 0.015625]
+
+
+@pytest.fixture(scope="module")
+def mlp_verdicts():
+    out = {}
+    for scheme in ("sp", "mup", "supar"):
+        rows = coord.run(mlp_cases(scheme, WIDTHS, DENSITIES, 2, 64), torch.optim.Adam, 2**-7, 3)
+        out[scheme] = coord.verdict(coord.fit_slopes(rows))
+    return out
+
+
+def test_mlp_supar_passes_both(mlp_verdicts):
+    v = mlp_verdicts["supar"]
+    assert v["width"]["pass"] and v["density"]["pass"], v
+
+
+def test_mlp_mup_passes_width_fails_density(mlp_verdicts):
+    v = mlp_verdicts["mup"]
+    assert v["width"]["pass"], v
+    assert not v["density"]["pass"] and v["density"]["max_abs_slope"] >= 0.5, v
+
+
+def test_mlp_sp_fails_density_and_width(mlp_verdicts):
+    v = mlp_verdicts["sp"]
+    assert not v["density"]["pass"] and not v["width"]["pass"], v
+
+
+def test_gpt_small_grid_separates_schemes_at_init():
+    """At init, activations are ∝ √ρ under SP and µP and flat under SµPar, at any width."""
+    slopes = {}
+    for scheme in ("sp", "mup", "supar"):
+        rows = coord.run(gpt_cases(scheme, [64, 128], [1.0, 0.25, 0.0625], 1, 64), torch.optim.Adam, 2**-7, 1)
+        fits = [f for f in coord.fit_slopes(rows) if f["role"] == "hidden" and f["quantity"] == "act" and f["step"] == 0]
+        slopes[scheme] = [f["density_slope"] for f in fits]
+    assert all(abs(s) < 0.05 for s in slopes["supar"]), slopes
+    assert all(s > 0.4 for s in slopes["mup"]), slopes
+    assert all(s > 0.4 for s in slopes["sp"]), slopes
+
+
+def test_gpt_supar_passes_at_large_width():
+    """Over training steps the density slopes of a narrow GPT carry a finite width·density
+    correction (docs/COORD_CHECK.md); at width 2048 SµPar is within the threshold."""
+    rows = coord.run(gpt_cases("supar", [512, 2048], [1.0, 0.0625], 1, 64), torch.optim.Adam, 2**-7, 3)
+    v = coord.verdict(coord.fit_slopes(rows))
+    assert v["width"]["pass"] and v["density"]["pass"], v
+    by_width = v["density"]["max_abs_slope_by_width"]
+    assert by_width["2048"] < by_width["512"]
+
+
+def test_fit_slopes_recovers_known_power_laws():
+    rows = [
+        {"width": w, "density": d, "seed": s, "step": 1, "layer": "h", "role": "hidden", "quantity": "act",
+         "rms": 3.0 * w**0.5 * d**-1.0}
+        for w in (64, 128, 256) for d in (1.0, 0.5, 0.25) for s in (0, 1)
+    ]
+    (fit,) = coord.fit_slopes(rows)
+    assert fit["width_slope"] == pytest.approx(0.5)
+    assert fit["density_slope"] == pytest.approx(-1.0)
+    v = coord.verdict([fit])
+    assert v["width"] == {"pass": False, "max_abs_slope": pytest.approx(0.5), "threshold": 0.25,
+                          "worst": {"layer": "h", "quantity": "act", "step": 1}}
+    assert not v["density"]["pass"]
+    # Activation gradients are 1/m_d by design: not judged against width.
+    grad = dict(fit, quantity="grad")
+    assert coord.verdict([grad])["width"]["pass"] is None
+    assert coord.verdict([grad])["density"]["pass"] is False
+
+
+def test_cli_writes_json_figures_and_strict_exit(tmp_path, capsys):
+    args = ["coord-check", "--model", "mlp", "--widths", "64,256", "--densities", "1,0.0625", "--steps", "2",
+            "--seeds", "1"]
+    assert cli.main([*args, "--scheme", "supar", "--out", str(tmp_path / "s"), "--strict"]) == 0
+    data = json.loads((tmp_path / "s" / "coord.json").read_text())
+    assert data["scheme"] == "supar"
+    assert data["settings"]["widths"] == [64, 256] and data["settings"]["densities"] == [1.0, 0.0625]
+    assert set(data["verdict"]) == {"width", "density"}
+    assert isinstance(data["verdict"]["width"]["pass"], bool)
+    assert isinstance(data["verdict"]["density"]["max_abs_slope"], float)
+    assert len(data["measurements"]) > 0 and {"width", "density", "seed", "step", "layer", "quantity", "rms"} <= set(
+        data["measurements"][0])
+    assert (tmp_path / "s" / "width.png").stat().st_size > 0
+    assert (tmp_path / "s" / "density.png").stat().st_size > 0
+    assert "density verdict: PASS" in capsys.readouterr().out
+    assert cli.main([*args, "--scheme", "mup", "--out", str(tmp_path / "m"), "--strict"]) == 1
+    assert cli.main([*args, "--scheme", "mup", "--out", str(tmp_path / "m2")]) == 0
+
+
+@pytest.mark.parametrize("bad", [["--densities", "0,1"], ["--widths", "a,b"], ["--scheme", "spar"],
+                                 ["--densities", "1.5"]])
+def test_cli_rejects_bad_arguments(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["coord-check", *bad])
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cli_explain(capsys):
+    assert cli.main(["explain", "--width", "128", "--density", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.attn.qkv.weight" in out and "hidden" in out
