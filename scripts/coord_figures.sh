@@ -13,3 +13,8 @@ for scheme in mup supar; do
   sparsemup coord-check --model gpt --scheme "$scheme" --densities 1,0.25,0.0625,0.015625 \
     --out "docs/coord/gpt-$scheme-to-1-64" | tee "docs/coord/gpt-$scheme-to-1-64.txt"
 done
+# The same correction with 4 and 8 sequences per batch (default 2), widths up to 1024.
+for batch in 4 8; do
+  sparsemup coord-check --model gpt --scheme supar --widths 256,512,1024 --batch-size "$batch" \
+    --out "docs/coord/gpt-supar-batch-$batch" | tee "docs/coord/gpt-supar-batch-$batch.txt"
+done

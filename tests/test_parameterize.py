@@ -291,3 +291,11 @@ def test_custom_owner_needs_manual_multipliers():
 def test_unparameterized_model_errors():
     with pytest.raises(ValueError, match="not parameterized"):
         smp.get_parameterization(GPT(GPTConfig(vocab_size=10, width=32, head_dim=16, context=8)))
+
+
+def test_role_init_std_overrides_one_role():
+    model = tiny_mlp(width=64, base_width=64, density=1.0, scheme="sp", init_std=0.1, role_init_std={"output": 0.0})
+    assert (model.readout.weight == 0).all()
+    assert smp.get_parameterization(model).params["hidden.0.weight"].init_std == 0.1
+    with pytest.raises(ValueError, match="role_init_std"):
+        tiny_mlp(role_init_std={"vector": 0.1})

@@ -163,3 +163,13 @@ def test_apply_masks_rezeroes_after_direct_writes():
     assert masked_zero_violations(model) > 0
     smp.apply_masks(model)
     assert masked_zero_violations(model) == 0
+
+
+def test_torch_compile_keeps_multipliers_and_masks():
+    model = tiny_gpt(density=0.25, input_alpha=2.0)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = smp.make_optimizer(compiled, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    x = tokens(seq=17)
+    train(compiled, opt, 3, x)
+    assert masked_zero_violations(model) == 0
+    assert torch.allclose(compiled(x[:, :-1]), model(x[:, :-1]), atol=1e-5)

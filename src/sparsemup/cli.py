@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from . import coord
-from .coordcases import COORD_DEFAULTS, gpt_cases, mlp_cases
+from .coordcases import COORD_DEFAULTS, GPT_DEFAULTS, MLP_DEFAULTS, gpt_cases, mlp_cases
 from .explain import explain
 from .models import GPTConfig, build_gpt
 from .rules import SCHEMES
@@ -63,11 +63,12 @@ def _coord_check(args: argparse.Namespace) -> int:
     widths = args.widths or defaults["widths"]
     densities = args.densities or defaults["densities"]
     lr = args.lr if args.lr is not None else defaults["lr"]
-    base_width = args.base_width or min(widths)
+    base_width = args.base_width or defaults["base_width"]
+    batch_size = args.batch_size or (MLP_DEFAULTS if args.model == "mlp" else GPT_DEFAULTS)["batch_size"]
     settings = {
         "model": args.model, "scheme": args.scheme, "widths": widths, "densities": densities,
         "steps": args.steps, "seeds": args.seeds, "base_width": base_width, "base_density": 1.0,
-        "optimizer": "Adam", "lr": lr, "batch": defaults["batch"], "data": defaults["data"],
+        "optimizer": "Adam", "lr": lr, "batch": defaults["batch"].format(batch_size), "data": defaults["data"],
         "threshold": coord.THRESHOLD,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def _coord_check(args: argparse.Namespace) -> int:
         bar.update(1)
 
     start = time.perf_counter()
-    rows = coord.run(make(args.scheme, widths, densities, args.seeds, base_width), torch.optim.Adam,
+    rows = coord.run(make(args.scheme, widths, densities, args.seeds, base_width, batch_size), torch.optim.Adam,
                      lr, args.steps, progress)
     bar.close()
     fits = coord.fit_slopes(rows)
@@ -142,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--steps", type=int, default=5, help="training steps per model (default 5)")
     cc.add_argument("--seeds", type=int, default=2,
                     help="seeds 0..N-1; each draws its own init, masks and batch; RMS is averaged over seeds")
-    cc.add_argument("--base-width", type=int, help="width of the dense base model (default: smallest width)")
+    cc.add_argument("--base-width", type=int, help="width of the dense base model (default 64)")
     cc.add_argument("--lr", type=float, help="base Adam learning rate η_base (default: per model)")
+    cc.add_argument("--batch-size", type=int,
+                    help="samples (MLP, default 256) or 64-token sequences (GPT, default 2) in the fixed batch")
     cc.add_argument("--out", type=Path, default=Path("coord-check"), help="output directory (default ./coord-check)")
     cc.add_argument("--strict", action="store_true", help="exit with status 1 when a verdict fails")
     cc.set_defaults(func=_coord_check)
@@ -162,8 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "steps", 1) < 1 or getattr(args, "seeds", 1) < 1:
-        build_parser().error("--steps and --seeds must be at least 1")
+    for flag in ("steps", "seeds", "batch_size", "base_width"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            build_parser().error(f"--{flag.replace('_', '-')} must be at least 1")
     try:
         return args.func(args)
     except ValueError as err:

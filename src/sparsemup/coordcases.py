@@ -26,13 +26,13 @@ GPT_DEFAULTS = {"batch_size": 2, "seq_len": 64, "vocab_size": 256, "depth": 2, "
 # finite weights-per-neuron correction that only fades at large width·density (docs/COORD_CHECK.md).
 COORD_DEFAULTS = {
     "mlp": {
-        "widths": [64, 128, 256, 512], "densities": [1.0, 0.25, 0.0625, 0.015625], "lr": 2**-7,
-        "batch": "256 samples, one fixed batch",
+        "widths": [64, 128, 256, 512], "densities": [1.0, 0.25, 0.0625, 0.015625], "lr": 2**-7, "base_width": 64,
+        "batch": "{} samples, one fixed batch",
         "data": "Gaussian inputs (32 features) labelled by a random linear teacher (10 classes)",
     },
     "gpt": {
-        "widths": [256, 512, 1024, 2048], "densities": [1.0, 0.25, 0.0625], "lr": 2**-7,
-        "batch": "2 sequences x 64 tokens, one fixed batch",
+        "widths": [256, 512, 1024, 2048], "densities": [1.0, 0.25, 0.0625], "lr": 2**-7, "base_width": 64,
+        "batch": "{} sequences x 64 tokens, one fixed batch",
         "data": "tokens of a random first-order Markov chain over 256 symbols",
     },
 }
@@ -62,12 +62,13 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def mlp_cases(
-    scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int
+    scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
+    batch_size: int | None = None,
 ) -> Iterator[Case]:
     """Cases for the reference MLP (ReLU, σ_base = sqrt(2/base_width) so activations start near 1)."""
     d = MLP_DEFAULTS
     for seed in range(seeds):
-        x, y = teacher_batch(seed, d["batch_size"], d["in_features"], d["classes"])
+        x, y = teacher_batch(seed, batch_size or d["batch_size"], d["in_features"], d["classes"])
         for width in widths:
             for density in densities:
                 build = partial(build_mlp, d["in_features"], width, d["classes"], base_width, depth=d["depth"],
@@ -76,12 +77,13 @@ def mlp_cases(
 
 
 def gpt_cases(
-    scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int
+    scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
+    batch_size: int | None = None,
 ) -> Iterator[Case]:
     """Cases for the reference GPT on Markov-chain tokens (head_dim fixed, heads grow with width)."""
     d = GPT_DEFAULTS
     for seed in range(seeds):
-        tokens = markov_tokens(seed, d["batch_size"], d["seq_len"] + 1, d["vocab_size"])
+        tokens = markov_tokens(seed, batch_size or d["batch_size"], d["seq_len"] + 1, d["vocab_size"])
         for width in widths:
             for density in densities:
                 cfg = GPTConfig(vocab_size=d["vocab_size"], width=width, depth=d["depth"],

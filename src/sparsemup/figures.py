@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,15 @@ from .coord import averaged  # noqa: E402
 __all__ = ["plot_coord"]
 
 _LABELS = {"act": "activations Y", "grad": "activation gradients ∇X", "delta": "update effect ΔY"}
+
+
+def _min_span(ax: plt.Axes, decades: float = 2.0) -> None:
+    """Show at least ``decades`` on the y axis, so a flat line looks flat and a slope stands out."""
+    low, high = ax.get_ylim()
+    missing = decades - math.log10(high / low)
+    if missing > 0:
+        pad = 10 ** (missing / 2)
+        ax.set_ylim(low / pad, high * pad)
 
 
 def _panels(steps: int) -> list[tuple[str, int]]:
@@ -47,6 +57,7 @@ def plot_coord(rows: Sequence[dict[str, Any]], out_dir: Path, title: str, steps:
                 ax.plot(*zip(*pts), style, marker="o", ms=3, label=f"{layer} ({role})")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            _min_span(ax)
             ax.set_xlabel(axis)
             ax.set_title(f"{_LABELS[quantity]}, step {step}")
             ax.grid(True, which="both", alpha=0.3)

@@ -274,10 +274,9 @@ def parameterize(
         raise ValueError(f"init_std must be positive, got {init_std!r}")
     stds = {Role.INPUT: init_std, Role.HIDDEN: init_std, Role.OUTPUT: init_std}
     for key, value in (role_init_std or {}).items():
-        role = _resolve_roles({key: key})[key]
-        if role is Role.VECTOR or value < 0:
-            raise ValueError(f"role_init_std[{key!r}]: give a non-negative std for input, hidden or output")
-        stds[role] = float(value)
+        if key not in ("input", "hidden", "output") or not value >= 0:
+            raise ValueError(f"role_init_std[{key!r}] = {value!r}: give a non-negative std for input, hidden or output")
+        stds[Role(key)] = float(value)
 
     params = collect(target)
     meta = [n for n, t in params.items() if t.param.is_meta]
