@@ -42,7 +42,8 @@ def test_gpt_small_grid_separates_schemes_at_init():
     slopes = {}
     for scheme in ("sp", "mup", "supar"):
         rows = coord.run(gpt_cases(scheme, [64, 128], [1.0, 0.25, 0.0625], 1, 64), torch.optim.Adam, 2**-7, 1)
-        fits = [f for f in coord.fit_slopes(rows) if f["role"] == "hidden" and f["quantity"] == "act" and f["step"] == 0]
+        fits = [f for f in coord.fit_slopes(rows)
+                if f["role"] == "hidden" and f["quantity"] == "act" and f["step"] == 0]
         slopes[scheme] = [f["density_slope"] for f in fits]
     assert all(abs(s) < 0.05 for s in slopes["supar"]), slopes
     assert all(s > 0.4 for s in slopes["mup"]), slopes
