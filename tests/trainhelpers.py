@@ -20,14 +20,22 @@ def write_corpus(folder: Path, files: int = 2, words: int = 3000, seed: int = 0)
     return folder
 
 
+TINY = [
+    "model.width=32", "model.base_width=16", "model.depth=1", "model.head_dim=16", "model.density=0.25",
+    "train.steps=8", "train.batch_size=4", "train.seq_len=16", "train.eval_every=4", "train.eval_batches=2",
+    "train.checkpoint_every=3", "train.tensorboard=false", "train.progress=false", "optim.warmup_steps=2",
+    "optim.lr=2**-6",
+]
+
+
+def tiny_overrides(corpus: Path, *overrides: str) -> list[str]:
+    """``--set`` items of a model and run small enough for a test: width 32, one block, 16-byte sequences."""
+    return [*TINY, f"data.path={corpus}", *overrides]
+
+
 def tiny_config(corpus: Path, *overrides: str) -> Config:
-    """A model and run small enough for a test: width 32, one block, 16-byte sequences."""
-    return apply_overrides(Config(), [
-        "model.width=32", "model.base_width=16", "model.depth=1", "model.head_dim=16", "model.density=0.25",
-        "train.steps=8", "train.batch_size=4", "train.seq_len=16", "train.eval_every=4", "train.eval_batches=2",
-        "train.checkpoint_every=3", "train.tensorboard=false", "train.progress=false", "optim.warmup_steps=2",
-        "optim.lr=2**-6", f"data.path={corpus}", *overrides,
-    ])
+    """The tiny configuration as a Config."""
+    return apply_overrides(Config(), tiny_overrides(corpus, *overrides))
 
 
 def read_metrics(out: Path) -> list[dict[str, str]]:
