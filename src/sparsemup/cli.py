@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(config_file, overrides)
     config_format = "yaml" if config_file is not None and config_file.suffix in (".yaml", ".yml") else "toml"
     result = train(cfg, args.out, resume=args.resume, config_format=config_format)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     if result.get("status") == "diverged":
         print(f"diverged at step {result['diverged_at_step']} (non-finite loss or gradient); last good checkpoint: "
               f"step {result['last_checkpoint_step']}; wrote {args.out / 'result.json'}", file=sys.stderr)

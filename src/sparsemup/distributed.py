@@ -8,6 +8,7 @@ hooks act on full (unsharded) gradients before they are reduced.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -115,10 +116,12 @@ def wrap(model: nn.Module, ctx: Context, fsdp: bool) -> nn.Module:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
-    # Masks are fixed buffers checked identical at start: no need to broadcast them each step.
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, broadcast_buffers=False
-    )
+    # Masks are fixed buffers checked identical at start: no need to sync them every forward
+    # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers).
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else "broadcast_buffers": False}
+    return ddp(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **no_sync)
 
 
 def all_sum(value: torch.Tensor, ctx: Context) -> torch.Tensor:
