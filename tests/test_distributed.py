@@ -71,7 +71,8 @@ def test_fsdp2_on_two_processes_matches_one_process_across_a_resume(corpus, refe
     out = tmp_path / "fsdp"
     torchrun(out, "--fsdp", "--set", *tiny_overrides(corpus, *COMMON, "train.steps=4"))
     assert checkpoint.load(out)["step"] == 4 and checkpoint.load(out)["world_size"] == 2
-    torchrun(out, "--fsdp", "--resume", "--set", "train.steps=8")  # config comes from the run directory
+    # The config comes from the run directory; the rest runs with 2 accumulation micro-steps per process.
+    torchrun(out, "--fsdp", "--resume", "--set", "train.steps=8", "train.grad_accum=2")
     assert losses(out)[0] == pytest.approx(losses(ref_out)[0], rel=1e-4)
     assert losses(out)[1] == pytest.approx(losses(ref_out)[1], rel=1e-4)
     assert '"fsdp":true' in (out / "result.json").read_text()

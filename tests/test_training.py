@@ -168,3 +168,21 @@ def test_eval_reports_loss_and_bits_per_byte(corpus, tmp_path, capsys):
     assert printed["step"] == 4 and printed["val_tokens"] > windows * 16
     assert main(["eval", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_yaml_config_tensorboard_and_progress(corpus, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sparsemup.config import to_yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(to_yaml(tiny_config(corpus, "train.steps=4", "train.tensorboard=true", "train.progress=true")))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out)]) == 0
+    assert load_config(out / "config.yaml").to_dict() == load_config(config).to_dict()
+    assert "train: 100%" in capsys.readouterr().err  # the progress bar reached the end
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("val_loss")] == [4]
+    assert {"lr", "tokens_per_s"} <= set(events.Tags()["scalars"])

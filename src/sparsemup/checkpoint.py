@@ -33,8 +33,8 @@ FORMAT = 1
 # Keys that may differ between a checkpoint and the run resuming it: they change cadence,
 # logging or how the same computation is laid out, not what is computed.
 RESUMABLE_KEYS = frozenset({
-    "train.steps", "train.eval_every", "train.checkpoint_every", "train.device", "train.threads",
-    "train.tensorboard", "train.progress", "dist.fsdp",
+    "train.steps", "train.eval_every", "train.checkpoint_every", "train.grad_accum", "train.device",
+    "train.threads", "train.tensorboard", "train.progress", "dist.fsdp",
 })
 
 
