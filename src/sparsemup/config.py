@@ -9,10 +9,9 @@ from __future__ import annotations
 import ast
 import difflib
 import json
-import math
 import operator
 import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -163,17 +162,22 @@ def _field_types(section: Any) -> dict[str, type]:
     return {f.name: types[f.type] if isinstance(f.type, str) else f.type for f in fields(section)}
 
 
-def _set(section: Any, section_name: str, key: str, value: Any, source: str) -> None:
+def _field_type(section: Any, section_name: str, key: str, source: str) -> type:
+    """The type of ``section_name.key``; an unknown key is an error with a did-you-mean."""
     types = _field_types(section)
-    full = f"{section_name}.{key}"
     if key not in types:
         hint = difflib.get_close_matches(key, types, n=1)
         raise ConfigError(
-            f"{source}: unknown key {full!r}"
+            f"{source}: unknown key '{section_name}.{key}'"
             + (f" (did you mean '{section_name}.{hint[0]}'?)" if hint else "")
             + f"; [{section_name}] has {', '.join(types)}"
         )
-    setattr(section, key, _check_type(value, types[key], full, source))
+    return types[key]
+
+
+def _set(section: Any, section_name: str, key: str, value: Any, source: str) -> None:
+    kind = _field_type(section, section_name, key, source)
+    setattr(section, key, _check_type(value, kind, f"{section_name}.{key}", source))
 
 
 def _check_type(value: Any, kind: type, key: str, source: str) -> Any:
@@ -240,10 +244,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if not sep or not dot:
             raise ConfigError(f"--set {item!r}: write section.key=value, e.g. --set model.width=512")
         section = _section(cfg, section_name, "--set")
-        types = _field_types(section)
-        if name not in types:
-            _set(section, section_name, name, None, "--set")  # raises with a suggestion
-        setattr(section, name, _parse_value(text, types[name], key))
+        setattr(section, name, _parse_value(text, _field_type(section, section_name, name, "--set"), key))
     return cfg
 
 
@@ -275,10 +276,8 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else repr(value))
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)  # also valid TOML for inf and nan
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -305,8 +304,7 @@ def describe() -> str:
     out = []
     for section_field in fields(Config):
         for f in fields(section_field.default_factory()):  # type: ignore[misc]
-            default = f.default if f.default is not MISSING else None
-            out.append(f"{section_field.name}.{f.name} = {_toml_value(default)}\n    {f.metadata['doc']}")
+            out.append(f"{section_field.name}.{f.name} = {_toml_value(f.default)}\n    {f.metadata['doc']}")
     return "\n".join(out)
 
 

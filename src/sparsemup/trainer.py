@@ -106,7 +106,6 @@ class Trainer:
             checkpoint.restore_model(model, state, ckpt_file)
         self.mask_digests = distributed.gather_mask_digests(model, ctx)
         distributed.check_same_masks(self.mask_digests)
-        self.inner = model
         self.model = distributed.wrap(model, ctx, cfg.dist.fsdp)
         o = cfg.optim
         if o.name == "adamw":
