@@ -93,7 +93,9 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(corpus, tm
     assert calls == [3, 6]
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
     assert checkpoint.load(out)["step"] == 3
+    (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"left by a SIGKILL")  # what a hard kill leaves
     assert train(tiny_config(corpus, "train.steps=6"), out, resume=True)["status"] == "completed"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # cleaned up on resume
     assert checkpoint.load(out)["step"] == 6
 
 

@@ -26,7 +26,7 @@ from .distributed import Context
 from .util import write_atomic
 
 __all__ = ["CHECKPOINT_NAME", "FORMAT", "RESUMABLE_KEYS", "checkpoint_path", "save", "load", "check_compatible",
-           "restore_model", "restore_training_state"]
+           "restore_model", "restore_training_state", "remove_stale_temps"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = 1
@@ -42,6 +42,14 @@ def checkpoint_path(path: Path) -> Path:
     """``path`` itself if it is a file, else ``path/checkpoint.pt``."""
     path = Path(path)
     return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete temp files left by a save that was killed (SIGKILL skips the cleanup); returns them."""
+    stale = sorted(Path(out).glob(f".{CHECKPOINT_NAME}.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _gather_rng(ctx: Context) -> list[dict[str, torch.Tensor]]:

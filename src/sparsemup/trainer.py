@@ -135,6 +135,7 @@ class Trainer:
         self.result: dict[str, Any] = {}
         if ctx.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_stale_temps(self.out)
             text = to_yaml(cfg) if config_format == "yaml" else to_toml(cfg)
             write_text_atomic(self.out / f"config.{config_format}", text)
             self.metrics = MetricsLog(self.out, self.step, t.tensorboard)
