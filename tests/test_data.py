@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparsemup.data import corpus_files, load_corpus, train_batch, val_windows
 from trainhelpers import write_corpus
@@ -54,3 +56,16 @@ def test_too_little_text_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .txt files"):
         corpus_files(str(tmp_path / "empty"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), step=st.integers(0, 10**6), batch=st.integers(1, 8), seq=st.integers(1, 40))
+def test_any_batch_is_windows_of_the_split(seed, step, batch, seq):
+    data = (torch.arange(250) * 7 % 256).to(torch.uint8)  # 250 distinct bytes: a window is found by its first
+    x, y = train_batch(data, batch, seq, seed, step)
+    assert x.shape == y.shape == (batch, seq)
+    flat = data.long()
+    for row_x, row_y in zip(x, y):
+        start = int(torch.nonzero(flat == row_x[0]).flatten()[0])
+        assert start + seq + 1 <= len(flat)
+        assert torch.equal(row_x, flat[start:start + seq]) and torch.equal(row_y, flat[start + 1:start + seq + 1])
