@@ -64,6 +64,11 @@ def test_ddp_on_two_processes_matches_one_process(corpus, reference, tmp_path):
     assert '"world_size":2' in result and '"fsdp":false' in result
     assert ref["mask_sha256"] in result  # both ranks hashed the masks; they equal the single-process ones
     assert_masks_exact(out, corpus)
+    # A checkpoint from 2 processes resumes in 1 (the format and the global batch do not depend on it).
+    before = read_metrics(out)
+    assert train(tiny_config(corpus, *COMMON, "train.steps=10"), out, resume=True)["world_size"] == 1
+    after = read_metrics(out)
+    assert len(after) == 10 and after[:8] == before and float(after[-1]["train_loss"]) < float(before[0]["train_loss"])
 
 
 def test_fsdp2_on_two_processes_matches_one_process_across_a_resume(corpus, reference, tmp_path):

@@ -143,7 +143,7 @@ class Config:
         return cfg
 
 
-_SECTIONS = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+_SECTIONS = tuple(f.name for f in fields(Config))
 
 
 def _section(cfg: Config, name: str, source: str) -> Any:
