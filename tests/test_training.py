@@ -146,7 +146,12 @@ def test_resume_refuses_a_different_config_and_a_fresh_run_refuses_a_used_direct
         train(tiny_config(corpus, "train.steps=3"), out)
     with pytest.raises(ConfigError, match="no checkpoint"):
         train(tiny_config(corpus), tmp_path / "empty", resume=True)
-    # train.steps may change: extending a finished run continues it
+    # train.steps may change: extending a finished run continues it; shortening below the checkpoint cannot
+    with pytest.raises(ConfigError, match="at step 3, beyond train.steps = 2"):
+        train(tiny_config(corpus, "train.steps=2"), out, resume=True)
+    first = json.loads((out / "result.json").read_text())
+    again = train(tiny_config(corpus, "train.steps=3"), out, resume=True)  # already complete: validates, same result
+    assert again["steps"] == 3 and again["final_val_loss"] == first["final_val_loss"]
     assert train(tiny_config(corpus, "train.steps=5"), out, resume=True)["steps"] == 5
 
 
@@ -188,3 +193,13 @@ def test_yaml_config_tensorboard_and_progress(corpus, tmp_path, capsys):
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("val_loss")] == [4]
     assert {"lr", "tokens_per_s"} <= set(events.Tags()["scalars"])
+
+
+def test_a_non_finite_validation_loss_is_a_divergence_too(corpus, tmp_path, monkeypatch):
+    import sparsemup.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "validation_loss", lambda *args: float("nan"))
+    result = train(tiny_config(corpus), tmp_path / "run")  # validation at step 4, checkpoint at 3
+    assert result["status"] == "diverged" and result["diverged_at_step"] == 4
+    assert result["last_checkpoint_step"] == 3 and checkpoint.load(tmp_path / "run")["step"] == 3
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["final_val_loss"] is None

@@ -95,6 +95,9 @@ class Trainer:
         if resume:
             state = checkpoint.load(ckpt_file)
             checkpoint.check_compatible(state["config"], cfg, ckpt_file)
+            if state["step"] > cfg.train.steps:
+                raise ConfigError(f"{ckpt_file} is at step {state['step']}, beyond train.steps = {cfg.train.steps}; "
+                                  f"set train.steps to at least {state['step']}")
         elif ckpt_file.exists() or (self.out / "metrics.csv").exists():
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         if cfg.train.threads:
@@ -190,9 +193,10 @@ class Trainer:
                                "tokens_per_s": round(self.tokens_per_s[-1], 1), "elapsed_s": round(elapsed, 4)}
         last = self.step == t.steps
         if last or (t.eval_every and self.step % t.eval_every == 0):
-            self.val_loss = validation_loss(self.model, self.corpus.val, t.eval_batches * t.batch_size, t.seq_len,
-                                            t.batch_size // (ctx.world * t.grad_accum), ctx)
-            row["val_loss"] = self.val_loss
+            row["val_loss"] = self.val_loss = self._validate()
+            if not math.isfinite(self.val_loss):
+                self._finish_diverged(self.step, self.val_loss, grad_norm)
+                return False
         if last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
             checkpoint.save(self.out / checkpoint.CHECKPOINT_NAME, self.model, self.optimizer, self.scheduler,
                             self.step, self.cfg, ctx)
@@ -206,6 +210,11 @@ class Trainer:
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(1)
         return True
+
+    def _validate(self) -> float:
+        t = self.cfg.train
+        return validation_loss(self.model, self.corpus.val, t.eval_batches * t.batch_size, t.seq_len,
+                               t.batch_size // (self.ctx.world * t.grad_accum), self.ctx)
 
     def _write_result(self, result: dict[str, Any]) -> None:
         if self.ctx.main:
@@ -223,6 +232,8 @@ class Trainer:
             while self.step < self.cfg.train.steps:
                 if not self.train_step():
                     return self.result
+            if self.val_loss is None:  # resumed at the last step: nothing ran, validate the checkpoint
+                self.val_loss = self._validate()
             self.result = {
                 "status": "completed", "final_val_loss": self.val_loss, "steps": self.step,
                 "final_val_bits_per_byte": self.val_loss / math.log(2) if self.val_loss is not None else None,
