@@ -1,4 +1,4 @@
-"""The ``sparsemup`` command line: coordinate checks and parameterization tables."""
+"""The ``sparsemup`` command line: training, evaluation, coordinate checks and parameterization tables."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -19,8 +17,9 @@ from .coordcases import COORD_DEFAULTS, GPT_DEFAULTS, MLP_DEFAULTS, gpt_cases, m
 from .explain import explain
 from .models import GPTConfig, build_gpt
 from .rules import SCHEMES
+from .util import write_json_atomic
 
-__all__ = ["main", "write_json_atomic"]
+__all__ = ["main"]
 
 
 def _ints(text: str) -> list[int]:
@@ -41,21 +40,6 @@ def _densities(text: str) -> list[float]:
     if not values or any(not (0.0 < v <= 1.0) for v in values):
         raise argparse.ArgumentTypeError(f"densities must be in (0, 1], got {text!r}")
     return values
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside ``path`` and rename it in place: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _coord_check(args: argparse.Namespace) -> int:
@@ -128,6 +112,40 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    config_file = args.config
+    if config_file is None and args.resume:  # continue with the run's own resolved config
+        config_file = next((p for p in (args.out / "config.toml", args.out / "config.yaml") if p.is_file()), None)
+    overrides = list(args.set or []) + (["dist.fsdp=true"] if args.fsdp else [])
+    cfg = load_config(config_file, overrides)
+    config_format = "yaml" if config_file is not None and config_file.suffix in (".yaml", ".yml") else "toml"
+    result = train(cfg, args.out, resume=args.resume, config_format=config_format)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
+    if result.get("status") == "diverged":
+        print(f"diverged at step {result['diverged_at_step']} (non-finite loss or gradient); last good checkpoint: "
+              f"step {result['last_checkpoint_step']}; wrote {args.out / 'result.json'}", file=sys.stderr)
+    elif result:
+        print(f"completed {result['steps']} steps: val loss {result['final_val_loss']:.4f} "
+              f"({result['final_val_bits_per_byte']:.4f} bits/byte); wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, windows=args.windows, batch=args.batch)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['checkpoint']} (step {result['step']}): val loss {result['val_loss']:.4f} nats/byte, "
+              f"{result['bits_per_byte']:.4f} bits/byte over {result['val_tokens']} tokens")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsemup", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--out", type=Path, default=Path("coord-check"), help="output directory (default ./coord-check)")
     cc.add_argument("--strict", action="store_true", help="exit with status 1 when a verdict fails")
     cc.set_defaults(func=_coord_check)
+
+    from .config import describe
+
+    tr = sub.add_parser("train", help="train the reference GPT (one process, or many under torchrun)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Train a parameterized GPT on byte-level text. Under torchrun --nproc_per_node=N "
+                        "the same command trains with DDP (or FSDP2 with --fsdp). See docs/TRAINING.md.",
+                        epilog="configuration keys (--set section.key=value; numbers may be written 2**-7 or 1/4):\n"
+                        + describe())
+    tr.add_argument("--config", type=Path, help="a .toml or .yaml config (default: built-in defaults)")
+    tr.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                    help="override config keys, e.g. --set model.width=512 optim.lr=2**-8")
+    tr.add_argument("--out", type=Path, required=True, help="run directory (config, metrics, checkpoint, result)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    tr.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (= --set dist.fsdp=true)")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
+    ev.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint file")
+    ev.add_argument("--windows", type=int, help="validation windows to use (default: all, non-overlapping)")
+    ev.add_argument("--batch", type=int, default=32, help="windows per forward pass (default 32)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=_eval)
 
     ex = sub.add_parser("explain", help="print the per-parameter table of the reference GPT")
     ex.add_argument("--scheme", choices=tuple(SCHEMES), default="supar")

@@ -1,0 +1,205 @@
+"""The trainer: a run's outputs, exact resume, atomic checkpoints, divergence, accumulation, evaluation."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import sparsemup as smp
+from sparsemup import checkpoint
+from sparsemup.cli import main
+from sparsemup.config import ConfigError, load_config
+from sparsemup.evaluate import build_model, evaluate_checkpoint
+from sparsemup.trainer import Schedule, Trainer, train
+from trainhelpers import curve, read_metrics, tiny_config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def masked_violations(model):
+    bad = 0
+    for name, info in smp.get_parameterization(model).params.items():
+        if info.masked:
+            bad += int((model.get_parameter(name).detach()[smp.get_mask(model, name) == 0] != 0).sum())
+    return bad
+
+
+def test_run_writes_config_metrics_checkpoint_and_result(corpus, tmp_path):
+    cfg = tiny_config(corpus)
+    result = train(cfg, tmp_path / "run")
+    out = tmp_path / "run"
+    assert result["status"] == "completed" and result["steps"] == 8
+    assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(result))
+    assert math.isfinite(result["final_val_loss"]) and result["final_val_loss"] < math.log(256)
+    rows = read_metrics(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert {"step", "train_loss", "val_loss", "lr", "tokens_per_s"} <= set(rows[0])
+    assert [r["val_loss"] != "" for r in rows] == [s in (4, 8) for s in range(1, 9)]
+    assert float(rows[-1]["val_loss"]) == result["final_val_loss"]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # it learns
+    assert load_config(out / "config.toml").to_dict() == cfg.to_dict()  # the resolved config reloads as is
+    state = checkpoint.load(out)
+    assert state["step"] == 8
+    model = build_model(cfg)
+    checkpoint.restore_model(model, state, out)
+    assert masked_violations(model) == 0
+    assert any(k.endswith("weight_mask") for k in state["model"])
+
+
+def test_schedule_warms_up_then_decays_linearly_to_the_final_fraction():
+    s = Schedule("linear", warmup=10, total=110, final=0.1)
+    assert s(0) == pytest.approx(0.1) and s(9) == 1.0 and s(10) == 1.0
+    assert s(109) == pytest.approx(0.1) and s(59) == pytest.approx(1 - 0.9 * 49 / 99)
+    assert all(s(k) >= s(k + 1) for k in range(10, 120))
+    assert Schedule("constant", 10, 110, 0.1)(0) == 1.0
+
+
+def test_resume_after_a_kill_between_checkpoints_gives_the_uninterrupted_curve(corpus, tmp_path):
+    cfg = tiny_config(corpus)
+    train(cfg, tmp_path / "whole")
+    killed = Trainer(tiny_config(corpus), tmp_path / "split")
+    for _ in range(7):  # checkpoint at step 6; step 7 is logged but lost with the "kill"
+        assert killed.train_step()
+    killed.close()
+    assert len(read_metrics(tmp_path / "split")) == 7
+    resumed = train(tiny_config(corpus), tmp_path / "split", resume=True)
+    assert resumed["status"] == "completed"
+    assert curve(read_metrics(tmp_path / "split")) == curve(read_metrics(tmp_path / "whole"))
+    a, b = checkpoint.load(tmp_path / "whole"), checkpoint.load(tmp_path / "split")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(corpus, tmp_path, monkeypatch):
+    cfg = tiny_config(corpus, "train.steps=6")
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = []
+
+    def dying_save(obj, f):
+        calls.append(obj["step"])
+        if obj["step"] == 6:
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt("killed while saving")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert calls == [3, 6]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
+    assert checkpoint.load(out)["step"] == 3
+    (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"left by a SIGKILL")  # what a hard kill leaves
+    assert train(tiny_config(corpus, "train.steps=6"), out, resume=True)["status"] == "completed"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # cleaned up on resume
+    assert checkpoint.load(out)["step"] == 6
+
+
+def test_divergence_is_recorded_and_keeps_the_last_good_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--out", str(out), "--set", f"data.path={corpus}", "model.width=32", "model.base_width=16",
+                 "model.depth=1", "model.head_dim=16", "train.batch_size=4", "train.seq_len=16", "train.steps=20",
+                 "optim.warmup_steps=0", "train.checkpoint_every=1", "train.tensorboard=false",
+                 "train.progress=false", "optim.name=sgd", "optim.lr=1e12", "optim.grad_clip=0"])
+    assert code == 0  # a normal outcome in a sweep, not a crash
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "diverged" and result["final_val_loss"] is None
+    step = result["diverged_at_step"]
+    assert 1 <= step <= 20 and result["steps"] == step - 1
+    assert f"diverged at step {step}" in capsys.readouterr().err
+    assert len(read_metrics(out)) == step - 1
+    if step > 1:
+        state = checkpoint.load(out)
+        assert state["step"] == step - 1 == result["last_checkpoint_step"]
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_gradient_accumulation_matches_the_full_batch(corpus, tmp_path):
+    one = train(tiny_config(corpus, "train.steps=4"), tmp_path / "a")
+    two = train(tiny_config(corpus, "train.steps=4", "train.grad_accum=2"), tmp_path / "b")
+    la = [float(r["train_loss"]) for r in read_metrics(tmp_path / "a")]
+    lb = [float(r["train_loss"]) for r in read_metrics(tmp_path / "b")]
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert one["final_val_loss"] == pytest.approx(two["final_val_loss"], rel=1e-5)
+
+
+def test_sgd_trains_and_keeps_masked_weights_zero(corpus, tmp_path):
+    cfg = tiny_config(corpus, "optim.name=sgd", "optim.lr=2**-2", "train.steps=6")
+    result = train(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert result["status"] == "completed" and float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    model = build_model(cfg)
+    checkpoint.restore_model(model, checkpoint.load(tmp_path / "run"), tmp_path)
+    assert masked_violations(model) == 0
+
+
+def test_resume_refuses_a_different_config_and_a_fresh_run_refuses_a_used_directory(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, "train.steps=3"), out)
+    with pytest.raises(ConfigError, match=r"model\.width: checkpoint 32, config 64"):
+        train(tiny_config(corpus, "train.steps=3", "model.width=64"), out, resume=True)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train(tiny_config(corpus, "train.steps=3"), out)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(tiny_config(corpus), tmp_path / "empty", resume=True)
+    # train.steps may change: extending a finished run continues it; shortening below the checkpoint cannot
+    with pytest.raises(ConfigError, match="at step 3, beyond train.steps = 2"):
+        train(tiny_config(corpus, "train.steps=2"), out, resume=True)
+    first = json.loads((out / "result.json").read_text())
+    again = train(tiny_config(corpus, "train.steps=3"), out, resume=True)  # already complete: validates, same result
+    assert again["steps"] == 3 and again["final_val_loss"] == first["final_val_loss"]
+    assert train(tiny_config(corpus, "train.steps=5"), out, resume=True)["steps"] == 5
+
+
+def test_loading_a_checkpoint_into_another_density_is_refused(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, "train.steps=2"), out)
+    other = build_model(tiny_config(corpus, "model.density=0.5"))
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        checkpoint.restore_model(other, checkpoint.load(out), out)
+
+
+def test_eval_reports_loss_and_bits_per_byte(corpus, tmp_path, capsys):
+    cfg = tiny_config(corpus, "train.steps=4")
+    result = train(cfg, tmp_path / "run")
+    windows = cfg.train.eval_batches * cfg.train.batch_size
+    ev = evaluate_checkpoint(tmp_path / "run", windows=windows)
+    assert ev["val_loss"] == pytest.approx(result["final_val_loss"], rel=1e-6)
+    assert ev["bits_per_byte"] == pytest.approx(ev["val_loss"] / math.log(2))
+    assert main(["eval", str(tmp_path / "run" / "checkpoint.pt"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["step"] == 4 and printed["val_tokens"] > windows * 16
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_yaml_config_tensorboard_and_progress(corpus, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sparsemup.config import to_yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(to_yaml(tiny_config(corpus, "train.steps=4", "train.tensorboard=true", "train.progress=true")))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out)]) == 0
+    assert load_config(out / "config.yaml").to_dict() == load_config(config).to_dict()
+    assert "train: 100%" in capsys.readouterr().err  # the progress bar reached the end
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("val_loss")] == [4]
+    assert {"lr", "tokens_per_s"} <= set(events.Tags()["scalars"])
+
+
+def test_a_non_finite_validation_loss_is_a_divergence_too(corpus, tmp_path, monkeypatch):
+    import sparsemup.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "validation_loss", lambda *args: float("nan"))
+    result = train(tiny_config(corpus), tmp_path / "run")  # validation at step 4, checkpoint at 3
+    assert result["status"] == "diverged" and result["diverged_at_step"] == 4
+    assert result["last_checkpoint_step"] == 3 and checkpoint.load(tmp_path / "run")["step"] == 3
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["final_val_loss"] is None
