@@ -72,12 +72,28 @@ def test_schedulers_keep_ratios():
         assert g["lr"] == pytest.approx(0.01 * r * 0.125)
 
 
-def test_optimizer_state_dict_round_trip():
+def test_groups_are_deterministic_and_optimizer_state_round_trips():
     model = tiny_gpt()
     opt = smp.make_optimizer(model, torch.optim.AdamW, lr=0.01)
-    opt2 = smp.make_optimizer(tiny_gpt(), torch.optim.AdamW, lr=0.01)
+    model(torch.zeros(2, 4, dtype=torch.long)).sum().backward()
+    opt.step()
+    fresh = tiny_gpt()
+    opt2 = smp.make_optimizer(fresh, torch.optim.AdamW, lr=0.01)
+    keys = ("param_names", "lr", "lr_mult", "wd_mult", "weight_decay")
+    assert [{k: g[k] for k in keys} for g in opt2.param_groups] == [{k: g[k] for k in keys} for g in opt.param_groups]
     opt2.load_state_dict(opt.state_dict())
-    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    name = "blocks.0.attn.qkv.weight"
+    state = opt2.state[fresh.get_parameter(name)]
+    assert torch.equal(state["exp_avg"], opt.state[model.get_parameter(name)]["exp_avg"])
+
+
+def test_l2_decay_optimizers_refuse_independent_decay():
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match="L2 term.*AdamW.*coupled"):
+        smp.param_groups(model, torch.optim.Adam, lr=1e-3, weight_decay=0.1)
+    groups = smp.param_groups(model, torch.optim.Adam, lr=1e-3, weight_decay=0.1, weight_decay_mode="coupled")
+    assert {g["weight_decay"] for g in groups} == {0.1, 0.0}
+    assert smp.param_groups(model, torch.optim.Adam, lr=1e-3)  # no decay: nothing to refuse
 
 
 def test_param_groups_of_wrapped_model():

@@ -136,6 +136,9 @@ def test_mup_at_base_shape_equals_sp():
     sp, _ = build_gpt(cfg, base_width=32, scheme="sp", seed=3, input_alpha=2.0, output_alpha=0.5)
     mup, _ = build_gpt(cfg, base_width=32, scheme="mup", seed=3, input_alpha=2.0, output_alpha=0.5)
     for (n, a), (_, b) in zip(sp.state_dict().items(), mup.state_dict().items()):
+        if n == "_sparsemup_signature":  # records the scheme's name, so it differs
+            assert not torch.equal(a, b)
+            continue
         assert torch.equal(a, b), n
     assert torch.equal(sp(x), mup(x))
     for fam in (torch.optim.AdamW, torch.optim.SGD):
@@ -281,11 +284,43 @@ def test_custom_owner_needs_manual_multipliers():
 
     with torch.device("meta"):
         base = FunctionalHead(16)
-    with pytest.raises(ValueError, match="forward_multipliers='manual'"):
+    with pytest.raises(ValueError, match=r"layout sparsemup does not know.*roles=\{'out_weight': 'input'\}"):
         smp.parameterize(FunctionalHead(32), base)
+    with pytest.raises(ValueError, match="forward_multipliers='manual'"):
+        smp.parameterize(FunctionalHead(32), base, roles={"out_weight": "output"})
     model = FunctionalHead(32)
-    rec = smp.parameterize(model, base, forward_multipliers="manual")
+    rec = smp.parameterize(model, base, roles={"out_weight": "output"}, forward_multipliers="manual")
     assert rec.info("out_weight").forward_multipliers == {"out_weight": 0.5}
+    assert "out_weight:0.5" in smp.explain(model)
+
+
+def test_bare_parameter_with_one_growing_dim_needs_a_role():
+    class WithPositions(TwoLayer):
+        def __init__(self, width):
+            super().__init__(width)
+            self.pos = nn.Parameter(torch.zeros(1, 10, width))
+
+    with torch.device("meta"):
+        base = WithPositions(16)
+    with pytest.raises(ValueError, match="'pos'.*could be an input or an output weight"):
+        smp.parameterize(WithPositions(32), base)
+    rec = smp.parameterize(WithPositions(32), base, roles={"pos": "input"})
+    assert rec.params["pos"].role is smp.Role.INPUT
+
+
+def test_multihead_attention_with_growing_head_dim_is_refused():
+    class MHA(nn.Module):
+        def __init__(self, width, heads):
+            super().__init__()
+            self.emb = nn.Embedding(10, width)
+            self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+
+    with torch.device("meta"):
+        base = MHA(32, 2)
+    with pytest.raises(ValueError, match=r"fixes its logit scale.*sqrt\(16\)/32"):
+        smp.parameterize(MHA(64, 2), base)
+    smp.parameterize(MHA(64, 2), base, scheme="sp")  # SP's own scale is 1/sqrt(head_dim)
+    smp.parameterize(MHA(64, 4), base)  # heads added, head_dim fixed: the scales agree
 
 
 def test_unparameterized_model_errors():

@@ -51,7 +51,8 @@ def test_zeros_stay_exact_through_200_adamw_steps_with_decay_and_clipping():
 def test_zeros_stay_exact_with_other_optimizers(opt_cls, kw):
     model = tiny_gpt(density=0.25)
     wd = kw.pop("weight_decay", 0.0)
-    opt = smp.make_optimizer(model, opt_cls, lr=1e-3, weight_decay=wd, **kw)
+    mode = "independent" if opt_cls is torch.optim.SGD else "coupled"  # Adam's L2 decay has no lr·wd rule
+    opt = smp.make_optimizer(model, opt_cls, lr=1e-3, weight_decay=wd, weight_decay_mode=mode, **kw)
     train(model, opt, 20, tokens(seq=17))
     assert masked_zero_violations(model) == 0
 
@@ -73,14 +74,35 @@ def test_state_dict_round_trip_into_fresh_model_is_bit_identical():
     assert masked_zero_violations(fresh) == 0
 
 
-def test_loading_other_density_or_dense_weights_is_refused():
+def test_loading_other_parameterization_density_or_dense_weights_is_refused_unchanged():
     sparse = tiny_gpt(density=0.25)
-    with pytest.raises(ValueError, match="loaded mask has .* nonzeros .* with the checkpoint's density"):
-        tiny_gpt(density=0.5).load_state_dict(sparse.state_dict())
+    other = tiny_gpt(density=0.5)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="parameterized differently"):
+        other.load_state_dict(sparse.state_dict())
+    state = sparse.state_dict()
+    del state["_sparsemup_signature"]  # the documented way to load across parameterizations
+    with pytest.raises(ValueError, match="mask has .* nonzeros .* with the checkpoint's density"):
+        other.load_state_dict(state)
+    for k, v in other.state_dict().items():  # refused before anything was copied
+        assert torch.equal(v, before[k]), k
     state = sparse.state_dict()
     state["blocks.0.attn.qkv.weight"] = torch.randn_like(state["blocks.0.attn.qkv.weight"])
     with pytest.raises(ValueError, match="nonzero entries outside its mask"):
         tiny_gpt(density=0.25).load_state_dict(state)
+
+
+def test_loading_other_scheme_or_alpha_is_refused():
+    supar = tiny_gpt(density=0.25, scheme="supar")
+    for other in (tiny_gpt(density=0.25, scheme="mup"), tiny_gpt(density=0.25, output_alpha=4.0),
+                  tiny_gpt(density=0.25, base_width=16)):
+        with pytest.raises(ValueError, match="parameterized differently"):
+            other.load_state_dict(supar.state_dict())
+    mup = tiny_gpt(density=0.25, scheme="mup")
+    state = supar.state_dict()
+    del state["_sparsemup_signature"]
+    mup.load_state_dict(state)  # weights and masks load on purpose; mup keeps its own signature
+    assert not torch.equal(mup.state_dict()["_sparsemup_signature"], supar.state_dict()["_sparsemup_signature"])
 
 
 def _behaves_like(a, b):
@@ -173,3 +195,34 @@ def test_torch_compile_keeps_multipliers_and_masks():
     train(compiled, opt, 3, x)
     assert masked_zero_violations(model) == 0
     assert torch.allclose(compiled(x[:, :-1]), model(x[:, :-1]), atol=1e-5)
+
+
+class MHANet(torch.nn.Module):
+    """Uses nn.MultiheadAttention, whose out_proj module is never called (its weight is read directly)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, width)
+        self.attn = torch.nn.MultiheadAttention(width, width // 16, batch_first=True)
+        self.head = torch.nn.Linear(width, 20)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_masks_enforced_after_deepcopy_when_owner_is_never_called():
+    with torch.device("meta"):
+        base = MHANet(32)
+    model = MHANet(64)
+    smp.parameterize(model, base, density=0.25)
+    assert smp.get_mask(model, "attn.out_proj.weight") is not None
+    assert smp.get_mask(model, "attn.in_proj_weight") is not None
+    for copy_of in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        opt = smp.make_optimizer(copy_of, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+        x = torch.randint(20, (4, 9))
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(copy_of(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+            opt.step()
+        assert masked_zero_violations(copy_of) == 0

@@ -23,6 +23,7 @@ from torch import nn
 from .optim import make_optimizer
 from .parameterize import get_parameterization
 from .rules import Role
+from .structure import named_modules
 
 __all__ = ["QUANTITIES", "THRESHOLD", "Case", "measure", "run", "fit_slopes", "verdict"]
 
@@ -57,7 +58,7 @@ def _rms(t: torch.Tensor) -> float:
 def _observed_layers(model: nn.Module) -> dict[str, tuple[nn.Module, Role]]:
     """Modules owning an input, hidden or output weight, with that usage's role."""
     record = get_parameterization(model)
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = named_modules(model)
     layers: dict[str, tuple[nn.Module, Role]] = {}
     for info in record.params.values():
         if info.role is Role.VECTOR:

@@ -16,8 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .parameterize import get_parameterization
-from .structure import unwrap
+from .parameterize import get_mask, get_parameterization
 
 __all__ = [
     "Context", "init", "shutdown", "mask_digest", "check_same_masks", "gather_mask_digests", "wrap",
@@ -68,12 +67,10 @@ def shutdown() -> None:
 def mask_digest(model: nn.Module) -> str:
     """sha256 over every mask's name and bytes: equal digests mean identical masks."""
     record = get_parameterization(model)
-    inner = unwrap(model)
     digest = hashlib.sha256()
     for name, info in sorted(record.params.items()):
         if info.masked:
-            module_name, _, attr = name.rpartition(".")
-            mask = getattr(inner.get_submodule(module_name), attr + "_mask")
+            mask = get_mask(model, name)
             digest.update(name.encode())
             digest.update(mask.detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
     return digest.hexdigest()

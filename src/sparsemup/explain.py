@@ -50,7 +50,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, tuple):
         return "x".join(map(str, value))
     if isinstance(value, dict):
-        return ", ".join(f"{k.rsplit('.', 2)[-2]}:{v:.4g}" for k, v in value.items()) or "-"
+        return ", ".join(f"{k.rpartition('.')[0] or k}:{v:.4g}" for k, v in value.items()) or "-"
     return str(value)
 
 

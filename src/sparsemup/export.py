@@ -8,15 +8,15 @@ import torch
 from torch import nn
 
 from . import hooks
-from .parameterize import _ATTR, _MASK_SUFFIX, get_parameterization
+from .parameterize import _ATTR, get_parameterization
 from .rules import Role
-from .structure import canonical_name, unwrap
+from .structure import named_modules, unwrap
 
 __all__ = ["export"]
 
 
 def _strip_hooks(module: nn.Module) -> None:
-    for registry in (module._forward_hooks, module._forward_pre_hooks, module._load_state_dict_post_hooks):
+    for registry in (module._forward_hooks, module._forward_pre_hooks, module._load_state_dict_pre_hooks):
         for key in [k for k, h in registry.items() if isinstance(getattr(h, "hook", h), hooks.HOOK_TYPES)]:
             del registry[key]
 
@@ -32,7 +32,7 @@ def export(model: nn.Module) -> nn.Module:
     """
     record = get_parameterization(model)
     plain = copy.deepcopy(unwrap(model))
-    modules = {canonical_name(n): m for n, m in plain.named_modules(remove_duplicate=False)}
+    modules = named_modules(plain)
     for info in record.params.values():
         for usage_name, factor in info.forward_multipliers.items():
             module_name, _, attr = usage_name.rpartition(".")
@@ -51,9 +51,10 @@ def export(model: nn.Module) -> nn.Module:
         if info.masked:
             for usage_name in info.names:
                 module_name, _, attr = usage_name.rpartition(".")
-                delattr(modules[module_name], attr + _MASK_SUFFIX)
+                delattr(modules[module_name], attr + hooks.MASK_SUFFIX)
     for module in plain.modules():
         _strip_hooks(module)
+    delattr(plain, hooks.SIGNATURE)
     del plain.__dict__[_ATTR]
     return plain
 

@@ -12,7 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OutputMultiplier", "InputMultiplier", "GradMask", "EnsureGradMask", "CheckMaskOnLoad", "HOOK_TYPES"]
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed support
+    DTensor = ()  # type: ignore[assignment,misc]
+
+__all__ = ["OutputMultiplier", "InputMultiplier", "GradMask", "EnsureGradMask", "EnsureAllGradMasks",
+           "CheckStateOnLoad", "HOOK_TYPES", "MASK_SUFFIX", "SIGNATURE"]
+
+MASK_SUFFIX = "_mask"  # a masked weight ``w`` keeps its mask in the buffer ``w_mask`` beside it
+SIGNATURE = "_sparsemup_signature"  # root buffer: digest of the parameterization
 
 
 class OutputMultiplier:
@@ -67,6 +76,10 @@ class EnsureGradMask:
 
     def attach(self, module: nn.Module) -> None:
         param = getattr(module, self.attr)
+        if isinstance(param, DTensor):
+            # A sharded FSDP2 parameter: its gradient arrives reduce-scattered from the
+            # unsharded one, which is masked when its owner runs (block-level sharding).
+            return
         if self._hooked is not None and self._hooked() is param:
             return
         param.register_post_accumulate_grad_hook(GradMask(module, self.mask_name))
@@ -83,36 +96,64 @@ class EnsureGradMask:
         return EnsureGradMask(self.attr, self.mask_name)
 
 
-class CheckMaskOnLoad:
-    """Load-state-dict post-hook: refuse a checkpoint whose mask or zeros disagree with the model.
+class EnsureAllGradMasks:
+    """Forward pre-hook on the root model: (re)attach the mask hook of every masked weight.
 
-    A loaded mask with another nonzero count would silently change the layer's
-    density (and so its SµPar multipliers); nonzero weights outside the mask would
-    silently make the layer dense.
+    The owners' own pre-hooks miss weights whose owner is never called (e.g.
+    ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly).
     """
 
-    def __init__(self, name: str, attr: str, mask_name: str, nnz: int) -> None:
-        self.name = name
-        self.attr = attr
-        self.mask_name = mask_name
-        self.nnz = nnz
+    def __init__(self, entries: list[tuple[nn.Module, EnsureGradMask]]) -> None:
+        self.entries = entries
 
-    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
-        mask = getattr(module, self.mask_name)
-        weight = getattr(module, self.attr)
-        nnz = int(mask.count_nonzero())
-        if nnz != self.nnz:
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            for owner, ensure in self.entries:
+                ensure.attach(owner)
+
+
+class CheckStateOnLoad:
+    """Load-state-dict pre-hook on the root model: refuse, before anything is copied, a state_dict
+    made under another parameterization or whose masks or zeros disagree with this model.
+
+    Scheme, roles and multipliers are not visible in the weights, so the root holds a
+    ``_sparsemup_signature`` buffer (a digest of them) that travels in the state_dict. A
+    mask with another nonzero count would silently change a layer's density; nonzero
+    weights outside the mask would silently make it dense.
+    """
+
+    def __init__(self, masked: list[tuple[str, int]]) -> None:
+        self.masked = masked  # (weight name, nonzero count of its mask)
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        key = prefix + SIGNATURE
+        if key not in state_dict:  # dropped on purpose: load across parameterizations
+            state_dict[key] = getattr(module, SIGNATURE)
+        elif not torch.equal(state_dict[key].cpu(), getattr(module, SIGNATURE).cpu()):
             raise ValueError(
-                f"{self.name}: the loaded mask has {nnz} nonzeros but this model was parameterized with "
-                f"{self.nnz}; parameterize the model with the checkpoint's density before loading it"
+                "this state_dict was saved from a model parameterized differently (scheme, roles, width or "
+                "density multipliers, or α's differ); call sparsemup.parameterize with the checkpoint's "
+                f"arguments before loading, or drop state_dict[{key!r}] to load the weights anyway"
             )
-        stray = int((weight.detach() * (mask == 0)).count_nonzero())
-        if stray:
-            raise ValueError(
-                f"{self.name}: the loaded weight has {stray} nonzero entries outside its mask (a dense or "
-                "differently masked checkpoint?); load a checkpoint saved from a model with the same masks "
-                "(its state_dict holds them as *_mask buffers)"
-            )
+        for name, nnz in self.masked:
+            weight_key, mask_key = prefix + name, prefix + name + MASK_SUFFIX
+            mask = state_dict.get(mask_key)
+            if mask is not None and int(mask.count_nonzero()) != nnz:
+                raise ValueError(
+                    f"{name}: the state_dict's mask has {int(mask.count_nonzero())} nonzeros but this model was "
+                    f"parameterized with {nnz}; parameterize the model with the checkpoint's density before loading"
+                )
+            if weight_key in state_dict:
+                if mask is None:
+                    mask = module.get_buffer(name + MASK_SUFFIX)
+                stray = int((state_dict[weight_key].detach() * (mask.to(state_dict[weight_key].device) == 0))
+                            .count_nonzero())
+                if stray:
+                    raise ValueError(
+                        f"{name}: the state_dict's weight has {stray} nonzero entries outside its mask (a dense or "
+                        "differently masked checkpoint?); load a state_dict saved from a model with the same "
+                        "masks (it holds them as *_mask buffers)"
+                    )
 
 
-HOOK_TYPES = (OutputMultiplier, InputMultiplier, EnsureGradMask, CheckMaskOnLoad)
+HOOK_TYPES = (OutputMultiplier, InputMultiplier, EnsureGradMask, EnsureAllGradMasks, CheckStateOnLoad)

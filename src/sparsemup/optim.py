@@ -14,9 +14,9 @@ from torch import nn
 
 from .parameterize import Parameterization, get_parameterization
 from .rules import WEIGHT_DECAY_MODES, Family, lr_multiplier, weight_decay_multiplier
-from .structure import canonical_name
+from .structure import strip_wrappers, unwrap
 
-__all__ = ["optimizer_family", "param_groups", "make_optimizer", "FAMILY_OF"]
+__all__ = ["optimizer_family", "param_groups", "make_optimizer", "FAMILY_OF", "L2_DECAY"]
 
 # Entry-wise normalised optimizers follow µP's Adam rule; raw-gradient ones its SGD rule.
 FAMILY_OF: dict[type[torch.optim.Optimizer], Family] = {
@@ -29,6 +29,11 @@ FAMILY_OF: dict[type[torch.optim.Optimizer], Family] = {
     torch.optim.Adagrad: Family.ADAM,
     torch.optim.SGD: Family.SGD,
 }
+
+
+# Adam-family optimizers whose weight decay is always an L2 term added to the gradient.
+# (NAdam and RAdam decouple it only with decoupled_weight_decay=True, which groups cannot see.)
+L2_DECAY = (torch.optim.Adam, torch.optim.Adamax, torch.optim.RMSprop, torch.optim.Adagrad)
 
 
 def optimizer_family(optimizer: str | Family | type[torch.optim.Optimizer]) -> Family:
@@ -75,12 +80,18 @@ def param_groups(
     if lr <= 0 or weight_decay < 0:
         raise ValueError(f"lr must be positive and weight_decay non-negative, got lr={lr}, weight_decay={weight_decay}")
     family = optimizer_family(optimizer)
+    if weight_decay and weight_decay_mode == "independent" and optimizer in L2_DECAY:
+        raise ValueError(
+            f"{optimizer.__name__} applies weight decay as an L2 term that passes through its normaliser, so "
+            "lr·wd is not its decay and the 'independent' rule does not apply; use a decoupled optimizer "
+            "(torch.optim.AdamW) or weight_decay_mode='coupled'"
+        )
     record: Parameterization = get_parameterization(model)
     groups: dict[tuple[float, float], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
+    for name, param in unwrap(model).named_parameters():
         if not param.requires_grad:
             continue
-        info = record.info(canonical_name(name))
+        info = record.info(strip_wrappers(name))
         lr_mult = lr_multiplier(info.role, record.scheme, info.multipliers, family)
         wd_mult = weight_decay_multiplier(info.role, lr_mult, weight_decay_mode, decay_vectors)
         group = groups.setdefault(

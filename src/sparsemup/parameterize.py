@@ -8,6 +8,7 @@ themselves live in ``sparsemup.rules``; this module only applies them.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,17 @@ from .attention import DotProductAttention
 from .masks import MASK_KINDS, nonzeros_per_row, random_mask, row_nonzeros, stable_seed, validate_mask
 from .rules import Multipliers, Role, Scheme, attention_scale, forward_multiplier, get_scheme
 from .rules import init_std as rule_init_std
-from .structure import TiedParam, canonical_name, check_same_structure, collect, infer_roles, match, unwrap
+from .structure import (
+    TiedParam,
+    canonical_name,
+    check_same_structure,
+    collect,
+    infer_roles,
+    match,
+    named_modules,
+    strip_wrappers,
+    unwrap,
+)
 
 __all__ = [
     "ParamInfo",
@@ -33,7 +44,6 @@ __all__ = [
 ]
 
 _ATTR = "_sparsemup_parameterization"
-_MASK_SUFFIX = "_mask"
 _MULTIPLIER_OWNERS = (nn.Linear, nn.Embedding, nn.EmbeddingBag)
 
 
@@ -71,12 +81,12 @@ class Parameterization:
 
     def info(self, name: str) -> ParamInfo:
         """The entry for a parameter, by any of its (canonical or wrapped) names."""
-        name = canonical_name(name)
-        if name in self.params:
-            return self.params[name]
-        for info in self.params.values():
-            if name in info.names:
-                return info
+        for candidate in dict.fromkeys((strip_wrappers(name), canonical_name(name))):
+            if candidate in self.params:
+                return self.params[candidate]
+            for info in self.params.values():
+                if candidate in info.names:
+                    return info
         raise KeyError(
             f"parameter {name!r} is not part of this parameterization (was it added after "
             "sparsemup.parameterize?)"
@@ -98,7 +108,7 @@ def get_parameterization(model: nn.Module) -> Parameterization:
 
 
 def _mask_name(attr: str) -> str:
-    return attr + _MASK_SUFFIX
+    return attr + hooks.MASK_SUFFIX
 
 
 def get_mask(model: nn.Module, name: str) -> torch.Tensor | None:
@@ -293,7 +303,7 @@ def parameterize(
 
     decided = {name: _multipliers_of(inferred[name], name) for name in params}
     hidden = {n: t for n, t in params.items() if decided[n][0] is Role.HIDDEN}
-    user_masks = {canonical_name(k): v for k, v in (masks or {}).items()}
+    user_masks = {strip_wrappers(k): v for k, v in (masks or {}).items()}
     for name in user_masks:
         if name not in hidden:
             raise ValueError(
@@ -303,7 +313,7 @@ def parameterize(
     scales = dict(init_scale or {})
     _check_patterns_used(scales, [t.names for t in params.values()], "init_scale")
 
-    modules = {canonical_name(k): v for k, v in target.named_modules(remove_duplicate=False)}
+    modules = named_modules(target)
     # Phase 1: decide everything and validate, touching nothing, so bad input loses nothing.
     plans: list[tuple[TiedParam, ParamInfo, torch.Tensor | None, dict[int, tuple[Role, Multipliers]]]] = []
     for name, tied in params.items():
@@ -376,6 +386,7 @@ def parameterize(
     attention = _attention_scales(target, base, scheme)
 
     # Phase 2: apply.
+    grad_masks: list[tuple[nn.Module, hooks.EnsureGradMask]] = []
     for tied, info, mask, usage_roles in plans:
         if info.init_std is not None:
             gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, "init\x00" + info.name))
@@ -385,12 +396,16 @@ def parameterize(
             with torch.no_grad():
                 tied.param.copy_(values.to(tied.param.dtype))
         if mask is not None:
-            _install_mask(modules, tied, mask)
+            grad_masks += _install_mask(modules, tied, mask)
         if forward_multipliers == "hooks":
             _install_multipliers(modules, tied, info.forward_multipliers, usage_roles)
-    for name, module in target.named_modules():
-        if canonical_name(name) in attention:
-            module.scale = attention[canonical_name(name)]
+    if grad_masks:
+        target.register_forward_pre_hook(hooks.EnsureAllGradMasks(grad_masks))
+    target.register_buffer(hooks.SIGNATURE, _signature(scheme, plans, attention, input_alpha, output_alpha))
+    masked = [(u.name, int(mask.sum())) for tied, _, mask, _ in plans if mask is not None for u in tied.usages]
+    target.register_load_state_dict_pre_hook(hooks.CheckStateOnLoad(masked))
+    for name, scale in attention.items():
+        modules[name].scale = scale
     record = Parameterization(
         scheme=scheme,
         params={info.name: info for _, info, _, _ in plans},
@@ -404,8 +419,23 @@ def parameterize(
     return record
 
 
-def _install_mask(modules: Mapping[str, nn.Module], tied: TiedParam, mask: torch.Tensor) -> None:
-    nnz = int(mask.sum())
+def _signature(scheme: Scheme, plans: list, attention: Mapping[str, float], alpha_in: float,
+               alpha_out: float) -> torch.Tensor:
+    """sha256 of what the weights do not show (scheme, roles, multipliers, α's) as a uint8 tensor."""
+    parts = [f"{scheme}|{alpha_in!r}|{alpha_out!r}|{sorted(attention.items())!r}"]
+    for _, info, _, _ in plans:
+        m = info.multipliers
+        parts.append(f"{info.names}|{info.role.value}|{m.width!r}|{m.fan_out!r}|{m.density!r}|"
+                     f"{sorted(info.forward_multipliers.items())!r}")
+    digest = hashlib.sha256("\n".join(parts).encode()).digest()
+    return torch.frombuffer(bytearray(digest), dtype=torch.uint8).clone()
+
+
+def _install_mask(
+    modules: Mapping[str, nn.Module], tied: TiedParam, mask: torch.Tensor
+) -> list[tuple[nn.Module, hooks.EnsureGradMask]]:
+    """Mask buffer, gradient masking and load checks on every owner of a hidden weight."""
+    installed = []
     for usage in tied.usages:
         module = modules[usage.module_name]
         mask_name = _mask_name(usage.attr)
@@ -414,7 +444,8 @@ def _install_mask(modules: Mapping[str, nn.Module], tied: TiedParam, mask: torch
         ensure = hooks.EnsureGradMask(usage.attr, mask_name)
         ensure.attach(module)
         module.register_forward_pre_hook(ensure)
-        module.register_load_state_dict_post_hook(hooks.CheckMaskOnLoad(usage.name, usage.attr, mask_name, nnz))
+        installed.append((module, ensure))
+    return installed
 
 
 def _install_multipliers(
@@ -435,12 +466,21 @@ def _install_multipliers(
 
 def _attention_scales(model: nn.Module, base: nn.Module, scheme: Scheme) -> dict[str, float]:
     """The scheme's logit scale for every DotProductAttention, from its head dim and the base's."""
-    base_modules = {canonical_name(n): m for n, m in unwrap(base).named_modules()}
+    base_modules = named_modules(base)
     scales: dict[str, float] = {}
-    for name, module in model.named_modules():
+    for name, module in named_modules(model).items():
+        if isinstance(module, nn.MultiheadAttention) and scheme.width:
+            head_dim = module.embed_dim // module.num_heads
+            base_mha = base_modules[name]
+            base_head_dim = base_mha.embed_dim // base_mha.num_heads
+            if head_dim != base_head_dim:
+                raise ValueError(
+                    f"{name}: nn.MultiheadAttention fixes its logit scale at 1/sqrt(head_dim), but {scheme.name} "
+                    f"needs sqrt({base_head_dim})/{head_dim} here; keep head_dim equal to the base's (add heads "
+                    "as width grows) or use sparsemup.DotProductAttention, whose scale sparsemup sets"
+                )
         if not isinstance(module, DotProductAttention):
             continue
-        name = canonical_name(name)
         counterpart = base_modules.get(name)
         if not isinstance(counterpart, DotProductAttention):
             raise ValueError(f"attention module {name!r} has no DotProductAttention counterpart in the base model")

@@ -16,19 +16,32 @@ from torch import nn
 
 from .rules import Multipliers, Role
 
-__all__ = ["canonical_name", "unwrap", "Usage", "TiedParam", "collect", "infer_roles", "match", "check_same_structure"]
+__all__ = ["canonical_name", "strip_wrappers", "named_modules", "unwrap", "Usage", "TiedParam", "collect",
+           "infer_roles", "match", "check_same_structure"]
 
-# Wrapper modules insert these components into parameter names; masks and metadata are
-# keyed by names without them, so wrapped and unwrapped models agree.
-_WRAPPER_PARTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+# Wrappers inside a model (torch.compile'd submodules, FSDP1, activation checkpointing) insert
+# these components into parameter names; masks and metadata are keyed by names without them.
+_WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 # Modules whose weight is laid out (num_inputs, out_features): an embedding table.
 _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+# Modules whose weight is laid out (out_features, in_features, ...).
+_OUT_IN_TYPES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+
+
+def strip_wrappers(name: str) -> str:
+    """``name`` without the components that wrappers inside a model insert (``_orig_mod`` etc.)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
 def canonical_name(name: str) -> str:
-    """``name`` without wrapper prefixes such as DDP's ``module.`` or torch.compile's ``_orig_mod.``."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+    """A name as a user may give it (possibly from a DDP-wrapped model) in sparsemup's form.
+
+    Drops a leading ``module.`` (DDP/DataParallel) and the wrapper components of
+    ``strip_wrappers``; ``module`` components elsewhere are real submodule names and stay.
+    """
+    name = strip_wrappers(name)
+    return name[len("module."):] if name.startswith("module.") else name
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -72,15 +85,23 @@ class TiedParam:
 def collect(model: nn.Module) -> dict[str, TiedParam]:
     """All parameters of ``model`` keyed by their first canonical name, ties grouped."""
     by_id: dict[int, TiedParam] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
+    owner_of: dict[str, int] = {}
+    for module_name, module in unwrap(model).named_modules(remove_duplicate=False):
         for attr, param in module.named_parameters(recurse=False):
-            module_name_c = canonical_name(module_name)
+            module_name_c = strip_wrappers(module_name)
             full = f"{module_name_c}.{attr}" if module_name_c else attr
+            if owner_of.setdefault(full, id(param)) != id(param):
+                raise ValueError(f"two different parameters are both named {full!r} once wrapper names are removed")
             usage = Usage(full, module_name_c, attr)
             entry = by_id.setdefault(id(param), TiedParam(param, []))
             if usage not in entry.usages:
                 entry.usages.append(usage)
     return {entry.name: entry for entry in by_id.values()}
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every submodule of the unwrapped model under its name without wrapper components."""
+    return {strip_wrappers(n): m for n, m in unwrap(model).named_modules(remove_duplicate=False)}
 
 
 def _fan_dims(module: nn.Module, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -132,6 +153,13 @@ def _infer_usage(
     if override is None:
         grows_out = any(scaling[d] for d in fan_out)
         grows_in = any(scaling[d] for d in fan_in)
+        known_layout = isinstance(module, _EMBEDDING_TYPES + _OUT_IN_TYPES)
+        if grows_out != grows_in and not known_layout:
+            raise ValueError(
+                f"parameter {usage.name!r} (shape {shape}, base {base_shape}) belongs to a {type(module).__name__}, "
+                "whose weight layout sparsemup does not know, and only some of its dims grow with width, so it "
+                f"could be an input or an output weight. Give its role, e.g. roles={{{usage.name!r}: 'input'}}"
+            )
         if grows_out and grows_in:
             override = Role.HIDDEN
         elif grows_out:
@@ -165,8 +193,7 @@ def infer_roles(
     ``scaling[name][d]`` says whether dim d grows with width; ``roles`` maps name
     patterns to explicit roles, which win over inference.
     """
-    modules = dict(model.named_modules(remove_duplicate=False))
-    modules = {canonical_name(k): v for k, v in modules.items()}
+    modules = named_modules(model)
     out: dict[str, list[Inferred]] = {}
     for name, tied in params.items():
         pattern = match(roles, tied.names)
