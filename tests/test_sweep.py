@@ -8,7 +8,7 @@ import pytest
 from sparsemup.cli import main
 from sparsemup.config import Config, apply_overrides
 from sparsemup.store import ResultStore, StoreError
-from sparsemup.sweep import SweepError, parse_sweep, resolve, run_sweep
+from sparsemup.sweep import SweepError, load_sweep, parse_sweep, resolve, run_sweep
 from sparsemup.trainer import train
 from trainhelpers import TINY, write_corpus
 
@@ -147,3 +147,21 @@ def test_other_base_in_same_directory_is_refused(corpus, tmp_path):
     other = parse_sweep({"base": {**_base(corpus), "optim": {"warmup_steps": 2}}, "grid": {"optim.lr": [0.01]}}, "t")
     with pytest.raises(SweepError, match="another base config"):
         run_sweep(other, tmp_path / "s", log=lambda s: None)
+
+
+def test_preset_from_best_run_feeds_the_next_sweep(corpus, tmp_path, capsys):
+    tune = tmp_path / "tune"
+    run_sweep(parse_sweep({"base": _base(corpus), "random": {"samples": 2, "log_uniform": {
+        "model.init_std": [0.01, 0.1], "optim.lr": ["2**-8", "2**-5"]}}}, "t"), tune, log=lambda s: None)
+    assert main(["report", str(tune), "--preset", str(tmp_path / "presets" / "base.toml")]) == 0
+    assert "| best runs: val loss |" in capsys.readouterr().out
+    best = min(_records(tune), key=lambda r: r["final_val_loss"])
+    sweep = tmp_path / "next.toml"
+    sweep.write_text('[sweep]\npreset = "presets/base.toml"\n[grid]\n"train.seed" = [0]\n'
+                     f'[base.data]\npath = "{corpus}"\n[base.model]\nwidth = 48\nhead_dim = 16\nbase_width = 16\n')
+    spec = load_sweep(sweep)
+    assert spec.base.model.init_std == best["overrides"]["model.init_std"] and spec.base.model.width == 48
+    assert spec.base.optim.lr == best["overrides"]["optim.lr"]
+    sweep.write_text('[sweep]\npreset = "presets/missing.toml"\n[grid]\n"train.seed" = [0]\n')
+    assert main(["sweep", "--config", str(sweep), "--out", str(tmp_path / "o")]) == 2
+    assert "sparsemup report TUNING_DIR --preset FILE" in capsys.readouterr().err

@@ -163,9 +163,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import write_preset, write_report
 
     result, text = write_report(args.dir, axis=args.axis)
+    if args.preset is not None:
+        best = write_preset(args.dir, args.preset)
+        print(f"wrote preset {args.preset} from run {best['id']} (val loss {best['final_val_loss']:.4f})",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:
@@ -243,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--axis", default="optim.lr", help="the swept key to optimise over (default optim.lr; "
                     "e.g. model.init_std)")
     rp.add_argument("--json", action="store_true", help="print the analysis as one JSON object")
+    rp.add_argument("--preset", type=Path, help="also write the best run's swept keys as a config file "
+                    "(a sweep's [sweep] preset)")
     rp.set_defaults(func=_report)
 
     dm = sub.add_parser("demo", help="coordinate check + LR × density sweep for SP and SµPar (≈ 10 min, 2 cores)")

@@ -10,7 +10,7 @@ from .analysis import analyze
 from .store import STORE_NAME, ResultStore, StoreError
 from .util import write_json_atomic, write_text_atomic
 
-__all__ = ["load_records", "tables", "plot_curves", "write_report"]
+__all__ = ["load_records", "tables", "plot_curves", "write_report", "write_preset"]
 
 LINE_KEYS = ("model.density", "model.width")  # a line per value of the first that varies
 
@@ -34,10 +34,38 @@ def _opt(row: dict[str, Any]) -> str:
     return f"{edge}{row['best_log2_x']:.2f}" + (" (edge)" if row["edge"] else "")
 
 
-def tables(result: dict[str, Any]) -> str:
-    """Markdown tables: every setting's optimum, then one drift table per group of settings."""
+def best_runs(records: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any]]:
+    """The ``n`` completed runs of lowest final validation loss."""
+    done = [r for r in records if r["status"] == "completed" and r["final_val_loss"] is not None]
+    return sorted(done, key=lambda r: r["final_val_loss"])[:n]
+
+
+def write_preset(out: Path, path: Path) -> dict[str, Any]:
+    """Write the swept keys of ``out``'s best run as a training config (a sweep's ``preset``); returns the record."""
+    best = best_runs(load_records(out), 1)
+    if not best:
+        raise StoreError(f"{out} has no completed run to take a preset from")
+    sections: dict[str, list[str]] = defaultdict(list)
+    for key, value in sorted(best[0]["overrides"].items()):
+        section, _, name = key.partition(".")
+        sections[section].append(f"{name} = {value!r}" if not isinstance(value, str) else f'{name} = "{value}"')
+    text = f"# preset: best run {best[0]['id']} of {out} (val loss {best[0]['final_val_loss']:.4f})\n"
+    text += "".join(f"\n[{s}]\n" + "\n".join(lines) + "\n" for s, lines in sections.items())
+    write_text_atomic(Path(path), text)
+    return best[0]
+
+
+def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) -> str:
+    """Markdown tables: the best runs, every setting's optimum, then one drift table per group of settings."""
     axis = result["axis"].split(".")[-1]
-    lines = [f"Runs: {result['runs']} ({result['diverged']} diverged). Optima in log2 {axis}; "
+    lines = []
+    if records:
+        lines += ["| best runs: val loss | overrides |", "|---|---|"]
+        lines += [f"| {r['final_val_loss']:.4f} | "
+                  + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["overrides"].items())
+                  + " |" for r in best_runs(records)]
+        lines.append("")
+    lines += [f"Runs: {result['runs']} ({result['diverged']} diverged). Optima in log2 {axis}; "
              "an optimum on the edge of the stable grid is marked, not fitted.", "",
              f"| setting | seeds | best log2 {axis} | best loss |", "|---|---|---|---|"]
     for c in result["curves"]:
@@ -112,8 +140,9 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
 def write_report(out: Path, axis: str = "optim.lr", title: str | None = None) -> tuple[dict[str, Any], str]:
     """Analyse ``out``'s store; write report.md, report.json and the figures into ``out``; return (result, text)."""
     out = Path(out)
-    result = analyze(load_records(out), axis)
-    text = tables(result)
+    records = load_records(out)
+    result = analyze(records, axis)
+    text = tables(result, records)
     figures = plot_curves(result, out)
     body = [f"# {title or 'Sweep report: ' + out.name}", "", text, ""]
     body += [f"![{p.stem}]({p.name})" for p in figures]

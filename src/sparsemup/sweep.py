@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, _check_type, _field_type, _parse_value, _section, tomllib, validate
+from .config import (
+    Config,
+    ConfigError,
+    _check_type,
+    _field_type,
+    _parse_value,
+    _section,
+    load_config,
+    tomllib,
+    validate,
+)
 from .store import STORE_NAME, ResultStore
 from .util import write_json_atomic
 
@@ -130,19 +140,29 @@ def _random_samples(table: dict[str, Any], source: str) -> list[dict[str, Any]]:
     return [{k: math.exp(rng.uniform(lo, hi)) for k, (lo, hi) in bounds.items()} for _ in range(samples)]
 
 
-def parse_sweep(data: dict[str, Any], source: str = "sweep") -> SweepSpec:
-    """Build the plan from a parsed sweep file; every point's config is validated before returning."""
+def parse_sweep(data: dict[str, Any], source: str = "sweep", root: Path = Path(".")) -> SweepSpec:
+    """Build the plan from a parsed sweep file (``root``: its folder); every point's config is validated."""
     unknown = set(data) - {"sweep", "base", "grid", "random"}
     if unknown:
         raise SweepError(f"{source}: unknown table(s) {sorted(unknown)}; a sweep file has [sweep], [base.*], "
                          "[grid] and [random]")
     options = data.get("sweep", {})
-    if set(options) - {"keep_checkpoints"}:
-        raise SweepError(f"{source}: unknown key(s) {sorted(set(options) - {'keep_checkpoints'})} in [sweep]; "
-                         "it takes keep_checkpoints")
+    if set(options) - {"keep_checkpoints", "preset"}:
+        raise SweepError(f"{source}: unknown key(s) {sorted(set(options) - {'keep_checkpoints', 'preset'})} in "
+                         "[sweep]; it takes keep_checkpoints and preset")
     if "grid" not in data and "random" not in data:
         raise SweepError(f"{source}: nothing to sweep; add a [grid] table (and/or [random])")
-    base = Config.from_dict(data.get("base", {}), f"{source} [base]")
+    tables = data.get("base", {})
+    if "preset" in options:  # a tuned config file under the [base] tables, e.g. written by report --preset
+        preset = Path(root, options["preset"])
+        if not preset.is_file():
+            raise SweepError(f"{source}: preset {str(preset)!r} does not exist; write it first with "
+                             "`sparsemup report TUNING_DIR --preset FILE` (see docs/SWEEPS.md)")
+        merged = load_config(preset).to_dict()
+        for section, values in tables.items():
+            merged.setdefault(section, {}).update(values if isinstance(values, dict) else {})
+        tables = merged
+    base = Config.from_dict(tables, f"{source} [base]")
     axes = _grid_axes(data.get("grid", {}), source)
     if "grid" in data and not axes:
         raise SweepError(f"{source}: [grid] is empty; give at least one axis, e.g. \"optim.lr\" = [\"2**-8\"]")
@@ -171,7 +191,7 @@ def load_sweep(path: Path) -> SweepSpec:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise SweepError(f"{path}: invalid TOML: {err}") from None
-    return parse_sweep(data, str(path))
+    return parse_sweep(data, str(path), path.parent)
 
 
 def resolve(base: Config, point: Point, workers: int) -> Config:
