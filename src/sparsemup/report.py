@@ -65,6 +65,9 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
                   + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["overrides"].items())
                   + " |" for r in best_runs(records)]
         lines.append("")
+    if all(len(c["log2_x"]) < 2 for c in result["curves"]):
+        return "\n".join(lines + [f"Runs: {result['runs']} ({result['diverged']} diverged); every setting has one "
+                                   f"{axis} (a random search): no optima to fit."]) + "\n"
     lines += [f"Runs: {result['runs']} ({result['diverged']} diverged). Optima in log2 {axis}; "
              "an optimum on the edge of the stable grid is marked, not fitted.", "",
              f"| setting | seeds | best log2 {axis} | best loss |", "|---|---|---|---|"]
@@ -94,7 +97,7 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     curves = result["curves"]
-    if not curves:
+    if all(len(c["log2_x"]) < 2 for c in curves):  # a random search: no curves to draw
         return []
     keys = list(curves[0]["setting"])
     line_key = next((k for k in LINE_KEYS if k in keys), None)
@@ -125,7 +128,8 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
                 low = min(finite)
                 ax.set_ylim(low - 0.05, min(max(finite), low + 1.5) + 0.05)
         axes[0][0].set_ylabel("final validation loss (nats/byte)")
-        axes[0][-1].legend(fontsize=7)
+        if len(members) <= 3 * 12:
+            axes[0][-1].legend(fontsize=7)
         title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in rest)
         if title:
             fig.suptitle(title, fontsize=9)
