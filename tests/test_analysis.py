@@ -36,9 +36,9 @@ def test_diverged_points_are_excluded_and_all_diverged_is_none():
 
 def _record(scheme, density, log2_lr, seed, loss):
     status = "completed" if loss is not None else "diverged"
+    overrides = {"model.scheme": scheme, "model.density": density, "optim.lr": 2.0**log2_lr, "train.seed": seed}
     return {"id": f"{scheme}{density}{log2_lr}{seed}", "status": status, "final_val_loss": loss,
-            "config": {"model.scheme": scheme, "model.density": density, "optim.lr": 2.0**log2_lr,
-                       "train.seed": seed, "model.width": 128}}
+            "overrides": overrides, "config": {**overrides, "model.width": 128}}
 
 
 def synthetic_records():
@@ -78,6 +78,7 @@ def test_report_writes_tables_figures_and_json(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "drift of the optimum 2.00" in text and "| 0.25 |" in text
+    assert "| 1.9900 | model.scheme=sp, model.density=1, optim.lr=0.003906, train.seed=1 |" in text  # best run
     for name in ("report.md", "report.json", "loss-vs-lr.png"):
         assert (tmp_path / name).stat().st_size > 100
     assert "![loss-vs-lr](loss-vs-lr.png)" in (tmp_path / "report.md").read_text()

@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ class SweepSpec:
     points: list[Point]
     keep_checkpoints: bool = False
     source: str = "sweep"
-    grid_keys: list[str] = field(default_factory=list)
 
 
 def run_id(overrides: dict[str, Any]) -> str:
@@ -150,6 +149,8 @@ def parse_sweep(data: dict[str, Any], source: str = "sweep", root: Path = Path("
     if set(options) - {"keep_checkpoints", "preset"}:
         raise SweepError(f"{source}: unknown key(s) {sorted(set(options) - {'keep_checkpoints', 'preset'})} in "
                          "[sweep]; it takes keep_checkpoints and preset")
+    if not isinstance(options.get("keep_checkpoints", False), bool) or not isinstance(options.get("preset", ""), str):
+        raise SweepError(f"{source}: [sweep] keep_checkpoints must be true or false and preset a file path string")
     if "grid" not in data and "random" not in data:
         raise SweepError(f"{source}: nothing to sweep; add a [grid] table (and/or [random])")
     tables = data.get("base", {})
@@ -178,8 +179,7 @@ def parse_sweep(data: dict[str, Any], source: str = "sweep", root: Path = Path("
                 points.append(point)
     for point in points:
         validate(resolve(base, point, 1))
-    return SweepSpec(base, points, bool(options.get("keep_checkpoints", False)), source,
-                     [k for keys, _ in axes for k in keys])
+    return SweepSpec(base, points, bool(options.get("keep_checkpoints", False)), source)
 
 
 def load_sweep(path: Path) -> SweepSpec:
