@@ -82,18 +82,19 @@ def _records(out):
 
 
 def test_kill_and_resume_keep_every_result_once(corpus, tmp_path):
-    spec = _spec(corpus, {"optim.lr": ["2**-7", "2**-5", "2**-3"]})
+    spec = _spec(corpus, {"optim.lr": ["2**-7", "2**-5", "2**-3", "2**-4"]})
     out = tmp_path / "sweep"
     logs: list[str] = []
-    assert run_sweep(spec, out, log=logs.append)["completed"] == 3
+    assert run_sweep(spec, out, log=logs.append)["completed"] == 4
     reference = {r["id"]: r["final_val_loss"] for r in _records(out)}
-    assert not list(out.glob("runs/*/checkpoint.pt")) and len(list(out.glob("runs/*/metrics.csv"))) == 3
+    assert not list(out.glob("runs/*/checkpoint.pt")) and len(list(out.glob("runs/*/metrics.csv"))) == 4
 
-    first, second, third = spec.points
+    first, second, third, fourth = spec.points
     lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
     by_id = {json.loads(line)["id"]: line for line in lines}
     # Simulated kills: `first` was recorded, then the store got a torn line; `second` finished (result.json)
-    # but was never recorded; `third` was killed midway, after its step-2 checkpoint.
+    # but was never recorded; `third` was killed midway, after its step-2 checkpoint; `fourth` was killed
+    # before its first checkpoint (metrics.csv only).
     (out / "results.jsonl").write_text(by_id[first.id] + by_id[third.id][:40])
     mid = resolve(spec.base, third, 1)
     mid.train.steps = 2
@@ -103,19 +104,20 @@ def test_kill_and_resume_keep_every_result_once(corpus, tmp_path):
     train(mid, third_dir)
     (third_dir / "result.json").unlink()
     assert (third_dir / "checkpoint.pt").exists()
+    (out / "runs" / fourth.id / "result.json").unlink()
 
     store = ResultStore(out / "results.jsonl")
     assert store.repaired and list(store.records) == [first.id]
     logs.clear()
     counts = run_sweep(spec, out, log=logs.append)
-    assert counts == {"planned": 3, "stored": 1, "completed": 2, "diverged": 0, "failed": 0}
+    assert counts == {"planned": 4, "stored": 1, "completed": 3, "diverged": 0, "failed": 0}
     records = _records(out)
     assert sorted(r["id"] for r in records) == sorted(reference)  # nothing lost, nothing duplicated
     assert {r["id"]: r["final_val_loss"] for r in records} == reference  # the resumed run matches exactly
     assert [r["seconds"] for r in records if r["id"] == second.id] == [None]  # recorded, not retrained
     assert sum("resumed" in line for line in logs) == 1
-    assert run_sweep(spec, out, log=logs.append)["stored"] == 3
-    assert len(_records(out)) == 3
+    assert run_sweep(spec, out, log=logs.append)["stored"] == 4
+    assert len(_records(out)) == 4
 
 
 def test_diverged_run_is_an_outcome(corpus, tmp_path):

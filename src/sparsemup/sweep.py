@@ -23,17 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import (
-    Config,
-    ConfigError,
-    _check_type,
-    _field_type,
-    _parse_value,
-    _section,
-    load_config,
-    tomllib,
-    validate,
-)
+from .config import Config, ConfigError, load_config, tomllib, typed_value, validate
 from .store import STORE_NAME, ResultStore
 from .util import write_json_atomic
 
@@ -86,17 +76,6 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _typed(key: str, value: Any, source: str) -> Any:
-    """``value`` for config key ``key``, typed by the field; strings such as '2**-7' or '1/4' are numbers."""
-    section_name, dot, name = key.partition(".")
-    if not dot:
-        raise SweepError(f"{source}: {key!r} is not a config key; write section.key, e.g. optim.lr")
-    kind = _field_type(_section(Config(), section_name, source), section_name, name, source)
-    if isinstance(value, str) and kind is not str:
-        return _parse_value(value, kind, key)
-    return _check_type(value, kind, key, source)
-
-
 def _grid_axes(grid: dict[str, Any], source: str) -> list[tuple[list[str], list[tuple]]]:
     axes = []
     for axis, values in _flatten(grid).items():
@@ -110,7 +89,7 @@ def _grid_axes(grid: dict[str, Any], source: str) -> list[tuple[list[str], list[
             if not isinstance(row, list) or len(row) != len(keys):
                 raise SweepError(f"{source}: grid axis {axis!r} links {len(keys)} keys; each value must be a list "
                                  f"of {len(keys)}, got {value!r}")
-            rows.append(tuple(_typed(k, v, source) for k, v in zip(keys, row)))
+            rows.append(tuple(typed_value(k, v, source) for k, v in zip(keys, row)))
         axes.append((keys, rows))
     return axes
 
@@ -131,7 +110,7 @@ def _random_samples(table: dict[str, Any], source: str) -> list[dict[str, Any]]:
     for key, pair in sorted(ranges.items()):
         if not isinstance(pair, list) or len(pair) != 2:
             raise SweepError(f"{source}: random range {key!r} must be [low, high], got {pair!r}")
-        low, high = (float(_typed(key, v, source)) for v in pair)
+        low, high = (float(typed_value(key, v, source)) for v in pair)
         if not 0 < low <= high:
             raise SweepError(f"{source}: random range {key!r} = [{low}, {high}]: need 0 < low ≤ high (log-uniform)")
         bounds[key] = (math.log(low), math.log(high))
