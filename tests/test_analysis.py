@@ -92,3 +92,15 @@ def test_report_writes_tables_figures_and_json(tmp_path, capsys):
 def test_report_without_a_store_names_the_fix(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "sparsemup sweep --config FILE" in capsys.readouterr().err
+
+
+def test_iso_parameter_sweep_drifts_along_density_with_width_linked():
+    records = []
+    for k, (density, width) in enumerate(((1.0, 256), (0.5, 384), (0.25, 512))):
+        for log2_lr in GRID:
+            record = _record("supar", density, log2_lr, 0, 2.0 + 0.1 * (log2_lr + 7 - 0.5 * k) ** 2)
+            record["config"]["model.width"] = width
+            records.append(record)
+    (drift,) = analyze(records)["drifts"]
+    assert drift["along"] == "model.density" and drift["drift_log2"] == pytest.approx(1.0)
+    assert [(r["model.density"], r["model.width"]) for r in drift["rows"]] == [(1.0, 256), (0.5, 384), (0.25, 512)]

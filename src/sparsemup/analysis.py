@@ -17,7 +17,8 @@ from typing import Any
 __all__ = ["fit_optimum", "curves", "analyze"]
 
 SEED_KEY = "train.seed"
-# Keys along which the optimum should not move; each gets a drift table when it varies.
+# Keys along which the optimum should not move; each gets a drift table when it varies (one table when
+# width is set with density, as in an iso-parameter sweep).
 DRIFT_AXES = ("model.density", "model.width")
 
 
@@ -90,12 +91,19 @@ def _interpolate(curve: dict[str, Any], x: float) -> float | None:
     return ys[0] if len(xs) == 1 and xs[0] == x else None
 
 
-def _drifts(found: list[dict[str, Any]], along: str) -> list[dict[str, Any]]:
-    """Groups of settings that differ only in ``along``: the spread of their optima and the transfer losses."""
+def _linked(found: list[dict[str, Any]]) -> bool:
+    """Whether density and width vary together, one width per density (an iso-parameter sweep)."""
+    pairs = {(c["setting"].get("model.density"), c["setting"].get("model.width")) for c in found}
+    densities, widths = {d for d, _ in pairs}, {w for _, w in pairs}
+    return None not in densities and None not in widths and len(pairs) == len(densities) == len(widths) > 1
+
+
+def _drifts(found: list[dict[str, Any]], along: str, linked: str | None = None) -> list[dict[str, Any]]:
+    """Groups of settings that differ only in ``along`` (and ``linked``, set with it): optima spread, transfer."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for c in found:
         if along in c["setting"]:
-            rest = tuple((k, repr(v)) for k, v in c["setting"].items() if k != along)
+            rest = tuple((k, repr(v)) for k, v in c["setting"].items() if k not in (along, linked))
             groups[rest].append(c)
     out = []
     for members in groups.values():
@@ -110,11 +118,12 @@ def _drifts(found: list[dict[str, Any]], along: str) -> list[dict[str, Any]]:
         for c in members:
             o = c["optimum"]
             at_ref = _interpolate(c, ref_opt["log2_x"]) if ref_opt is not None else None
-            rows.append({along: c["setting"][along], "best_log2_x": None if o is None else o["log2_x"],
+            rows.append({along: c["setting"][along], **({linked: c["setting"][linked]} if linked else {}),
+                         "best_log2_x": None if o is None else o["log2_x"],
                          "best_loss": None if o is None else o["loss"], "edge": None if o is None else o["edge"],
                          "loss_at_transferred": at_ref,
                          "transfer_gap": None if at_ref is None or o is None else at_ref - o["loss"]})
-        rest_setting = {k: v for k, v in members[0]["setting"].items() if k != along}
+        rest_setting = {k: v for k, v in members[0]["setting"].items() if k not in (along, linked)}
         out.append({"along": along, "setting": rest_setting, "label": _label(rest_setting), "rows": rows,
                     "transferred_log2_x": None if ref_opt is None else ref_opt["log2_x"],
                     "drift_log2": max(fitted) - min(fitted) if len(fitted) >= 2 else None,
@@ -127,4 +136,6 @@ def analyze(records: Sequence[dict[str, Any]], axis: str = "optim.lr") -> dict[s
     found = curves(records, axis)
     return {"axis": axis, "runs": len(records),
             "diverged": sum(r["status"] == "diverged" for r in records),
-            "curves": found, "drifts": [d for along in DRIFT_AXES for d in _drifts(found, along)]}
+            "curves": found,
+            "drifts": _drifts(found, "model.density", "model.width") if _linked(found)
+            else [d for along in DRIFT_AXES for d in _drifts(found, along)]}

@@ -84,7 +84,8 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
                   f"{'densest' if along == 'density' else 'narrowest'} setting)", "",
                   f"| {along} | best log2 {axis} | best loss | loss at transferred | gap |", "|---|---|---|---|---|"]
         for r in d["rows"]:
-            lines.append(f"| {r[d['along']]:g} | {_opt(r)} | {_num(r['best_loss'])} | "
+            width = f" (width {r['model.width']})" if d["along"] != "model.width" and "model.width" in r else ""
+            lines.append(f"| {r[d['along']]:g}{width} | {_opt(r)} | {_num(r['best_loss'])} | "
                          f"{_num(r['loss_at_transferred'])} | {_num(r['transfer_gap'], '+.3f')} |")
     return "\n".join(lines) + "\n"
 
