@@ -167,3 +167,10 @@ def test_preset_from_best_run_feeds_the_next_sweep(corpus, tmp_path, capsys):
     sweep.write_text('[sweep]\npreset = "presets/missing.toml"\n[grid]\n"train.seed" = [0]\n')
     assert main(["sweep", "--config", str(sweep), "--out", str(tmp_path / "o")]) == 2
     assert "sparsemup report TUNING_DIR --preset FILE" in capsys.readouterr().err
+
+
+def test_sweeps_skip_tensorboard_unless_asked(corpus):
+    plain = parse_sweep({"base": {"data": {"path": str(corpus)}}, "grid": {"train.seed": [0]}}, "t")
+    asked = parse_sweep({"base": {"data": {"path": str(corpus)}, "train": {"tensorboard": True}},
+                         "grid": {"train.seed": [0]}}, "t")
+    assert plain.base.train.tensorboard is False and asked.base.train.tensorboard is True

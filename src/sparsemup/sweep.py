@@ -143,6 +143,8 @@ def parse_sweep(data: dict[str, Any], source: str = "sweep", root: Path = Path("
             merged.setdefault(section, {}).update(values if isinstance(values, dict) else {})
         tables = merged
     base = Config.from_dict(tables, f"{source} [base]")
+    if "tensorboard" not in tables.get("train", {}):  # keep run folders small unless asked for
+        base.train.tensorboard = False
     axes = _grid_axes(data.get("grid", {}), source)
     if "grid" in data and not axes:
         raise SweepError(f"{source}: [grid] is empty; give at least one axis, e.g. \"optim.lr\" = [\"2**-8\"]")
