@@ -146,6 +146,46 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import load_sweep, run_sweep
+
+    spec = load_sweep(args.config)  # the whole plan is validated before any run starts
+    if args.dry_run:
+        for point in spec.points:
+            print(point.id, json.dumps(point.overrides))
+        print(f"{len(spec.points)} runs", file=sys.stderr)
+        return 0
+    counts = run_sweep(spec, args.out, workers=args.workers)
+    print(f"sweep done: {counts['stored']} already stored, {counts['completed']} completed, "
+          f"{counts['diverged']} diverged, {counts['failed']} failed; results in {args.out / 'results.jsonl'}; "
+          f"next: sparsemup report {args.out}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_preset, write_report
+
+    result, text = write_report(args.dir, axis=args.axis)
+    if args.preset is not None:
+        best = write_preset(args.dir, args.preset)
+        print(f"wrote preset {args.preset} from run {best['id']} (val loss {best['final_val_loss']:.4f})",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(text)
+        print("wrote " + ", ".join(result["files"]), file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out)
+    print(f"report: {args.out / 'report.md'}\n{summary['conclusion']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsemup", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +232,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_eval)
 
+    sw = sub.add_parser("sweep", help="run a grid / random search of training runs, resumably",
+                        description="Run every point of a sweep file (docs/SWEEPS.md) not yet in DIR's results "
+                        "store; rerunning the same command resumes. See docs/SWEEPS.md.")
+    sw.add_argument("--config", type=Path, required=True, help="the sweep file (.toml)")
+    sw.add_argument("--out", type=Path, required=True, help="sweep directory: results.jsonl and runs/<id>/")
+    sw.add_argument("--workers", type=int, default=1,
+                    help="runs in parallel processes, each with max(1, cores // N) threads (default 1)")
+    sw.add_argument("--dry-run", action="store_true", help="list the planned runs (id and overrides) and exit")
+    sw.set_defaults(func=_sweep)
+
+    rp = sub.add_parser("report", help="optima, drift and transfer tables and figures of a sweep directory")
+    rp.add_argument("dir", type=Path, help="a sweep directory (holding results.jsonl)")
+    rp.add_argument("--axis", default="optim.lr", help="the swept key to optimise over (default optim.lr; "
+                    "e.g. model.init_std)")
+    rp.add_argument("--json", action="store_true", help="print the analysis as one JSON object")
+    rp.add_argument("--preset", type=Path, help="also write the best run's swept keys as a config file "
+                    "(a sweep's [sweep] preset)")
+    rp.set_defaults(func=_report)
+
+    dm = sub.add_parser("demo", help="coordinate check + LR × density sweep for SP and SµPar (≈ 10 min, 2 cores)")
+    dm.add_argument("--out", type=Path, default=Path("sparsemup-demo"), help="output directory "
+                    "(default ./sparsemup-demo); rerun to resume")
+    dm.set_defaults(func=_demo)
+
     ex = sub.add_parser("explain", help="print the per-parameter table of the reference GPT")
     ex.add_argument("--scheme", choices=tuple(SCHEMES), default="supar")
     ex.add_argument("--width", type=int, default=256)
@@ -206,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("steps", "seeds", "batch_size", "base_width"):
+    for flag in ("steps", "seeds", "batch_size", "base_width", "workers"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             build_parser().error(f"--{flag.replace('_', '-')} must be at least 1")

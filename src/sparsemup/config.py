@@ -32,6 +32,7 @@ __all__ = [
     "ConfigError",
     "load_config",
     "apply_overrides",
+    "typed_value",
     "to_toml",
     "to_yaml",
     "describe",
@@ -246,6 +247,17 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         section = _section(cfg, section_name, "--set")
         setattr(section, name, _parse_value(text, _field_type(section, section_name, name, "--set"), key))
     return cfg
+
+
+def typed_value(key: str, value: Any, source: str) -> Any:
+    """``value`` checked and converted for ``section.key`` (a string such as '2**-7' is parsed for a number key)."""
+    section_name, dot, name = key.partition(".")
+    if not dot:
+        raise ConfigError(f"{source}: {key!r} is not a config key; write section.key, e.g. optim.lr")
+    kind = _field_type(_section(Config(), section_name, source), section_name, name, source)
+    if isinstance(value, str) and kind is not str:
+        return _parse_value(value, kind, key)
+    return _check_type(value, kind, key, source)
 
 
 def load_config(path: Path | None, overrides: list[str] = ()) -> Config:

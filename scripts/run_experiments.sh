@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Run the small-scale experiments of docs/RESULTS.md in order, resumably: rerun this script after a
+# kill and every sweep continues where it stopped (finished runs are skipped, unfinished ones resume).
+# Results go to results/<name>/ (results.jsonl, report.md, figures; per-run folders are git-ignored).
+# It commits nothing. Usage: scripts/run_experiments.sh [WORKERS] [NAME ...]   (default: 2, all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+workers="${1:-2}"
+shift || true
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(a-lr-density-untuned tune-base a-lr-density b-init-density c-loss-density
+                                  d-iso-parameter e-ablation)
+preset=experiments/presets/base.toml
+for name in "${names[@]}"; do
+    echo "=== $name ($(date -u +%H:%M:%S))"
+    if [ "$name" != a-lr-density-untuned ] && [ "$name" != tune-base ] && [ ! -f "$preset" ]; then
+        echo "writing $preset from results/tune-base"
+        sparsemup report results/tune-base --preset "$preset" > /dev/null
+    fi
+    sparsemup sweep --config "experiments/$name.toml" --out "results/$name" --workers "$workers"
+    axis=optim.lr
+    [ "$name" = b-init-density ] && axis=model.init_std
+    sparsemup report "results/$name" --axis "$axis" > /dev/null
+    echo "report: results/$name/report.md"
+done

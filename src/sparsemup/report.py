@@ -1,0 +1,158 @@
+"""Report of a sweep directory: tables of optima and drift, loss-vs-log2(x) figures and report.md."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .analysis import analyze
+from .store import STORE_NAME, ResultStore, StoreError
+from .util import write_json_atomic, write_text_atomic
+
+__all__ = ["load_records", "tables", "plot_curves", "write_report", "write_preset"]
+
+LINE_KEYS = ("model.density", "model.width")  # a line per value of the first that varies
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    """The records of a sweep directory's store; an error naming the fix when there is none."""
+    path = Path(out) / STORE_NAME
+    if not path.exists():
+        raise StoreError(f"{path} does not exist; run `sparsemup sweep --config FILE --out {out}` first")
+    return list(ResultStore(path).records.values())
+
+
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _opt(row: dict[str, Any]) -> str:
+    if row["best_log2_x"] is None:
+        return "all diverged"
+    edge = {"low": "≤ ", "high": "≥ "}.get(row["edge"] or "", "")
+    return f"{edge}{row['best_log2_x']:.2f}" + (" (edge)" if row["edge"] else "")
+
+
+def best_runs(records: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any]]:
+    """The ``n`` completed runs of lowest final validation loss."""
+    done = [r for r in records if r["status"] == "completed" and r["final_val_loss"] is not None]
+    return sorted(done, key=lambda r: r["final_val_loss"])[:n]
+
+
+def write_preset(out: Path, path: Path) -> dict[str, Any]:
+    """Write the swept keys of ``out``'s best run as a training config (a sweep's ``preset``); returns the record."""
+    best = best_runs(load_records(out), 1)
+    if not best:
+        raise StoreError(f"{out} has no completed run to take a preset from")
+    sections: dict[str, list[str]] = defaultdict(list)
+    for key, value in sorted(best[0]["overrides"].items()):
+        section, _, name = key.partition(".")
+        sections[section].append(f"{name} = {value!r}" if not isinstance(value, str) else f'{name} = "{value}"')
+    text = f"# preset: best run {best[0]['id']} of {out} (val loss {best[0]['final_val_loss']:.4f})\n"
+    text += "".join(f"\n[{s}]\n" + "\n".join(lines) + "\n" for s, lines in sections.items())
+    write_text_atomic(Path(path), text)
+    return best[0]
+
+
+def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) -> str:
+    """Markdown tables: the best runs, every setting's optimum, then one drift table per group of settings."""
+    axis = result["axis"].split(".")[-1]
+    lines = []
+    if records:
+        lines += ["| best runs: val loss | overrides |", "|---|---|"]
+        lines += [f"| {r['final_val_loss']:.4f} | "
+                  + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["overrides"].items())
+                  + " |" for r in best_runs(records)]
+        lines.append("")
+    if all(len(c["log2_x"]) < 2 for c in result["curves"]):
+        return "\n".join(lines + [f"Runs: {result['runs']} ({result['diverged']} diverged); every setting has one "
+                                   f"{axis} (a random search): no optima to fit."]) + "\n"
+    lines += [f"Runs: {result['runs']} ({result['diverged']} diverged). Optima in log2 {axis}; "
+             "an optimum on the edge of the stable grid is marked, not fitted.", "",
+             f"| setting | seeds | best log2 {axis} | best loss |", "|---|---|---|---|"]
+    for c in result["curves"]:
+        o = c["optimum"]
+        best = "all diverged" if o is None else _opt({"best_log2_x": o["log2_x"], "edge": o["edge"]})
+        lines.append(f"| {c['label'] or 'all'} | {c['seeds']} | {best} | {_num(None if o is None else o['loss'])} |")
+    for d in result["drifts"]:
+        along = d["along"].split(".")[-1]
+        drift = _num(d["drift_log2"], ".2f")
+        drift = ("≥ " if d["edge_involved"] and d["drift_log2"] is not None else "") + drift
+        lines += ["", f"**{d['label'] or 'all'}**, across {along}: drift of the optimum {drift} (log2 {axis}); "
+                  f"transferred log2 {axis} {_num(d['transferred_log2_x'], '.2f')} (from the "
+                  f"{'densest' if along == 'density' else 'narrowest'} setting)", "",
+                  f"| {along} | best log2 {axis} | best loss | loss at transferred | gap |", "|---|---|---|---|---|"]
+        for r in d["rows"]:
+            width = f" (width {r['model.width']})" if d["along"] != "model.width" and "model.width" in r else ""
+            lines.append(f"| {r[d['along']]:g}{width} | {_opt(r)} | {_num(r['best_loss'])} | "
+                         f"{_num(r['loss_at_transferred'])} | {_num(r['transfer_gap'], '+.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
+    """Loss vs log2 x, a panel per scheme and a line per density (or width); one figure per other setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = result["curves"]
+    if all(len(c["log2_x"]) < 2 for c in curves):  # a random search: no curves to draw
+        return []
+    keys = list(curves[0]["setting"])
+    line_key = next((k for k in LINE_KEYS if k in keys), None)
+    figures: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for c in curves:
+        rest = tuple((k, v) for k, v in c["setting"].items() if k not in ("model.scheme", line_key))
+        figures[rest].append(c)
+    paths = []
+    axis = result["axis"].split(".")[-1]
+    for n, (rest, members) in enumerate(figures.items()):
+        schemes = list(dict.fromkeys(c["setting"].get("model.scheme", "") for c in members))
+        fig, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes), 3.6), sharey=True, squeeze=False)
+        finite = [y for c in members for y in c["loss"] if y is not None]
+        for ax, scheme in zip(axes[0], schemes):
+            for c in members:
+                if c["setting"].get("model.scheme", "") != scheme:
+                    continue
+                pts = [(x, y) for x, y in zip(c["log2_x"], c["loss"]) if y is not None]
+                label = f"{line_key.split('.')[-1]}={c['setting'][line_key]:g}" if line_key else c["label"]
+                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)[0]
+                if c["optimum"] is not None:
+                    ax.plot(c["optimum"]["log2_x"], c["optimum"]["loss"], marker="*", ms=11, color=line.get_color(),
+                            mfc="none" if c["optimum"]["edge"] else line.get_color())
+            ax.set_title(scheme or "all")
+            ax.set_xlabel(f"log2 {axis}")
+            ax.grid(alpha=0.3)
+            if finite:
+                low = min(finite)
+                ax.set_ylim(low - 0.05, min(max(finite), low + 1.5) + 0.05)
+        axes[0][0].set_ylabel("final validation loss (nats/byte)")
+        if len(members) <= 3 * 12:
+            axes[0][-1].legend(fontsize=7)
+        title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in rest)
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        path = Path(out) / f"loss-vs-{axis}{'-' + str(n) if len(figures) > 1 else ''}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(out: Path, axis: str = "optim.lr", title: str | None = None) -> tuple[dict[str, Any], str]:
+    """Analyse ``out``'s store; write report.md, report.json and the figures into ``out``; return (result, text)."""
+    out = Path(out)
+    records = load_records(out)
+    result = analyze(records, axis)
+    text = tables(result, records)
+    figures = plot_curves(result, out)
+    body = [f"# {title or 'Sweep report: ' + out.name}", "", text, ""]
+    body += [f"![{p.stem}]({p.name})" for p in figures]
+    write_text_atomic(out / "report.md", "\n".join(body) + "\n")
+    write_json_atomic(out / "report.json", result)
+    result["files"] = [str(out / "report.md"), str(out / "report.json"), *map(str, figures)]
+    return result, text
+

@@ -1,0 +1,76 @@
+"""The results store of a sweep: one JSON line per finished run, appended with fsync, read tolerantly.
+
+Only the sweep's parent process writes, so appends never interleave. A kill can leave a torn last
+line; reading drops it and truncates the file back to the last complete line, so nothing finished
+is lost (a torn line's run is simply run again) and nothing is duplicated (the first line of an id wins).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ResultStore", "StoreError", "STORE_NAME"]
+
+STORE_NAME = "results.jsonl"
+
+
+class StoreError(ValueError):
+    """A results store that cannot be read safely; the message names the file, the line and the fix."""
+
+
+class ResultStore:
+    """Append-only JSONL of run records keyed by ``record["id"]``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.records: dict[str, dict[str, Any]] = {}
+        self.repaired = False
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        pos = keep = 0  # keep: byte offset just past the last complete record line
+        for number, line in enumerate(data.split(b"\n"), 1):
+            nxt = pos + len(line) + 1
+            complete = nxt <= len(data)  # a line without its newline is a torn append
+            if line.strip():
+                try:
+                    record = json.loads(line) if complete else None
+                    if not isinstance(record, dict) or "id" not in record:
+                        raise ValueError("not a run record")
+                except ValueError:
+                    if nxt >= len(data):  # the last line, torn by a kill: drop it, its run is recorded again
+                        break
+                    raise StoreError(f"{self.path}, line {number}: not a run record ({line[:60]!r}); "
+                                     "the file was edited or corrupted: fix or delete that line") from None
+                self.records.setdefault(record["id"], record)
+            pos = keep = min(nxt, len(data))
+        if keep < len(data):
+            with self.path.open("r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            self.repaired = True
+
+    def __contains__(self, run_id: str) -> bool:
+        return run_id in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as a line and fsync it; a record whose id is already stored is ignored."""
+        if record["id"] in self.records:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+        with self.path.open("ab") as f:
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[record["id"]] = record

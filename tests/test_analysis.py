@@ -1,0 +1,106 @@
+"""Optimum fits, seed averaging, drift and transfer tables, and the report on a tiny synthetic store."""
+
+import json
+import math
+
+import pytest
+
+from sparsemup.analysis import analyze, fit_optimum
+from sparsemup.cli import main
+from sparsemup.store import ResultStore
+
+GRID = [-10, -9, -8, -7, -6, -5, -4]
+
+
+def test_interior_minimum_is_recovered_between_grid_points():
+    found = fit_optimum(GRID, [(x + 6.3) ** 2 + 2.0 for x in GRID])
+    assert found["edge"] is None
+    assert found["log2_x"] == pytest.approx(-6.3) and found["loss"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("losses, edge, x", [
+    ([1.0, 2, 3, 4, 5, 6, 7], "low", -10),
+    ([7.0, 6, 5, 4, 3, 2, 1], "high", -4),
+    ([7.0, 6, 5, 4, None, float("nan"), 9], "high", -7),  # the minimum next to diverged points is an edge
+])
+def test_edge_minimum_is_flagged_not_fitted(losses, edge, x):
+    found = fit_optimum(GRID, losses)
+    assert found["edge"] == edge and found["log2_x"] == x
+
+
+def test_diverged_points_are_excluded_and_all_diverged_is_none():
+    assert fit_optimum(GRID, [None] * 7) is None
+    found = fit_optimum(GRID, [5.0, float("nan"), 3.0, 2.1, 2.0, 2.1, None])
+    assert found["edge"] is None and found["log2_x"] == pytest.approx(-6.0)
+
+
+def _record(scheme, density, log2_lr, seed, loss):
+    status = "completed" if loss is not None else "diverged"
+    overrides = {"model.scheme": scheme, "model.density": density, "optim.lr": 2.0**log2_lr, "train.seed": seed}
+    return {"id": f"{scheme}{density}{log2_lr}{seed}", "status": status, "final_val_loss": loss,
+            "overrides": overrides, "config": {**overrides, "model.width": 128}}
+
+
+def synthetic_records():
+    """SµPar's optimum at -7 at every density; SP's moves by +1 per halving of density; two seeds."""
+    records = []
+    for scheme, shift in (("sp", 1.0), ("supar", 0.0)):
+        for k, density in enumerate((1.0, 0.5, 0.25)):
+            best = -8 + shift * k if scheme == "sp" else -7.0
+            for log2_lr in GRID:
+                for seed, noise in ((0, 0.01), (1, -0.01)):
+                    loss = None if log2_lr == -4 and scheme == "sp" and density == 1.0 else \
+                        2.0 + 0.05 * k + 0.1 * (log2_lr - best) ** 2 + noise
+                    records.append(_record(scheme, density, log2_lr, seed, loss))
+    return records
+
+
+def test_drift_and_transfer_tables():
+    result = analyze(synthetic_records())
+    drifts = {d["setting"]["model.scheme"]: d for d in result["drifts"]}
+    assert set(drifts) == {"sp", "supar"} and all(d["along"] == "model.density" for d in result["drifts"])
+    assert drifts["supar"]["drift_log2"] == pytest.approx(0.0, abs=1e-9)
+    assert drifts["sp"]["drift_log2"] == pytest.approx(2.0)
+    assert drifts["sp"]["transferred_log2_x"] == pytest.approx(-8.0)
+    rows = {r["model.density"]: r for r in drifts["sp"]["rows"]}
+    assert rows[0.25]["loss_at_transferred"] == pytest.approx(2.1 + 0.4)  # two steps off its optimum
+    assert rows[0.25]["transfer_gap"] == pytest.approx(0.4)
+    assert all(r["transfer_gap"] == pytest.approx(0.0, abs=1e-9) for r in drifts["supar"]["rows"])
+    curve = next(c for c in result["curves"] if c["setting"] == {"model.density": 1.0, "model.scheme": "sp"})
+    assert curve["seeds"] == 2 and curve["loss"][-1] is None  # seeds averaged (noise cancels), diverged kept None
+    assert curve["loss"][2] == pytest.approx(2.0)
+
+
+def test_report_writes_tables_figures_and_json(tmp_path, capsys):
+    store = ResultStore(tmp_path / "results.jsonl")
+    for record in synthetic_records():
+        store.append(record)
+    assert main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "drift of the optimum 2.00" in text and "| 0.25 |" in text
+    assert "| 1.9900 | model.scheme=sp, model.density=1, optim.lr=0.003906, train.seed=1 |" in text  # best run
+    for name in ("report.md", "report.json", "loss-vs-lr.png"):
+        assert (tmp_path / name).stat().st_size > 100
+    assert "![loss-vs-lr](loss-vs-lr.png)" in (tmp_path / "report.md").read_text()
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"axis", "runs", "diverged", "curves", "drifts", "files"} <= set(result)
+    assert result["runs"] == 84 and result["diverged"] == 2
+    assert math.isclose(next(d for d in result["drifts"] if d["setting"]["model.scheme"] == "sp")["drift_log2"], 2.0)
+
+
+def test_report_without_a_store_names_the_fix(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "sparsemup sweep --config FILE" in capsys.readouterr().err
+
+
+def test_iso_parameter_sweep_drifts_along_density_with_width_linked():
+    records = []
+    for k, (density, width) in enumerate(((1.0, 256), (0.5, 384), (0.25, 512))):
+        for log2_lr in GRID:
+            record = _record("supar", density, log2_lr, 0, 2.0 + 0.1 * (log2_lr + 7 - 0.5 * k) ** 2)
+            record["config"]["model.width"] = width
+            records.append(record)
+    (drift,) = analyze(records)["drifts"]
+    assert drift["along"] == "model.density" and drift["drift_log2"] == pytest.approx(1.0)
+    assert [(r["model.density"], r["model.width"]) for r in drift["rows"]] == [(1.0, 256), (0.5, 384), (0.25, 512)]

@@ -1,0 +1,176 @@
+"""Sweeps: planning, run ids, random search, bad files, and the store surviving kills without duplicates."""
+
+import json
+import math
+
+import pytest
+
+from sparsemup.cli import main
+from sparsemup.config import Config, apply_overrides
+from sparsemup.store import ResultStore, StoreError
+from sparsemup.sweep import SweepError, load_sweep, parse_sweep, resolve, run_sweep
+from sparsemup.trainer import train
+from trainhelpers import TINY, write_corpus
+
+
+def _base(corpus, steps=4):
+    """The tiny trainer config (tests/trainhelpers.py) as a sweep file's [base] tables."""
+    items = [*TINY, f"train.steps={steps}", "train.checkpoint_every=2", "train.eval_every=0", "optim.warmup_steps=1"]
+    cfg = apply_overrides(Config(), items)
+    base: dict = {"data": {"path": str(corpus)}}
+    for key in dict.fromkeys(item.split("=", 1)[0] for item in items):
+        section, name = key.split(".")
+        base.setdefault(section, {})[name] = getattr(getattr(cfg, section), name)
+    return base
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _spec(corpus, grid=None, **extra):
+    return parse_sweep({"base": _base(corpus), "grid": grid or {"optim.lr": ["2**-7", "2**-5"]}, **extra}, "test")
+
+
+def test_grid_expansion_and_ids_are_deterministic(corpus):
+    grid = {"model.scheme": ["sp", "supar"], "model": {"density": [1, "1/4"]}, "optim.lr": ["2**-7", 0.03125]}
+    a, b = _spec(corpus, grid), _spec(corpus, dict(reversed(list(grid.items()))))
+    assert len(a.points) == 8
+    assert sorted(p.id for p in a.points) == sorted(p.id for p in b.points)  # axis order does not matter
+    assert a.points[0].overrides == {"model.scheme": "sp", "model.density": 1.0, "optim.lr": 2**-7}
+    assert len({p.id for p in a.points}) == 8
+
+
+def test_linked_axis_sets_keys_together(corpus):
+    spec = _spec(corpus, {"model.width,model.density": [[32, 1], [48, 0.5]]})
+    assert [p.overrides for p in spec.points] == [{"model.width": 32, "model.density": 1.0},
+                                                  {"model.width": 48, "model.density": 0.5}]
+
+
+def test_random_search_is_reproducible_and_in_range(corpus):
+    table = {"seed": 3, "samples": 5, "log_uniform": {"optim.lr": ["2**-10", "2**-4"], "model.init_std": [0.01, 0.1]}}
+    a = parse_sweep({"base": _base(corpus), "random": table}, "t")
+    b = parse_sweep({"base": _base(corpus), "random": table}, "t")
+    c = parse_sweep({"base": _base(corpus), "random": {**table, "seed": 4}}, "t")
+    assert [p.overrides for p in a.points] == [p.overrides for p in b.points]
+    assert [p.id for p in a.points] != [p.id for p in c.points]
+    assert len(a.points) == 5
+    for p in a.points:
+        assert -10 <= math.log2(p.overrides["optim.lr"]) <= -4 and 0.01 <= p.overrides["model.init_std"] <= 0.1
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[grid]\n"optim.lrr" = [0.1]', "did you mean 'optim.lr'"),
+    ('[grid]\n"optim.lr" = []', "grid axis 'optim.lr' is empty"),
+    ("[grid]\n", "[grid] is empty"),
+    ("[base.model]\nwidth = 32\n", "nothing to sweep"),
+    ('[grids]\n"optim.lr" = [0.1]', "unknown table(s) ['grids']"),
+    ('[grid]\n"model.density" = [2]', "model.density = 2.0: must be in (0, 1]"),
+    ('[random]\nsamples = 2\n[random.log_uniform]\n"optim.lr" = [0.1, 0.01]', "need 0 < low ≤ high"),
+])
+def test_bad_sweep_file_fails_before_any_run(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["sweep", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_kill_and_resume_keep_every_result_once(corpus, tmp_path):
+    spec = _spec(corpus, {"optim.lr": ["2**-7", "2**-5", "2**-3", "2**-4"]})
+    out = tmp_path / "sweep"
+    logs: list[str] = []
+    assert run_sweep(spec, out, log=logs.append)["completed"] == 4
+    reference = {r["id"]: r["final_val_loss"] for r in _records(out)}
+    assert not list(out.glob("runs/*/checkpoint.pt")) and len(list(out.glob("runs/*/metrics.csv"))) == 4
+
+    first, second, third, fourth = spec.points
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    by_id = {json.loads(line)["id"]: line for line in lines}
+    # Simulated kills: `first` was recorded, then the store got a torn line; `second` finished (result.json)
+    # but was never recorded; `third` was killed midway, after its step-2 checkpoint; `fourth` was killed
+    # before its first checkpoint (metrics.csv only).
+    (out / "results.jsonl").write_text(by_id[first.id] + by_id[third.id][:40])
+    mid = resolve(spec.base, third, 1)
+    mid.train.steps = 2
+    third_dir = out / "runs" / third.id
+    for name in ("metrics.csv", "result.json", "config.toml"):
+        (third_dir / name).unlink()
+    train(mid, third_dir)
+    (third_dir / "result.json").unlink()
+    assert (third_dir / "checkpoint.pt").exists()
+    (out / "runs" / fourth.id / "result.json").unlink()
+
+    store = ResultStore(out / "results.jsonl")
+    assert store.repaired and list(store.records) == [first.id]
+    logs.clear()
+    counts = run_sweep(spec, out, log=logs.append)
+    assert counts == {"planned": 4, "stored": 1, "completed": 3, "diverged": 0, "failed": 0}
+    records = _records(out)
+    assert sorted(r["id"] for r in records) == sorted(reference)  # nothing lost, nothing duplicated
+    assert {r["id"]: r["final_val_loss"] for r in records} == reference  # the resumed run matches exactly
+    assert [r["seconds"] for r in records if r["id"] == second.id] == [None]  # recorded, not retrained
+    assert sum("resumed" in line for line in logs) == 1
+    assert run_sweep(spec, out, log=logs.append)["stored"] == 4
+    assert len(_records(out)) == 4
+
+
+def test_diverged_run_is_an_outcome(corpus, tmp_path):
+    spec = _spec(corpus, {"optim.lr": [1e6]}, sweep={"keep_checkpoints": True})
+    counts = run_sweep(spec, tmp_path / "s", log=lambda s: None)
+    assert counts["diverged"] == 1
+    record = _records(tmp_path / "s")[0]
+    assert record["status"] == "diverged" and record["final_val_loss"] is None
+    assert record["config"]["optim.lr"] == 1e6
+
+
+def test_parallel_workers_write_one_consistent_store(corpus, tmp_path):
+    spec = _spec(corpus, {"optim.lr": ["2**-7", "2**-5"], "train.seed": [0, 1]})
+    assert run_sweep(spec, tmp_path / "p", workers=2, log=lambda s: None)["completed"] == 4
+    records = _records(tmp_path / "p")
+    assert sorted(r["id"] for r in records) == sorted(p.id for p in spec.points)
+    assert all(r["config"]["train.seed"] in (0, 1) and math.isfinite(r["final_val_loss"]) for r in records)
+
+
+def test_store_refuses_a_corrupt_middle_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(StoreError, match="line 2"):
+        ResultStore(path)
+
+
+def test_other_base_in_same_directory_is_refused(corpus, tmp_path):
+    run_sweep(_spec(corpus, {"optim.lr": ["2**-7"]}), tmp_path / "s", log=lambda s: None)
+    other = parse_sweep({"base": {**_base(corpus), "optim": {"warmup_steps": 2}}, "grid": {"optim.lr": [0.01]}}, "t")
+    with pytest.raises(SweepError, match="another base config"):
+        run_sweep(other, tmp_path / "s", log=lambda s: None)
+
+
+def test_preset_from_best_run_feeds_the_next_sweep(corpus, tmp_path, capsys):
+    tune = tmp_path / "tune"
+    run_sweep(parse_sweep({"base": _base(corpus), "random": {"samples": 2, "log_uniform": {
+        "model.init_std": [0.01, 0.1], "optim.lr": ["2**-8", "2**-5"]}}}, "t"), tune, log=lambda s: None)
+    assert main(["report", str(tune), "--preset", str(tmp_path / "presets" / "base.toml")]) == 0
+    assert "| best runs: val loss |" in capsys.readouterr().out
+    best = min(_records(tune), key=lambda r: r["final_val_loss"])
+    sweep = tmp_path / "next.toml"
+    sweep.write_text('[sweep]\npreset = "presets/base.toml"\n[grid]\n"train.seed" = [0]\n'
+                     f'[base.data]\npath = "{corpus}"\n[base.model]\nwidth = 48\nhead_dim = 16\nbase_width = 16\n')
+    spec = load_sweep(sweep)
+    assert spec.base.model.init_std == best["overrides"]["model.init_std"] and spec.base.model.width == 48
+    assert spec.base.optim.lr == best["overrides"]["optim.lr"]
+    sweep.write_text('[sweep]\npreset = "presets/missing.toml"\n[grid]\n"train.seed" = [0]\n')
+    assert main(["sweep", "--config", str(sweep), "--out", str(tmp_path / "o")]) == 2
+    assert "sparsemup report TUNING_DIR --preset FILE" in capsys.readouterr().err
+
+
+def test_sweeps_skip_tensorboard_unless_asked(corpus):
+    plain = parse_sweep({"base": {"data": {"path": str(corpus)}}, "grid": {"train.seed": [0]}}, "t")
+    asked = parse_sweep({"base": {"data": {"path": str(corpus)}, "train": {"tensorboard": True}},
+                         "grid": {"train.seed": [0]}}, "t")
+    assert plain.base.train.tensorboard is False and asked.base.train.tensorboard is True
