@@ -401,7 +401,8 @@ def parameterize(
             _install_multipliers(modules, tied, info.forward_multipliers, usage_roles)
     if grad_masks:
         target.register_forward_pre_hook(hooks.EnsureAllGradMasks(grad_masks))
-    target.register_buffer(hooks.SIGNATURE, _signature(scheme, plans, attention, input_alpha, output_alpha))
+    device = plans[0][0].param.device if plans else torch.device("cpu")
+    target.register_buffer(hooks.SIGNATURE, _signature(scheme, plans, attention, input_alpha, output_alpha).to(device))
     masked = [(u.name, int(mask.sum())) for tied, _, mask, _ in plans if mask is not None for u in tied.usages]
     target.register_load_state_dict_pre_hook(hooks.CheckStateOnLoad(masked))
     for name, scale in attention.items():
