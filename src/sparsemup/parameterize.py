@@ -128,13 +128,10 @@ def apply_masks(model: nn.Module) -> None:
     Not needed with the supported optimizers, which keep masked entries at zero;
     call it after code that writes weights directly.
     """
-    record = get_parameterization(model)
     inner = unwrap(model)
-    for info in record.params.values():
+    for name, info in get_parameterization(model).params.items():
         if info.masked:
-            module_name, _, attr = info.name.rpartition(".")
-            module = inner.get_submodule(module_name)
-            getattr(module, attr).mul_(getattr(module, _mask_name(attr)))
+            inner.get_parameter(name).mul_(get_mask(model, name))
 
 
 def _check_unit_interval(value: float, what: str) -> None:
@@ -209,11 +206,12 @@ def _realised_base_density(base_density: float, base_shape: tuple[int, ...], kin
 def _multipliers_of(inferred: list, name: str) -> tuple[Role, Multipliers, dict[int, tuple[Role, Multipliers]]]:
     """The parameter's role for init/LR, from the roles of its usages (ties: input + output)."""
     roles = {i.role for i in inferred}
+    usages = dict(enumerate((i.role, i.multipliers) for i in inferred))
     if len(roles) == 1:
-        return inferred[0].role, inferred[0].multipliers, dict(enumerate((i.role, i.multipliers) for i in inferred))
+        return inferred[0].role, inferred[0].multipliers, usages
     if roles == {Role.INPUT, Role.OUTPUT}:
         first_input = next(i for i in inferred if i.role is Role.INPUT)
-        return Role.INPUT, first_input.multipliers, dict(enumerate((i.role, i.multipliers) for i in inferred))
+        return Role.INPUT, first_input.multipliers, usages
     raise ValueError(
         f"parameter {name!r} is tied across usages with roles {sorted(r.value for r in roles)}; only an "
         "embedding tied to a readout (input + output) is supported. Untie it or give its role with roles={...}"
