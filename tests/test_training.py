@@ -203,3 +203,38 @@ def test_a_non_finite_validation_loss_is_a_divergence_too(corpus, tmp_path, monk
     assert result["status"] == "diverged" and result["diverged_at_step"] == 4
     assert result["last_checkpoint_step"] == 3 and checkpoint.load(tmp_path / "run")["step"] == 3
     assert json.loads((tmp_path / "run" / "result.json").read_text())["final_val_loss"] is None
+
+
+BLOCKS = ("model.width=64", "model.base_width=32", "model.mask_kind=blocks", "model.block_size=8")
+
+
+def test_block_backend_trains_like_masked_dense_and_resumes_bitwise(corpus, tmp_path):
+    dense = train(tiny_config(corpus, *BLOCKS), tmp_path / "dense")
+    whole = train(tiny_config(corpus, *BLOCKS, "model.backend=blocks"), tmp_path / "whole")
+    assert whole["backends"] == {"blocks": 4} and dense["backends"] == {}
+    assert whole["final_val_loss"] == pytest.approx(dense["final_val_loss"], rel=1e-4)
+    assert whole["mask_sha256"] != dense["mask_sha256"]  # same masks, but the digest covers the backend too
+    killed = Trainer(tiny_config(corpus, *BLOCKS, "model.backend=blocks"), tmp_path / "split")
+    for _ in range(7):
+        assert killed.train_step()
+    killed.close()
+    train(tiny_config(corpus, *BLOCKS, "model.backend=blocks"), tmp_path / "split", resume=True)
+    assert curve(read_metrics(tmp_path / "split")) == curve(read_metrics(tmp_path / "whole"))
+    saved = checkpoint.load(tmp_path / "whole")
+    assert set(saved["backends"].values()) == {"blocks"}
+    assert saved["model"]["blocks.0.mlp.fc.weight"].dim() == 4  # stored as blocks: ρ of the dense bytes
+    # The checkpoint evaluates, and its weights load into the masked-dense model as well.
+    assert evaluate_checkpoint(tmp_path / "whole")["val_loss"] > 0
+    masked = build_model(tiny_config(corpus, *BLOCKS))
+    masked.load_state_dict(saved["model"])
+    assert masked.blocks[0].mlp.fc.weight.dim() == 2
+
+
+def test_block_settings_are_checked_before_anything_runs(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="needs mask_kind = blocks|set model.mask_kind = 'blocks'"):
+        train(tiny_config(corpus, "model.backend=blocks"), tmp_path / "a")
+    with pytest.raises(ConfigError, match="must divide model.width"):
+        train(tiny_config(corpus, *BLOCKS, "model.block_size=48"), tmp_path / "b")
+    with pytest.raises(ConfigError, match="lower model.block_size"):
+        train(tiny_config(corpus, *BLOCKS, "model.density=1/16"), tmp_path / "c")
+    assert not any(tmp_path.iterdir())

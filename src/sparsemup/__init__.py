@@ -9,9 +9,14 @@ models with the same learning rate and init. Typical use::
     model = Model(width=1024)
     smp.parameterize(model, base, scheme="supar", density=0.25, init_std=0.02)
     opt = smp.make_optimizer(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.1)
+
+With ``mask_kind="blocks"``, ``smp.sparsify(model)`` (before the optimizer) stores and computes
+only the kept blocks of each hidden layer.
 """
 
 from .attention import DotProductAttention
+from .backend import get_backends, sparsify, to_masked_dense
+from .blocksparse import BlockSparseLinear
 from .explain import explain, explain_rows
 from .export import export
 from .optim import make_optimizer, optimizer_family, param_groups
@@ -41,6 +46,7 @@ from .rules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSparseLinear",
     "DotProductAttention",
     "Family",
     "Multipliers",
@@ -55,6 +61,7 @@ __all__ = [
     "explain_rows",
     "export",
     "forward_multiplier",
+    "get_backends",
     "get_mask",
     "get_parameterization",
     "get_scheme",
@@ -65,5 +72,7 @@ __all__ = [
     "optimizer_family",
     "param_groups",
     "parameterize",
+    "sparsify",
+    "to_masked_dense",
     "weight_decay_multiplier",
 ]

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .backend import get_backends
 from .config import Config, ConfigError
 from .distributed import Context
 from .util import write_atomic
@@ -76,6 +77,7 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
         "scheduler": scheduler.state_dict(),
         "rng": _gather_rng(ctx),
+        "backends": get_backends(model),  # replayed on resume, so a run keeps its layers' storage
     }
     if ctx.main:
         write_atomic(Path(path), lambda f: torch.save(state, f))
@@ -104,7 +106,9 @@ def _flatten(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def check_compatible(saved: dict[str, dict[str, Any]], cfg: Config, file: Path) -> None:
     """Refuse to resume with settings that change the computation, naming each differing key."""
-    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    # A key the checkpoint lacks was added to sparsemup later, with a default that keeps the old behaviour.
+    new = _flatten(cfg.to_dict())
+    old = {**_flatten(Config().to_dict()), **_flatten(saved)}
     diffs = [f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
     if diffs:

@@ -53,7 +53,7 @@ def _coord_check(args: argparse.Namespace) -> int:
         "model": args.model, "scheme": args.scheme, "widths": widths, "densities": densities,
         "steps": args.steps, "seeds": args.seeds, "base_width": base_width, "base_density": 1.0,
         "optimizer": "Adam", "lr": lr, "batch": defaults["batch"].format(batch_size), "data": defaults["data"],
-        "threshold": coord.THRESHOLD,
+        "threshold": coord.THRESHOLD, "backend": f"blocks (b = {args.blocks})" if args.blocks else "masked_dense",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     make = gpt_cases if args.model == "gpt" else mlp_cases
@@ -65,8 +65,8 @@ def _coord_check(args: argparse.Namespace) -> int:
         bar.update(1)
 
     start = time.perf_counter()
-    rows = coord.run(make(args.scheme, widths, densities, args.seeds, base_width, batch_size), torch.optim.Adam,
-                     lr, args.steps, progress)
+    cases = make(args.scheme, widths, densities, args.seeds, base_width, batch_size, args.blocks)
+    rows = coord.run(cases, torch.optim.Adam, lr, args.steps, progress)
     bar.close()
     fits = coord.fit_slopes(rows)
     verdict = coord.verdict(fits)
@@ -186,6 +186,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import FULL, QUICK, run
+
+    run(QUICK if args.quick else FULL, args.json, args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsemup", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--batch-size", type=int,
                     help="samples (MLP, default 256) or 64-token sequences (GPT, default 2) in the fixed batch")
     cc.add_argument("--out", type=Path, default=Path("coord-check"), help="output directory (default ./coord-check)")
+    cc.add_argument("--blocks", type=int, metavar="B", help="use B×B block masks on the block-sparse backend "
+                    "(needs B ≤ density·width at every grid point)")
     cc.add_argument("--strict", action="store_true", help="exit with status 1 when a verdict fails")
     cc.set_defaults(func=_coord_check)
 
@@ -255,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", type=Path, default=Path("sparsemup-demo"), help="output directory "
                     "(default ./sparsemup-demo); rerun to resume")
     dm.set_defaults(func=_demo)
+
+    bn = sub.add_parser("bench", help="time sparse layers on every backend and a GPT training step",
+                        description="Forward + backward of one layer for masked dense, torch CSR and sparsemup's "
+                        "block-sparse backend over shapes, tokens, densities and dtypes, then one GPT training "
+                        "step. See docs/PERFORMANCE.md.")
+    bn.add_argument("--json", type=Path, help="also write every row to this JSON file")
+    bn.add_argument("--quick", action="store_true", help="a tiny grid (seconds), to check the setup")
+    bn.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    bn.set_defaults(func=_bench)
 
     ex = sub.add_parser("explain", help="print the per-parameter table of the reference GPT")
     ex.add_argument("--scheme", choices=tuple(SCHEMES), default="supar")

@@ -62,6 +62,11 @@ class ModelConfig:
     init_std: float = _f(0.02, "σ_base: the scheme derives each layer's init std from it")
     input_alpha: float = _f(1.0, "α_input: multiplier on the embedding output")
     output_alpha: float = _f(1.0, "α_output: multiplier on the readout input (divided by m_d under µP/SµPar)")
+    mask_kind: str = _f("rows", "rows (exactly round(ρ·fan_in) weights per neuron) or blocks (random "
+                        "block_size² tiles, what the blocks backend runs fast)")
+    block_size: int = _f(32, "b of blocks masks; it must divide width, and density·width/b must be ≥ 1")
+    backend: str = _f("masked_dense", "how masked layers run: masked_dense, blocks (block-sparse storage and "
+                      "compute, needs mask_kind = blocks) or auto (per layer, by measured thresholds)")
 
 
 @dataclass
@@ -342,6 +347,18 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(0.0 < value <= 1.0, f"model.{key} = {value}: must be in (0, 1] (1 is dense; 0.25 keeps a quarter)")
     for key in ("init_std", "input_alpha", "output_alpha"):
         _require(getattr(m, key) > 0, f"model.{key} = {getattr(m, key)}: must be positive")
+    _require(m.mask_kind in ("rows", "blocks"), f"model.mask_kind = {m.mask_kind!r}: choose rows or blocks")
+    _require(m.backend in ("masked_dense", "blocks", "auto"),
+             f"model.backend = {m.backend!r}: choose masked_dense, blocks or auto")
+    _require(m.backend != "blocks" or m.mask_kind == "blocks",
+             "model.backend = 'blocks' runs block masks only; set model.mask_kind = 'blocks'")
+    if m.mask_kind == "blocks":
+        _require(m.block_size >= 1 and m.width % m.block_size == 0 and m.base_width % m.block_size == 0,
+                 f"model.block_size = {m.block_size} must divide model.width = {m.width} and model.base_width = "
+                 f"{m.base_width}; pick a power of two such as 16 or 32")
+        _require(m.density >= 1 or round(m.density * m.width / m.block_size) >= 1,
+                 f"model.density = {m.density:g} keeps no {m.block_size}x{m.block_size} block per row at width "
+                 f"{m.width}; lower model.block_size to at most density·width = {m.density * m.width:g}")
     _require(o.name in ("adamw", "sgd"), f"optim.name = {o.name!r}: choose adamw or sgd")
     _require(o.lr > 0, f"optim.lr = {o.lr}: must be positive")
     _require(o.weight_decay >= 0, f"optim.weight_decay = {o.weight_decay}: must be non-negative")

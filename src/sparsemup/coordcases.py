@@ -7,12 +7,14 @@ same data; the seed also draws the model's init and masks.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .backend import sparsify
 from .coord import Case
 from .models import GPTConfig, build_gpt, build_mlp
 
@@ -61,34 +63,52 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def _built(build: Callable[[], tuple[nn.Module, object]], block: int | None) -> nn.Module:
+    model = build()[0]
+    if block:
+        sparsify(model, "blocks")
+    return model
+
+
+def _mask_options(block: int | None) -> dict[str, object]:
+    return {"mask_kind": "blocks", "block_size": block} if block else {}
+
+
 def mlp_cases(
     scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
-    batch_size: int | None = None,
+    batch_size: int | None = None, block: int | None = None,
 ) -> Iterator[Case]:
-    """Cases for the reference MLP (ReLU, σ_base = sqrt(2/base_width) so activations start near 1)."""
+    """Cases for the reference MLP (ReLU, σ_base = sqrt(2/base_width) so activations start near 1).
+
+    ``block``: block masks of that size, run on the block-sparse backend.
+    """
     d = MLP_DEFAULTS
     for seed in range(seeds):
         x, y = teacher_batch(seed, batch_size or d["batch_size"], d["in_features"], d["classes"])
         for width in widths:
             for density in densities:
                 build = partial(build_mlp, d["in_features"], width, d["classes"], base_width, depth=d["depth"],
-                                scheme=scheme, density=density, seed=seed, init_std=math.sqrt(2 / base_width))
-                yield Case(width, density, seed, lambda build=build: build()[0], x, y, F.cross_entropy)
+                                scheme=scheme, density=density, seed=seed, init_std=math.sqrt(2 / base_width),
+                                **_mask_options(block))
+                yield Case(width, density, seed, partial(_built, build, block), x, y, F.cross_entropy)
 
 
 def gpt_cases(
     scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
-    batch_size: int | None = None,
+    batch_size: int | None = None, block: int | None = None,
 ) -> Iterator[Case]:
-    """Cases for the reference GPT on Markov-chain tokens (head_dim fixed, heads grow with width)."""
+    """Cases for the reference GPT on Markov-chain tokens (head_dim fixed, heads grow with width).
+
+    ``block``: block masks of that size, run on the block-sparse backend.
+    """
     d = GPT_DEFAULTS
     for seed in range(seeds):
         tokens = markov_tokens(seed, batch_size or d["batch_size"], d["seq_len"] + 1, d["vocab_size"])
         for width in widths:
             for density in densities:
                 cfg = GPTConfig(vocab_size=d["vocab_size"], width=width, depth=d["depth"],
-                                head_dim=d["head_dim"], context=d["seq_len"])
+                                head_dim=d["head_dim"], context=d["seq_len"], ffn_multiple=block or 8)
                 build = partial(build_gpt, cfg, base_width, scheme=scheme, density=density, seed=seed,
-                                init_std=d["init_std"])
-                yield Case(width, density, seed, lambda build=build: build()[0], tokens[:, :-1], tokens[:, 1:],
+                                init_std=d["init_std"], **_mask_options(block))
+                yield Case(width, density, seed, partial(_built, build, block), tokens[:, :-1], tokens[:, 1:],
                            _lm_loss)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .backend import get_backends
 from .parameterize import get_mask, get_parameterization
 
 __all__ = [
@@ -65,7 +66,7 @@ def shutdown() -> None:
 
 
 def mask_digest(model: nn.Module) -> str:
-    """sha256 over every mask's name and bytes: equal digests mean identical masks."""
+    """sha256 over every mask's name and bytes and the layers' backends: equal digests mean identical masks."""
     record = get_parameterization(model)
     digest = hashlib.sha256()
     for name, info in sorted(record.params.items()):
@@ -73,6 +74,9 @@ def mask_digest(model: nn.Module) -> str:
             mask = get_mask(model, name)
             digest.update(name.encode())
             digest.update(mask.detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
+    backends = get_backends(model)
+    if backends:  # and how each layer runs
+        digest.update(repr(sorted(backends.items())).encode())
     return digest.hexdigest()
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backend import sparsify
 from .checkpoint import checkpoint_path, load, restore_model
 from .config import Config
 from .data import VOCAB_SIZE, load_corpus, val_windows
@@ -38,14 +39,19 @@ def validation_loss(model: nn.Module, data: torch.Tensor, windows: int | None, s
     return float(all_sum(total, ctx)) / (count * seq_len)
 
 
-def build_model(cfg: Config, device: torch.device | str = "cpu") -> GPT:
-    """The parameterized reference GPT described by ``cfg.model`` (context ``train.seq_len``, byte vocabulary)."""
+def build_model(cfg: Config, device: torch.device | str = "cpu", backends: dict[str, str] | None = None) -> GPT:
+    """The parameterized reference GPT described by ``cfg.model`` (context ``train.seq_len``, byte vocabulary),
+    its masked layers on ``model.backend`` (or on ``backends``, a checkpoint's recorded choice)."""
     m = cfg.model
+    blocks = m.mask_kind == "blocks"
     gpt = GPTConfig(vocab_size=VOCAB_SIZE, width=m.width, depth=m.depth, head_dim=m.head_dim,
-                    context=cfg.train.seq_len)
+                    context=cfg.train.seq_len, ffn_multiple=m.block_size if blocks else 8)
     model, _ = build_gpt(gpt, m.base_width, device=device, scheme=m.scheme, density=m.density,
                          base_density=m.base_density, init_std=m.init_std, input_alpha=m.input_alpha,
-                         output_alpha=m.output_alpha, seed=cfg.train.seed)
+                         output_alpha=m.output_alpha, seed=cfg.train.seed, mask_kind=m.mask_kind,
+                         block_size=m.block_size)
+    if backends is not None or m.backend != "masked_dense":
+        sparsify(model, backends if backends is not None else m.backend)
     return model
 
 
@@ -54,7 +60,7 @@ def evaluate_checkpoint(path: Path, windows: int | None = None, batch: int = 32)
     file = checkpoint_path(path)
     state = load(file)
     cfg = Config.from_dict(state["config"], str(file))
-    model = build_model(cfg)
+    model = build_model(cfg, backends=state.get("backends"))
     restore_model(model, state, file)
     corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.train.seq_len)
     ctx = Context(rank=0, world=1, local_rank=0, device=torch.device("cpu"))

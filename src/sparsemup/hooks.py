@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocksparse import from_masked_dense, masked_dense_entries
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch build without distributed support
@@ -120,10 +122,32 @@ class CheckStateOnLoad:
     ``_sparsemup_signature`` buffer (a digest of them) that travels in the state_dict. A
     mask with another nonzero count would silently change a layer's density; nonzero
     weights outside the mask would silently make it dense.
+
+    A checkpoint in the other storage (block-sparse into masked dense, or back) is converted
+    on the way in, so checkpoints move freely between backends.
     """
 
     def __init__(self, masked: list[tuple[str, int]]) -> None:
-        self.masked = masked  # (weight name, nonzero count of its mask)
+        self.masked = masked  # (weight name, nonzero count of its mask) of masked-dense weights
+        self.blocks: list[str] = []  # weights stored block-sparse (sparsemup.sparsify)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"blocks": [], **state})
+
+    def _convert(self, module: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+        for name, _ in self.masked:  # block-sparse entries into a masked-dense weight
+            key = prefix + name
+            if key + "_index" in state_dict:
+                state_dict[key], state_dict[key + MASK_SUFFIX] = masked_dense_entries(
+                    state_dict.pop(key), state_dict.pop(key + "_index"), state_dict.pop(key + "_shape"))
+        for name in self.blocks:  # a masked-dense weight into block-sparse storage
+            key = prefix + name
+            if key + MASK_SUFFIX in state_dict and key in state_dict and state_dict[key].dim() == 2:
+                owner = module.get_submodule(name.rpartition(".")[0])
+                mask = state_dict.pop(key + MASK_SUFFIX)
+                state_dict[key] = from_masked_dense(state_dict[key], mask, owner.weight_index, owner.block, name)
+                state_dict[key + "_index"] = owner.weight_index.clone()
+                state_dict[key + "_shape"] = owner.weight_shape.clone()
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         key = prefix + SIGNATURE
@@ -135,6 +159,7 @@ class CheckStateOnLoad:
                 "density multipliers, or α's differ); call sparsemup.parameterize with the checkpoint's "
                 f"arguments before loading, or drop state_dict[{key!r}] to load the weights anyway"
             )
+        self._convert(module, state_dict, prefix)
         for name, nnz in self.masked:
             weight_key, mask_key = prefix + name, prefix + name + MASK_SUFFIX
             mask = state_dict.get(mask_key)

@@ -14,9 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["MASK_KINDS", "stable_seed", "random_mask", "row_nonzeros", "validate_mask", "nonzeros_per_row"]
+__all__ = ["MASK_KINDS", "stable_seed", "random_mask", "row_nonzeros", "validate_mask", "nonzeros_per_row",
+           "blocks_per_row", "block_layout", "DEFAULT_BLOCK"]
 
-MASK_KINDS = ("rows", "bernoulli")
+MASK_KINDS = ("rows", "bernoulli", "blocks")
+DEFAULT_BLOCK = 32  # b of "blocks" masks: b×b tiles are what lets a sparse kernel run dense GEMMs
 
 
 def stable_seed(seed: int, name: str) -> int:
@@ -46,17 +48,48 @@ def row_nonzeros(density: float, fan_in: int, name: str) -> int:
     return k
 
 
+def blocks_per_row(density: float, shape: Sequence[int], block: int, name: str) -> int:
+    """Blocks kept per block-row of a ``blocks`` mask: round(ρ · fan_in / b), with clear errors."""
+    if len(shape) != 2:
+        raise ValueError(f"{name}: block masks need a 2-D weight, got shape {tuple(shape)}; use mask_kind 'rows'")
+    if not isinstance(block, int) or block < 1 or shape[0] % block or shape[1] % block:
+        raise ValueError(
+            f"{name}: block size {block!r} must be a positive integer dividing both dims of {tuple(shape)}; "
+            "pick a power of two such as 16 or 32"
+        )
+    cols = int(shape[1]) // block
+    if not (0.0 < density <= 1.0):
+        raise ValueError(f"{name}: density must be in (0, 1], got {density!r}")
+    k = nonzeros_per_row(density, cols)
+    if k < 1:
+        raise ValueError(
+            f"{name}: density {density:g} keeps no {block}x{block} block of a row with fan-in {shape[1]} "
+            f"(round({density:g} x {cols}) = 0); use a block size of at most density x fan_in = "
+            f"{density * shape[1]:g} or a higher density"
+        )
+    return k
+
+
 def random_mask(
-    shape: Sequence[int], density: float, seed: int, name: str, kind: str = "rows"
+    shape: Sequence[int], density: float, seed: int, name: str, kind: str = "rows", block: int = DEFAULT_BLOCK
 ) -> torch.Tensor:
     """A boolean mask of ``shape`` keeping a fraction ``density`` of each row.
 
     ``rows`` (default): exactly round(ρ·fan_in) nonzeros in every row, so every
     neuron has the same fan-in. ``bernoulli``: each entry kept independently with
     probability ρ (density only in expectation; an empty row is an error).
+    ``blocks``: random b×b blocks, round(ρ·fan_in/b) per block-row, so every row
+    again has the same fan-in (a multiple of b) and sparse kernels can use dense tiles.
     """
     if kind not in MASK_KINDS:
         raise ValueError(f"{name}: unknown mask kind {kind!r}; choose one of {', '.join(MASK_KINDS)}")
+    if kind == "blocks":
+        k = blocks_per_row(density, shape, block, name)
+        rows, cols = int(shape[0]) // block, int(shape[1]) // block
+        gen = torch.Generator(device="cpu").manual_seed(stable_seed(seed, name))
+        keep = torch.rand(rows, cols, generator=gen).topk(k, dim=1, sorted=False).indices
+        tiles = torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, keep, True)
+        return tiles.repeat_interleave(block, 0).repeat_interleave(block, 1)
     rows = int(shape[0])
     fan_in = math.prod(int(s) for s in shape[1:])
     k = row_nonzeros(density, fan_in, name)
@@ -91,3 +124,19 @@ def validate_mask(mask: torch.Tensor, shape: Sequence[int], name: str) -> torch.
     if empty:
         raise ValueError(f"{name}: the mask leaves {empty} row(s) with no weights; every neuron needs a nonzero fan-in")
     return mask.detach().to("cpu")
+
+
+def block_layout(mask: torch.Tensor, block: int) -> torch.Tensor | None:
+    """The sorted kept block-columns of every block-row, (rows/b, k) int64, or None when ``mask``
+    is not made of whole b×b blocks with the same count in every block-row."""
+    if mask.dim() != 2 or block < 1 or mask.shape[0] % block or mask.shape[1] % block:
+        return None
+    rows, cols = mask.shape[0] // block, mask.shape[1] // block
+    tiles = mask.detach().to("cpu", torch.bool).reshape(rows, block, cols, block).permute(0, 2, 1, 3)
+    full, empty = tiles.all(dim=(2, 3)), ~tiles.any(dim=(2, 3))
+    if not bool((full | empty).all()):
+        return None
+    counts = full.sum(dim=1)
+    if int(counts.min()) != int(counts.max()) or int(counts[0]) == 0:
+        return None
+    return full.nonzero()[:, 1].reshape(rows, int(counts[0]))

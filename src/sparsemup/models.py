@@ -2,7 +2,7 @@
 
 The GPT follows the paper's choices (SUPAR.md §5): pre-LN, ALiBi positions (no
 position parameters, so nothing but the token embedding is an input weight),
-SwiGLU feed-forward with hidden size 8/3·width rounded up to a multiple of 8,
+SwiGLU feed-forward with hidden size 8/3·width rounded up to a multiple of 8 (or of ``ffn_multiple``),
 no biases, and an unembedding tied to the embedding. Heads are added with width
 (head_dim fixed), as in the paper.
 """
@@ -47,6 +47,7 @@ class GPTConfig:
     depth: int = 2
     head_dim: int = 64
     context: int = 128
+    ffn_multiple: int = 8  # the FFN hidden size is rounded up to this (a block size, for block masks)
 
     def __post_init__(self) -> None:
         if self.width % self.head_dim:
@@ -58,7 +59,7 @@ class GPTConfig:
 
     @property
     def ffn_hidden(self) -> int:
-        return 8 * math.ceil(8 * self.width / 3 / 8)
+        return self.ffn_multiple * math.ceil(8 * self.width / 3 / self.ffn_multiple)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

@@ -18,7 +18,17 @@ from torch import nn
 
 from . import hooks
 from .attention import DotProductAttention
-from .masks import MASK_KINDS, nonzeros_per_row, random_mask, row_nonzeros, stable_seed, validate_mask
+from .blocksparse import BlockSparseLinear
+from .masks import (
+    DEFAULT_BLOCK,
+    MASK_KINDS,
+    blocks_per_row,
+    nonzeros_per_row,
+    random_mask,
+    row_nonzeros,
+    stable_seed,
+    validate_mask,
+)
 from .rules import Multipliers, Role, Scheme, attention_scale, forward_multiplier, get_scheme
 from .rules import init_std as rule_init_std
 from .structure import (
@@ -76,6 +86,7 @@ class Parameterization:
     attention_scales: Mapping[str, float]
     seed: int
     mask_kind: str
+    block_size: int  # b of "blocks" masks (recorded for every kind; used only by "blocks")
     input_alpha: float
     output_alpha: float
 
@@ -112,12 +123,17 @@ def _mask_name(attr: str) -> str:
 
 
 def get_mask(model: nn.Module, name: str) -> torch.Tensor | None:
-    """The mask buffer of a hidden weight (same dtype as the weight), or None when dense."""
+    """The mask of a hidden weight (logical shape, the weight's dtype), or None when dense.
+
+    For a masked-dense weight this is its buffer; for a block-sparse one, a fresh expansion.
+    """
     info = get_parameterization(model).info(name)
     if not info.masked:
         return None
     module_name, _, attr = info.name.rpartition(".")
     module = unwrap(model).get_submodule(module_name)
+    if isinstance(module, BlockSparseLinear):  # sparse by storage (sparsemup.sparsify)
+        return module.mask().to(module.weight.dtype)
     return getattr(module, _mask_name(attr))
 
 
@@ -126,11 +142,11 @@ def apply_masks(model: nn.Module) -> None:
     """Zero every masked weight outside its mask (W *= M).
 
     Not needed with the supported optimizers, which keep masked entries at zero;
-    call it after code that writes weights directly.
+    call it after code that writes weights directly. Block-sparse weights store no zeros.
     """
     inner = unwrap(model)
     for name, info in get_parameterization(model).params.items():
-        if info.masked:
+        if info.masked and not isinstance(inner.get_submodule(name.rpartition(".")[0]), BlockSparseLinear):
             inner.get_parameter(name).mul_(get_mask(model, name))
 
 
@@ -196,10 +212,13 @@ def _densities(
     return out
 
 
-def _realised_base_density(base_density: float, base_shape: tuple[int, ...], kind: str, name: str) -> float:
+def _realised_base_density(base_density: float, base_shape: tuple[int, ...], kind: str, block: int,
+                            name: str) -> float:
     fan_in = math.prod(base_shape[1:])
-    if kind == "bernoulli":
+    if kind == "bernoulli" or base_density == 1.0:
         return base_density
+    if kind == "blocks":
+        return blocks_per_row(base_density, base_shape, block, f"{name} (in the base model)") / (fan_in // block)
     return row_nonzeros(base_density, fan_in, f"{name} (in the base model)") / fan_in
 
 
@@ -235,6 +254,7 @@ def parameterize(
     delta: nn.Module | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     mask_kind: str = "rows",
+    block_size: int = DEFAULT_BLOCK,
     seed: int = 0,
     forward_multipliers: str = "hooks",
 ) -> Parameterization:
@@ -256,7 +276,10 @@ def parameterize(
         roles: {name pattern: role} overriding inference.
         delta: the model at another width; needed only when ``model`` has the base's shapes.
         masks: {parameter name: 0/1 tensor} user masks for hidden weights (override density).
-        mask_kind: "rows" (exactly round(ρ·fan_in) nonzeros per row) or "bernoulli".
+        mask_kind: "rows" (exactly round(ρ·fan_in) nonzeros per row), "bernoulli", or "blocks"
+            (random block_size × block_size tiles, round(ρ·fan_in/b) per block-row: what the
+            block-sparse backend, ``sparsemup.sparsify``, runs fast).
+        block_size: b of "blocks" masks; it must divide both dims of every masked weight.
         seed: masks and init are drawn from (seed, canonical parameter name).
         forward_multipliers: "hooks" installs them on nn.Linear/nn.Embedding owners;
             "manual" installs none (apply ``ParamInfo.forward_multipliers`` yourself).
@@ -320,18 +343,19 @@ def parameterize(
         mask: torch.Tensor | None = None
         rho, rho_base = 1.0, 1.0
         if role is Role.HIDDEN:
-            rho_base = _realised_base_density(base_density, base_shapes[name], mask_kind, name)
+            rho_base = _realised_base_density(base_density, base_shapes[name], mask_kind, block_size, name)
             if name in user_masks:
                 mask = validate_mask(user_masks[name], shape, name)
                 rho = float(mask.sum()) / mask.numel()
             elif requested[name] < 1.0:
-                mask = random_mask(shape, requested[name], seed, name, mask_kind)
+                mask = random_mask(shape, requested[name], seed, name, mask_kind, block_size)
                 fan_in = math.prod(shape[1:])
-                rho = (
-                    nonzeros_per_row(requested[name], fan_in) / fan_in
-                    if mask_kind == "rows"
-                    else float(mask.sum()) / mask.numel()
-                )
+                if mask_kind == "rows":
+                    rho = nonzeros_per_row(requested[name], fan_in) / fan_in
+                elif mask_kind == "blocks":
+                    rho = blocks_per_row(requested[name], shape, block_size, name) / (fan_in // block_size)
+                else:
+                    rho = float(mask.sum()) / mask.numel()
             mults = Multipliers(width=mults.width, fan_out=mults.fan_out, density=rho / rho_base)
         std: float | None = None
         if role is not Role.VECTOR:
@@ -411,6 +435,7 @@ def parameterize(
         attention_scales=attention,
         seed=seed,
         mask_kind=mask_kind,
+        block_size=block_size,
         input_alpha=input_alpha,
         output_alpha=output_alpha,
     )

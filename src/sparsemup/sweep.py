@@ -241,7 +241,8 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1,
     meta_path = out / "sweep.json"
     fingerprint = _fingerprint(spec.base)
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())["base"]
+        # Keys missing from an older store were added later, with defaults that keep the old behaviour.
+        old = {**_fingerprint(Config()), **json.loads(meta_path.read_text())["base"]}
         changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         if changed:
             raise SweepError(f"{out} holds a sweep over another base config (differs in {', '.join(changed)}); "

@@ -13,6 +13,7 @@ import io
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint, distributed
+from .backend import get_backends
 from .config import Config, ConfigError, to_toml, to_yaml, validate
 from .data import load_corpus, train_batch
 from .evaluate import build_model, validation_loss
@@ -104,7 +106,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         t = cfg.train
         self.corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, t.seq_len)
-        model = build_model(cfg, ctx.device)
+        model = build_model(cfg, ctx.device, backends=state.get("backends") if state is not None else None)
         if state is not None:
             checkpoint.restore_model(model, state, ckpt_file)
         self.mask_digests = distributed.gather_mask_digests(model, ctx)
@@ -239,6 +241,7 @@ class Trainer:
                 "final_val_bits_per_byte": self.val_loss / math.log(2) if self.val_loss is not None else None,
                 "mean_tokens_per_s": (sum(self.tokens_per_s) / len(self.tokens_per_s)) if self.tokens_per_s else None,
                 "world_size": self.ctx.world, "fsdp": self.cfg.dist.fsdp, "mask_sha256": self.mask_digests[0],
+                "backends": dict(Counter(get_backends(self.model).values())),
             }
             self._write_result(self.result)
             return self.result

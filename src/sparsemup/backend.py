@@ -1,0 +1,166 @@
+"""Execution backends for masked hidden weights: masked dense (every device) or block-sparse.
+
+``sparsify`` swaps, after ``parameterize`` and before the optimizer and any DDP/FSDP wrapper,
+each masked ``nn.Linear`` whose mask is made of whole b×b blocks for a ``BlockSparseLinear``
+that stores and computes only those blocks. Names, roles, multipliers and masks stay the same,
+so parameter groups, the coordinate check and the trainer work unchanged; weights and optimizer
+state shrink to ρ of dense. The automatic choice is a pure function of (density, block, dtype,
+device) from thresholds measured with ``sparsemup bench`` (docs/PERFORMANCE.md), hence the same
+on every process of a job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import hooks
+from .blocksparse import BlockSparseLinear, masked_dense_entries
+from .masks import block_layout
+from .parameterize import get_parameterization
+from .structure import unwrap
+
+__all__ = ["BACKENDS", "choose_backend", "sparsify", "get_backends", "to_masked_dense"]
+
+BACKENDS = ("masked_dense", "blocks")
+_ATTR = "_sparsemup_backends"
+
+# Highest density at which "blocks" beat masked dense of the same dtype in every row of
+# docs/PERFORMANCE.md (fwd + bwd, 512 and 4096 tokens, 2-core CPU), by block size and dtype.
+# Smaller blocks run slower GEMMs, so they must be sparser to pay.
+_CPU_MAX_DENSITY = {
+    (torch.float32, 32): 1 / 4,
+    (torch.float32, 16): 1 / 8,
+    (torch.bfloat16, 32): 1 / 8,
+    (torch.bfloat16, 16): 1 / 16,
+}
+
+
+def choose_backend(density: float, block: int, dtype: torch.dtype, device: torch.device | str) -> str:
+    """The measured-faster backend for one layer: a pure function, identical on every process.
+
+    Off the CPU the block-sparse path is unmeasured, so it is masked dense there.
+    """
+    if torch.device(device).type != "cpu" or block < 16:
+        return "masked_dense"
+    limit = _CPU_MAX_DENSITY.get((dtype, min(block, 32)))
+    return "blocks" if limit is not None and density <= limit else "masked_dense"
+
+
+def get_backends(model: nn.Module) -> dict[str, str]:
+    """{masked weight name: backend} chosen by ``sparsify`` (empty when it was not called)."""
+    return dict(getattr(unwrap(model), _ATTR, {}))
+
+
+def _convertible(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Linear] | None:
+    """(parent, child name, linear) when the weight's owner is a plain nn.Linear called by its parent."""
+    module_name, _, attr = name.rpartition(".")
+    if attr != "weight":
+        return None
+    module = model.get_submodule(module_name)
+    parent_name, _, child = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if type(module) is not nn.Linear or isinstance(parent, nn.MultiheadAttention):
+        return None  # subclasses and MHA's out_proj are read directly, not called
+    return parent, child, module
+
+
+def sparsify(
+    model: nn.Module,
+    backend: str | Mapping[str, str] = "auto",
+    dtype: torch.dtype | None = None,
+) -> dict[str, str]:
+    """Run every masked hidden ``nn.Linear`` on its backend; returns {weight name: backend}.
+
+    Args:
+        model: a parameterized model, before its optimizer is built and before DDP/FSDP wrap it.
+        backend: "auto" (per layer, by measured thresholds), "blocks" (every layer that can,
+            an error for one that cannot), "masked_dense" (no change), or {name: backend} to
+            replay an earlier choice (a checkpoint's).
+        dtype: the compute dtype the thresholds assume (bf16 under autocast); default the weight's.
+    """
+    target = unwrap(model)
+    if target is not model:
+        raise ValueError("sparsify the plain model before wrapping it in DDP, FSDP or torch.compile")
+    if getattr(target, _ATTR, None) is not None:
+        raise ValueError("this model was already sparsified; build a fresh model to choose backends again")
+    record = get_parameterization(target)
+    if isinstance(backend, str) and backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {backend!r}; choose auto, {' or '.join(BACKENDS)}")
+    masked = [info for info in record.params.values() if info.masked]
+    if isinstance(backend, Mapping):
+        wrong = {n: b for n, b in backend.items() if b not in BACKENDS}
+        unknown = set(backend) - {info.name for info in masked}
+        if wrong or unknown:
+            raise ValueError(f"backend map: unknown backends {wrong} or weights {sorted(unknown)}; it must map "
+                             f"masked weights to {' or '.join(BACKENDS)}")
+
+    plan: dict[str, tuple[str, Any]] = {}
+    for info in masked:
+        place = _convertible(target, info.name) if len(info.names) == 1 else None
+        layout = None
+        if place is not None:
+            layout = block_layout(getattr(place[2], info.name.rpartition(".")[2] + hooks.MASK_SUFFIX) != 0,
+                                  record.block_size)
+        if isinstance(backend, Mapping):
+            wanted = backend.get(info.name, "masked_dense")
+        elif backend == "auto":
+            weight = target.get_parameter(info.name)
+            wanted = "masked_dense" if layout is None else choose_backend(
+                info.density, record.block_size, dtype or weight.dtype, weight.device)
+        else:
+            wanted = backend
+        if wanted == "blocks" and layout is None:
+            why = ("its owner is not a plain nn.Linear called by its parent" if place is None
+                   else f"its mask is not made of whole {record.block_size}x{record.block_size} blocks")
+            raise ValueError(f"{info.name}: cannot run block-sparse: {why}; parameterize with "
+                             "mask_kind='blocks' (and a block_size dividing the layer), or use backend='auto'")
+        plan[info.name] = (wanted, (place, layout))
+
+    # Validated everything; now swap modules.
+    converted: set[str] = set()
+    for name, (wanted, (place, layout)) in plan.items():
+        if wanted != "blocks":
+            continue
+        parent, child, linear = place
+        sparse = BlockSparseLinear.from_linear(linear, layout, record.block_size)
+        for hook_id, hook in linear._forward_pre_hooks.items():  # keep the user's hooks
+            if not isinstance(hook, hooks.EnsureGradMask):
+                sparse._forward_pre_hooks[hook_id] = hook
+        sparse._forward_hooks.update(linear._forward_hooks)
+        setattr(parent, child, sparse)
+        converted.add(name)
+    _drop_mask_hooks(target, converted)
+    choice = {name: wanted for name, (wanted, _) in plan.items()}
+    target.__dict__[_ATTR] = choice
+    return dict(choice)
+
+
+def _drop_mask_hooks(model: nn.Module, converted: set[str]) -> None:
+    """Forget the masked-dense hooks of swapped modules: their weights are sparse by storage."""
+    modules = {id(m) for m in model.modules()}
+    for hook in model._forward_pre_hooks.values():
+        if isinstance(hook, hooks.EnsureAllGradMasks):
+            hook.entries = [(owner, ensure) for owner, ensure in hook.entries if id(owner) in modules]
+    for hook in model._load_state_dict_pre_hooks.values():
+        check = getattr(hook, "hook", hook)
+        if isinstance(check, hooks.CheckStateOnLoad):
+            check.masked = [(name, nnz) for name, nnz in check.masked if name not in converted]
+            check.blocks = sorted(set(check.blocks) | converted)
+
+
+def to_masked_dense(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A state_dict with every block-sparse weight expanded to a dense weight plus its ``*_mask``.
+
+    Needs no model: block layouts travel in the ``weight_index``/``weight_shape`` buffers. The
+    result loads into the same model parameterized with the masked-dense backend.
+    """
+    out = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith(".weight_index")]:
+        weight_key = key[: -len("_index")]
+        out[weight_key], out[weight_key + hooks.MASK_SUFFIX] = masked_dense_entries(
+            out.pop(weight_key), out.pop(key), out.pop(weight_key + "_shape"))
+    return out
