@@ -104,3 +104,14 @@ def test_iso_parameter_sweep_drifts_along_density_with_width_linked():
     (drift,) = analyze(records)["drifts"]
     assert drift["along"] == "model.density" and drift["drift_log2"] == pytest.approx(1.0)
     assert [(r["model.density"], r["model.width"]) for r in drift["rows"]] == [(1.0, 256), (0.5, 384), (0.25, 512)]
+
+
+def test_records_from_before_a_config_key_existed_join_the_same_curve():
+    from sparsemup.analysis import curves
+
+    old = [_record("supar", 1.0, x, 0, (x + 7) ** 2 + 2) for x in GRID[:4]]
+    new = [_record("supar", 1.0, x, 0, (x + 7) ** 2 + 2) for x in GRID[4:]]
+    for r in new:  # stored by a later sparsemup, whose configs carry the new keys at their defaults
+        r["config"].update({"model.mask_kind": "rows", "model.block_size": 32, "model.backend": "masked_dense"})
+    (curve,) = curves(old + new)
+    assert len(curve["log2_x"]) == len(GRID) and curve["optimum"]["log2_x"] == pytest.approx(-7)

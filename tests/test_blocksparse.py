@@ -273,3 +273,60 @@ def test_bench_quick_writes_the_documented_rows(tmp_path, capsys):
     assert all(r["state_mb"] < dense[(r["dtype"], r["density"])]["state_mb"] * 2 * r["density"] for r in blocks)
     assert {r["backend"] for r in result["gpt_step"]} == {"masked_dense", "blocks"}
     assert "GPT step" in capsys.readouterr().out
+
+
+def test_swapped_layers_and_models_are_freed():
+    import gc
+    import weakref
+
+    model = block_gpt()
+    old = weakref.ref(model.blocks[0].mlp.fc.weight)
+    sparsify(model, "blocks")
+    gc.collect()
+    assert old() is None  # the dense weight and mask do not linger behind the block-sparse layer
+    whole = weakref.ref(model)
+    del model
+    gc.collect()
+    assert whole() is None  # gradient-mask hooks do not keep a model alive
+
+
+def test_layer_guards_and_module_state():
+    linear = nn.Linear(64, 32)
+    mask = random_mask((32, 64), 0.5, 0, "w", "blocks", 16)
+    linear.weight.requires_grad_(False)
+    linear.eval()
+    sparse = BlockSparseLinear.from_linear(linear, block_layout(mask, 16), 16)
+    assert not sparse.weight.requires_grad and sparse.bias.requires_grad and not sparse.training
+    with pytest.raises(ValueError, match="input has 128 features, the layer takes 64"):
+        sparse(torch.randn(3, 128))
+    values = sparse.weight.detach().clone().requires_grad_()
+    x = torch.randn(5, 64, requires_grad=True)
+    (grad,) = torch.autograd.grad(block_sparse_linear(x, values, sparse.weight_index).pow(2).sum(), values,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
+        grad.pow(2).sum().backward()
+
+
+def test_user_hooks_move_with_the_layer_and_export_gives_plain_linears():
+    model = block_gpt()
+    fc = model.blocks[0].mlp.fc
+    calls = []
+    kw = fc.register_forward_pre_hook(lambda m, args, kwargs: calls.append("pre") or None, with_kwargs=True)
+    fc.register_full_backward_hook(lambda m, gi, go: calls.append("backward") or None)
+    sparsify(model, "blocks")
+    x = tokens(batch=2, seq=17, vocab=64)
+    loss_of(model, x).backward()
+    assert calls == ["pre", "backward"]
+    kw.remove()  # the user's handle still works
+    calls.clear()
+    loss_of(model, x).backward()
+    assert calls == ["backward"]
+    plain = smp.export(model)
+    assert type(plain.blocks[0].mlp.fc) is nn.Linear and not hasattr(plain, "_sparsemup_backends")
+    torch.testing.assert_close(loss_of(plain, x), loss_of(model, x))
+
+
+def test_a_block_checkpoint_of_another_layout_is_refused():
+    mine, theirs = block_gpt("blocks", seed=1), block_gpt("blocks", seed=2)
+    with pytest.raises(ValueError, match="blocks sit elsewhere"):
+        mine.load_state_dict(theirs.state_dict())

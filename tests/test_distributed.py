@@ -94,3 +94,16 @@ def test_a_mask_mismatch_between_ranks_is_an_error(corpus):
     assert mask_digest(model) != digest
     with pytest.raises(RuntimeError, match=r"masks differ across ranks \(ranks \[0\].*ranks \[1\]"):
         check_same_masks([digest, mask_digest(model)])
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_block_backend_on_two_processes_matches_one_process(corpus, tmp_path, fsdp):
+    blocks = (*COMMON, "model.width=64", "model.base_width=32", "model.mask_kind=blocks", "model.block_size=8",
+              "model.backend=blocks")
+    single = train(tiny_config(corpus, *blocks), tmp_path / "single")
+    out = tmp_path / "multi"
+    torchrun(out, *(["--fsdp"] if fsdp else []), "--set", *tiny_overrides(corpus, *blocks))
+    assert losses(out)[0] == pytest.approx(losses(tmp_path / "single")[0], rel=1e-4)
+    result = (out / "result.json").read_text()
+    assert single["mask_sha256"] in result and '"backends":{"blocks":4}' in result
+    assert checkpoint.load(out)["model"]["blocks.0.attn.qkv.weight"].dim() == 4

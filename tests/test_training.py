@@ -236,5 +236,15 @@ def test_block_settings_are_checked_before_anything_runs(corpus, tmp_path):
     with pytest.raises(ConfigError, match="must divide model.width"):
         train(tiny_config(corpus, *BLOCKS, "model.block_size=48"), tmp_path / "b")
     with pytest.raises(ConfigError, match="lower model.block_size"):
-        train(tiny_config(corpus, *BLOCKS, "model.density=1/16"), tmp_path / "c")
+        train(tiny_config(corpus, *BLOCKS, "model.density=1/32"), tmp_path / "c")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_masked_dense_resume_keeps_its_digest_and_blocks_round_half_up(corpus):
+    from sparsemup.config import validate
+    from sparsemup.distributed import mask_digest
+
+    cfg = tiny_config(corpus)
+    assert mask_digest(build_model(cfg, backends={})) == mask_digest(build_model(cfg))
+    # density·width/b = 0.5 keeps one block per row (round half up, as the masks do)
+    validate(tiny_config(corpus, *BLOCKS, "model.density=1/16", "model.block_size=8"))

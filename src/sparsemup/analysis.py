@@ -14,12 +14,17 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from .config import Config
+
 __all__ = ["fit_optimum", "curves", "analyze"]
 
 SEED_KEY = "train.seed"
 # Keys along which the optimum should not move; each gets a drift table when it varies (one table when
 # width is set with density, as in an iso-parameter sweep).
 DRIFT_AXES = ("model.density", "model.width")
+
+# Config keys added after the first stored sweeps (records from before lack them).
+NEW_KEYS = ("model.mask_kind", "model.block_size", "model.backend")
 
 
 def fit_optimum(xs: Sequence[float], losses: Sequence[float | None]) -> dict[str, Any] | None:
@@ -58,6 +63,9 @@ def curves(records: Sequence[dict[str, Any]], axis: str = "optim.lr") -> list[di
     """One curve per setting: seed-averaged loss at each log2 x (None where any seed diverged), and its optimum."""
     if not records:
         return []
+    # Keys an older record lacks were added to sparsemup later, with defaults that keep the old behaviour.
+    defaults = {f"{s}.{k}": v for s, section in Config().to_dict().items() for k, v in section.items()}
+    records = [{**r, "config": {**{k: defaults[k] for k in NEW_KEYS}, **r["config"]}} for r in records]
     keys = sorted({k for r in records for k in r["config"]})
     varying = [k for k in keys if k not in (axis, SEED_KEY) and len({repr(r["config"].get(k)) for r in records}) > 1]
     groups: dict[tuple, dict[float, list[float | None]]] = defaultdict(lambda: defaultdict(list))

@@ -27,6 +27,10 @@ __all__ = ["BACKENDS", "choose_backend", "sparsify", "get_backends", "to_masked_
 
 BACKENDS = ("masked_dense", "blocks")
 _ATTR = "_sparsemup_backends"
+_MOVED_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+_STATE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                "_load_state_dict_post_hooks")
 
 # Highest density at which "blocks" beat masked dense of the same dtype in every row of
 # docs/PERFORMANCE.md (fwd + bwd, 512 and 4096 tokens, 2-core CPU), by block size and dtype.
@@ -118,6 +122,9 @@ def sparsify(
                    else f"its mask is not made of whole {record.block_size}x{record.block_size} blocks")
             raise ValueError(f"{info.name}: cannot run block-sparse: {why}; parameterize with "
                              "mask_kind='blocks' (and a block_size dividing the layer), or use backend='auto'")
+        if wanted == "blocks" and any(getattr(place[2], attr) for attr in _STATE_HOOKS):
+            raise ValueError(f"{info.name}: its module has state_dict hooks, written for a dense weight; remove "
+                             "them before sparsify (or keep this layer masked dense)")
         plan[info.name] = (wanted, (place, layout))
 
     # Validated everything; now swap modules.
@@ -127,16 +134,22 @@ def sparsify(
             continue
         parent, child, linear = place
         sparse = BlockSparseLinear.from_linear(linear, layout, record.block_size)
-        for hook_id, hook in linear._forward_pre_hooks.items():  # keep the user's hooks
-            if not isinstance(hook, hooks.EnsureGradMask):
-                sparse._forward_pre_hooks[hook_id] = hook
-        sparse._forward_hooks.update(linear._forward_hooks)
+        move_hooks(linear, sparse)
+        for key in [k for k, h in sparse._forward_pre_hooks.items() if isinstance(h, hooks.EnsureGradMask)]:
+            del sparse._forward_pre_hooks[key]
         setattr(parent, child, sparse)
         converted.add(name)
     _drop_mask_hooks(target, converted)
     choice = {name: wanted for name, (wanted, _) in plan.items()}
     target.__dict__[_ATTR] = choice
     return dict(choice)
+
+
+def move_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` the forward and backward hooks of ``source``: the same dicts, so the user's
+    hook handles still remove them."""
+    for attr in _MOVED_HOOKS:
+        setattr(target, attr, getattr(source, attr))
 
 
 def _drop_mask_hooks(model: nn.Module, converted: set[str]) -> None:
@@ -161,6 +174,9 @@ def to_masked_dense(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(state_dict)
     for key in [k for k in state_dict if k.endswith(".weight_index")]:
         weight_key = key[: -len("_index")]
+        if weight_key + "_shape" not in out:
+            raise ValueError(f"{weight_key}: a block-sparse entry without its {weight_key}_shape buffer; convert a "
+                             "complete state_dict (or load it into the model, which knows the shapes)")
         out[weight_key], out[weight_key + hooks.MASK_SUFFIX] = masked_dense_entries(
-            out.pop(weight_key), out.pop(key), out.pop(weight_key + "_shape"))
+            out.pop(weight_key), out.pop(key), int(out.pop(weight_key + "_shape")[1]))
     return out

@@ -29,7 +29,7 @@ from .blocksparse import block_sparse_linear, to_blocks
 from .masks import block_layout, random_mask
 from .util import write_text_atomic
 
-__all__ = ["Grid", "FULL", "QUICK", "run_layers", "run_gpt_step", "block_for", "main_table"]
+__all__ = ["Grid", "FULL", "QUICK", "run_layers", "run_gpt_step", "block_for", "blocks_for", "main_table"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -47,7 +47,7 @@ class Grid:
     gpt_tokens: tuple[int, int]  # (batch, context)
 
 
-FULL = Grid(shapes=((1024, 1024), (2048, 2048), (4096, 1024)), tokens=(512, 4096),
+FULL = Grid(shapes=((512, 512), (1024, 1024), (2048, 2048), (4096, 1024)), tokens=(512, 4096),
             densities=(1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128), dtypes=("fp32", "bf16"),
             repeats=3, gpt_width=1024, gpt_tokens=(8, 256))
 QUICK = Grid(shapes=((256, 256),), tokens=(64,), densities=(1 / 4, 1 / 16), dtypes=("fp32", "bf16"),
@@ -60,6 +60,12 @@ def block_for(density: float, fan_in: int, cap: int = 64) -> int:
     while block * 2 <= min(cap, density * fan_in):
         block *= 2
     return block
+
+
+def blocks_for(density: float, fan_in: int) -> list[int]:
+    """Block sizes to measure: 16, 32 and 64 where b ≤ ρ·fan_in, else the largest that fits."""
+    sizes = [b for b in (16, 32, 64) if b <= density * fan_in]
+    return sizes or [block_for(density, fan_in)]
 
 
 class _Memory:
@@ -181,8 +187,9 @@ def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = N
                 grad_y = torch.randn(tokens, shape[0]).to(dtype)
                 dense = None
                 for density in grid.densities:
-                    block = block_for(density, shape[1])
-                    for backend in ("masked_dense", "torch_csr", "blocks"):
+                    runs = [("masked_dense", 0), ("torch_csr", 0)]
+                    runs += [("blocks", b) for b in blocks_for(density, shape[1])]
+                    for backend, block in runs:
                         if backend == "masked_dense" and dense is not None:
                             # Masked dense does the same work at every density: measured once.
                             row = {**dense, "density": density}

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .masks import block_layout
 
@@ -36,9 +37,8 @@ def to_dense(values: torch.Tensor, index: torch.Tensor, in_features: int) -> tor
 
 
 def masked_dense_entries(values: torch.Tensor, index: torch.Tensor,
-                         shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dense weight, 0/1 mask in the weight's dtype) of a block-sparse state_dict entry."""
-    in_features = int(shape[1])
     ones = torch.ones(values.shape, dtype=values.dtype, device=values.device)
     index = index.to(values.device)
     return to_dense(values, index, in_features), to_dense(ones, index, in_features)
@@ -75,15 +75,16 @@ class _BlockSparseMatmul(torch.autograd.Function):
         return y.view(tokens, rows * block)
 
     @staticmethod
+    @once_differentiable  # the saved gathered input has no history: a second derivative would be wrong
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         gathered, values, index = ctx.saved_tensors
         rows, k, block, _ = values.shape
         tokens, in_features = grad_y.shape[0], ctx.in_features
         grad_y = grad_y.contiguous().view(tokens, rows, block).transpose(0, 1)  # (rows, tokens, b), strided
-        low_precision = values.dtype != torch.float32
+        fp32 = values.dtype == torch.float32
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            if low_precision:
+            if not fp32:
                 # CPU bf16 index_add over b-element chunks is slow: add whole (tokens, b) slabs per kept block.
                 grad_xt = grad_y.new_zeros(in_features // block, tokens, block)
                 for j in range(k):
@@ -98,7 +99,7 @@ class _BlockSparseMatmul(torch.autograd.Function):
                 grad_x = grad_x.view(tokens, in_features)
         if ctx.needs_input_grad[1]:
             lhs, rhs = gathered.transpose(0, 1), grad_y
-            if low_precision:  # strided bf16 batched GEMMs miss the fast kernels; copying is cheaper
+            if not fp32:  # strided bf16 batched GEMMs miss the fast kernels; copying is cheaper
                 lhs, rhs = lhs.contiguous(), rhs.contiguous()
             grad_t = torch.bmm(lhs.transpose(1, 2), rhs)  # (rows, k·b, b): [r, j·b + i, o]
             grad_values = grad_t.view(rows, k, block, block).transpose(2, 3).contiguous()
@@ -154,7 +155,10 @@ class BlockSparseLinear(nn.Module):
             module.weight.copy_(to_blocks(weight, module.weight_index, block))
             if linear.bias is not None:
                 module.bias.copy_(linear.bias)
-        return module
+        module.weight.requires_grad_(linear.weight.requires_grad)
+        if linear.bias is not None:
+            module.bias.requires_grad_(linear.bias.requires_grad)
+        return module.train(linear.training)
 
     def dense_weight(self) -> torch.Tensor:
         """The logical (out, in) weight, zero outside the kept blocks."""
@@ -166,6 +170,8 @@ class BlockSparseLinear(nn.Module):
         return to_dense(ones, self.weight_index, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"BlockSparseLinear: input has {x.shape[-1]} features, the layer takes {self.in_features}")
         return block_sparse_linear(x, self.weight, self.weight_index, self.bias)
 
     def extra_repr(self) -> str:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .masks import nonzeros_per_row
 from .rules import SCHEMES
 
 if sys.version_info >= (3, 11):
@@ -353,12 +354,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(m.backend != "blocks" or m.mask_kind == "blocks",
              "model.backend = 'blocks' runs block masks only; set model.mask_kind = 'blocks'")
     if m.mask_kind == "blocks":
-        _require(m.block_size >= 1 and m.width % m.block_size == 0 and m.base_width % m.block_size == 0,
-                 f"model.block_size = {m.block_size} must divide model.width = {m.width} and model.base_width = "
-                 f"{m.base_width}; pick a power of two such as 16 or 32")
-        _require(m.density >= 1 or round(m.density * m.width / m.block_size) >= 1,
-                 f"model.density = {m.density:g} keeps no {m.block_size}x{m.block_size} block per row at width "
-                 f"{m.width}; lower model.block_size to at most density·width = {m.density * m.width:g}")
+        _require(m.block_size >= 1 and m.width % m.block_size == 0
+                 and (m.base_density == 1 or m.base_width % m.block_size == 0),
+                 f"model.block_size = {m.block_size} must divide model.width = {m.width} (and model.base_width = "
+                 f"{m.base_width} when model.base_density < 1); pick a power of two such as 16 or 32")
+        for key, width in (("density", m.width), ("base_density", m.base_width)):
+            rho = getattr(m, key)
+            _require(rho >= 1 or nonzeros_per_row(rho, width // m.block_size) >= 1,
+                     f"model.{key} = {rho:g} keeps no {m.block_size}x{m.block_size} block per row at width "
+                     f"{width}; lower model.block_size to at most {key}·width = {rho * width:g}")
     _require(o.name in ("adamw", "sgd"), f"optim.name = {o.name!r}: choose adamw or sgd")
     _require(o.lr > 0, f"optim.lr = {o.lr}: must be positive")
     _require(o.weight_decay >= 0, f"optim.weight_decay = {o.weight_decay}: must be non-negative")

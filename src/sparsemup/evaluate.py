@@ -50,8 +50,10 @@ def build_model(cfg: Config, device: torch.device | str = "cpu", backends: dict[
                          base_density=m.base_density, init_std=m.init_std, input_alpha=m.input_alpha,
                          output_alpha=m.output_alpha, seed=cfg.train.seed, mask_kind=m.mask_kind,
                          block_size=m.block_size)
-    if backends is not None or m.backend != "masked_dense":
-        sparsify(model, backends if backends is not None else m.backend)
+    if backends:  # a checkpoint's per-layer choice ({} when the run never sparsified)
+        sparsify(model, backends)
+    elif m.backend != "masked_dense":
+        sparsify(model, m.backend)
     return model
 
 

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from . import hooks
+from .backend import _ATTR as _BACKENDS
+from .backend import move_hooks
+from .blocksparse import BlockSparseLinear
 from .parameterize import _ATTR, get_parameterization
 from .rules import Role
 from .structure import named_modules, unwrap
@@ -51,10 +54,22 @@ def export(model: nn.Module) -> nn.Module:
         if info.masked:
             for usage_name in info.names:
                 module_name, _, attr = usage_name.rpartition(".")
-                delattr(modules[module_name], attr + hooks.MASK_SUFFIX)
+                if not isinstance(modules[module_name], BlockSparseLinear):
+                    delattr(modules[module_name], attr + hooks.MASK_SUFFIX)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, BlockSparseLinear):  # back to a plain nn.Linear with exact zeros
+            parent_name, _, child = name.rpartition(".")
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device=module.weight.device, dtype=module.weight.dtype)
+            linear.weight.copy_(module.dense_weight())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+            move_hooks(module, linear)
+            setattr(plain.get_submodule(parent_name), child, linear)
     for module in plain.modules():
         _strip_hooks(module)
     delattr(plain, hooks.SIGNATURE)
     del plain.__dict__[_ATTR]
+    plain.__dict__.pop(_BACKENDS, None)
     return plain
 

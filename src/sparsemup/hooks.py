@@ -55,12 +55,15 @@ class GradMask:
     """
 
     def __init__(self, module: nn.Module, mask_name: str) -> None:
-        self.module = module
+        # A weak reference: a strong one would tie the module to its own parameter's hook, a cycle
+        # through C++ that Python's collector cannot free (the model would never be released).
+        self.module = weakref.ref(module)
         self.mask_name = mask_name
 
     def __call__(self, param: torch.Tensor) -> None:
-        if param.grad is not None:
-            param.grad.mul_(getattr(self.module, self.mask_name))
+        module = self.module()
+        if param.grad is not None and module is not None:
+            param.grad.mul_(getattr(module, self.mask_name))
 
 
 class EnsureGradMask:
@@ -137,17 +140,23 @@ class CheckStateOnLoad:
     def _convert(self, module: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
         for name, _ in self.masked:  # block-sparse entries into a masked-dense weight
             key = prefix + name
-            if key + "_index" in state_dict:
+            if key + "_index" in state_dict and key in state_dict:
+                state_dict.pop(key + "_shape", None)
+                in_features = module.get_parameter(name).shape[1]
                 state_dict[key], state_dict[key + MASK_SUFFIX] = masked_dense_entries(
-                    state_dict.pop(key), state_dict.pop(key + "_index"), state_dict.pop(key + "_shape"))
+                    state_dict.pop(key), state_dict.pop(key + "_index"), in_features)
         for name in self.blocks:  # a masked-dense weight into block-sparse storage
             key = prefix + name
+            owner = module.get_submodule(name.rpartition(".")[0])
             if key + MASK_SUFFIX in state_dict and key in state_dict and state_dict[key].dim() == 2:
-                owner = module.get_submodule(name.rpartition(".")[0])
                 mask = state_dict.pop(key + MASK_SUFFIX)
                 state_dict[key] = from_masked_dense(state_dict[key], mask, owner.weight_index, owner.block, name)
                 state_dict[key + "_index"] = owner.weight_index.clone()
                 state_dict[key + "_shape"] = owner.weight_shape.clone()
+            elif key + "_index" in state_dict and not torch.equal(state_dict[key + "_index"].cpu(),
+                                                                   owner.weight_index.cpu()):
+                raise ValueError(f"{name}: the state_dict's blocks sit elsewhere than this layer's (another seed, "
+                                 "density or block_size?); load a checkpoint of the same model")
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         key = prefix + SIGNATURE
