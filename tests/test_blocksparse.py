@@ -216,9 +216,11 @@ def test_sparsify_errors_and_choices():
     mixed = sparsify(block_gpt(), {"blocks.1.mlp.proj.weight": "blocks"})
     assert mixed["blocks.1.mlp.proj.weight"] == "blocks" and mixed["blocks.0.mlp.proj.weight"] == "masked_dense"
     # The automatic choice is a pure function of density, block, dtype and device.
-    assert choose_backend(1 / 16, 32, torch.float32, "cuda") == "masked_dense"
-    assert choose_backend(1 / 2, 32, torch.float32, "cpu") == "masked_dense"
-    assert choose_backend(1 / 16, 32, torch.float32, "cpu") == choose_backend(1 / 16, 32, torch.float32, "cpu")
+    assert choose_backend(1 / 16, 32, torch.float32, "cuda", (2048, 2048)) == "masked_dense"
+    assert choose_backend(1 / 16, 32, torch.float32, "cpu", (64, 64)) == "masked_dense"  # below what was measured
+    assert choose_backend(1 / 2, 16, torch.float32, "cpu", (2048, 2048)) == "masked_dense"
+    assert choose_backend(1 / 16, 64, torch.float32, "cpu", (1024, 1024)) == "blocks"
+    assert choose_backend(1 / 16, 64, torch.bfloat16, "cpu", (1024, 1024)) == "blocks"
 
 
 def test_copies_and_hooks_survive():
@@ -330,3 +332,43 @@ def test_a_block_checkpoint_of_another_layout_is_refused():
     mine, theirs = block_gpt("blocks", seed=1), block_gpt("blocks", seed=2)
     with pytest.raises(ValueError, match="blocks sit elsewhere"):
         mine.load_state_dict(theirs.state_dict())
+
+
+@pytest.mark.parametrize("loop", [True, False])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_both_strategies_match_masked_dense(loop, dtype, tol, monkeypatch):
+    # The CPU picks per-block GEMMs or batched GEMMs on gathered blocks by dtype and tokens; both are exact.
+    import sparsemup.blocksparse as bs
+
+    monkeypatch.setattr(bs, "_use_loop", lambda x, values: loop)
+    shape, block = (96, 160), 16
+    mask = random_mask(shape, 0.4, 3, "w", "blocks", block)
+    index = block_layout(mask, block)
+    weight = (torch.randn(shape) * mask / 8).to(dtype)
+    x = torch.randn(37, shape[1], dtype=dtype, requires_grad=True)
+    dense_w = weight.clone().requires_grad_()
+    values = to_blocks(weight, index, block).requires_grad_()
+    grad = torch.randn(37, shape[0], dtype=dtype)
+    ref = F.linear(x, dense_w)
+    ref.backward(grad)
+    ref_dx = x.grad.clone()
+    x.grad = None
+    out = block_sparse_linear(x, values, index)
+    out.backward(grad)
+    scale = lambda t: t.float().abs().max()  # noqa: E731
+    assert (out.float() - ref.float()).abs().max() <= tol * scale(ref)
+    assert (x.grad.float() - ref_dx.float()).abs().max() <= tol * scale(ref_dx)
+    masked_grad = (dense_w.grad * mask).float()
+    assert (to_dense(values.grad, index, shape[1]).float() - masked_grad).abs().max() <= tol * scale(masked_grad)
+
+
+def test_auto_thresholds_are_the_recorded_benchmarks():
+    import json
+    from pathlib import Path
+
+    from sparsemup.backend import CPU_THRESHOLDS
+    from sparsemup.bench import derive_thresholds
+
+    recorded = json.loads((Path(__file__).parents[1] / "docs" / "perf" / "bench.json").read_text())
+    assert derive_thresholds(recorded["layers"]) == CPU_THRESHOLDS
+    assert CPU_THRESHOLDS  # the block backend pays somewhere on this machine class

@@ -32,25 +32,34 @@ _MOVED_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forwar
 _STATE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                 "_load_state_dict_post_hooks")
 
-# Highest density at which "blocks" beat masked dense of the same dtype in every row of
-# docs/PERFORMANCE.md (fwd + bwd, 512 and 4096 tokens, 2-core CPU), by block size and dtype.
-# Smaller blocks run slower GEMMs, so they must be sparser to pay.
-_CPU_MAX_DENSITY = {
-    (torch.float32, 32): 1 / 4,
-    (torch.float32, 16): 1 / 8,
-    (torch.bfloat16, 32): 1 / 8,
-    (torch.bfloat16, 16): 1 / 16,
+# {(dtype, block): highest density at or below which "blocks" beat masked dense of the same dtype
+# in every row of the recorded benchmark (docs/perf/bench.json: fwd + bwd, layers 512² to
+# 4096×1024, 512 and 4096 tokens, 2-core CPU); bench.derive_thresholds computes it from the file,
+# and a test checks the two agree. Smaller blocks run slower GEMMs, so they must be sparser to pay.
+CPU_THRESHOLDS: dict[tuple[str, int], float] = {
+    ("bf16", 8): 1 / 128,
+    ("bf16", 16): 1 / 64,
+    ("bf16", 32): 1 / 32,
+    ("bf16", 64): 1 / 8,
+    ("fp32", 4): 1 / 128,
+    ("fp32", 8): 1 / 64,
+    ("fp32", 16): 1 / 16,
+    ("fp32", 32): 1 / 8,
+    ("fp32", 64): 1 / 4,
 }
+MIN_AUTO_NUMEL = 512 * 512  # smaller layers were not measured: auto keeps them masked dense
 
 
-def choose_backend(density: float, block: int, dtype: torch.dtype, device: torch.device | str) -> str:
+def choose_backend(density: float, block: int, dtype: torch.dtype, device: torch.device | str,
+                   shape: tuple[int, ...]) -> str:
     """The measured-faster backend for one layer: a pure function, identical on every process.
 
     Off the CPU the block-sparse path is unmeasured, so it is masked dense there.
     """
-    if torch.device(device).type != "cpu" or block < 16:
+    if torch.device(device).type != "cpu" or shape[0] * shape[1] < MIN_AUTO_NUMEL:
         return "masked_dense"
-    limit = _CPU_MAX_DENSITY.get((dtype, min(block, 32)))
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
+    limit = CPU_THRESHOLDS.get((name, block))
     return "blocks" if limit is not None and density <= limit else "masked_dense"
 
 
@@ -114,7 +123,7 @@ def sparsify(
         elif backend == "auto":
             weight = target.get_parameter(info.name)
             wanted = "masked_dense" if layout is None else choose_backend(
-                info.density, record.block_size, dtype or weight.dtype, weight.device)
+                info.density, record.block_size, dtype or weight.dtype, weight.device, info.shape)
         else:
             wanted = backend
         if wanted == "blocks" and layout is None:

@@ -29,7 +29,8 @@ from .blocksparse import block_sparse_linear, to_blocks
 from .masks import block_layout, random_mask
 from .util import write_text_atomic
 
-__all__ = ["Grid", "FULL", "QUICK", "run_layers", "run_gpt_step", "block_for", "blocks_for", "main_table"]
+__all__ = ["Grid", "FULL", "QUICK", "run_layers", "run_gpt_step", "block_for", "blocks_for", "main_table",
+           "derive_thresholds"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -273,6 +274,24 @@ def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3) -> list[di
     return rows
 
 
+def derive_thresholds(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """{(dtype, block): the highest density at or below which every measured "blocks" row of that
+    dtype and block beat masked dense} (keys without such a density are left out)."""
+    by_key: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["backend"] == "blocks" and r["total_ms"] is not None:
+            by_key.setdefault((r["dtype"], r["block"]), []).append(r)
+    out = {}
+    for key, group in sorted(by_key.items()):
+        best = None
+        for density in sorted({r["density"] for r in group}):
+            if all(r["speedup_vs_masked_dense"] >= 1.0 for r in group if r["density"] <= density):
+                best = density
+        if best is not None:
+            out[key] = best
+    return out
+
+
 def main_table(rows: Iterable[dict[str, Any]]) -> str:
     """A plain-text table of the layer rows."""
     head = f"{'shape':>11} {'tokens':>6} {'rho':>7} {'dtype':>5} {'backend':>12} {'b':>3} {'fwd':>8} {'bwd':>8} " \
@@ -300,6 +319,7 @@ def run(grid: Grid, json_path: Path | None, threads: int, show: Callable[[str], 
         f"  {r['shape']} tokens {r['tokens']} 1/{round(1 / r['density'])} {r['dtype']} {r['backend']}: "
         f"{r['total_ms'] if r['total_ms'] is not None else 'unsupported'} ms"))
     show(main_table(layers))
+    show(f"auto thresholds (dtype, block) -> highest density: {derive_thresholds(layers)}")
     gpt = run_gpt_step(grid)
     for r in gpt:
         show(f"GPT step ({r['model']}, {r['tokens']} tokens, density 1/{round(1 / r['density'])}, "
