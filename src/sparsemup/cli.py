@@ -53,7 +53,8 @@ def _coord_check(args: argparse.Namespace) -> int:
         "model": args.model, "scheme": args.scheme, "widths": widths, "densities": densities,
         "steps": args.steps, "seeds": args.seeds, "base_width": base_width, "base_density": 1.0,
         "optimizer": "Adam", "lr": lr, "batch": defaults["batch"].format(batch_size), "data": defaults["data"],
-        "threshold": coord.THRESHOLD, "backend": f"blocks (b = {args.blocks})" if args.blocks else "masked_dense",
+        "threshold": coord.THRESHOLD, "masks": f"blocks (b = {args.blocks})" if args.blocks else "rows",
+        "backend": args.backend if args.blocks else "masked_dense",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     make = gpt_cases if args.model == "gpt" else mlp_cases
@@ -65,7 +66,7 @@ def _coord_check(args: argparse.Namespace) -> int:
         bar.update(1)
 
     start = time.perf_counter()
-    cases = make(args.scheme, widths, densities, args.seeds, base_width, batch_size, args.blocks)
+    cases = make(args.scheme, widths, densities, args.seeds, base_width, batch_size, args.blocks, args.backend)
     rows = coord.run(cases, torch.optim.Adam, lr, args.steps, progress)
     bar.close()
     fits = coord.fit_slopes(rows)
@@ -213,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--batch-size", type=int,
                     help="samples (MLP, default 256) or 64-token sequences (GPT, default 2) in the fixed batch")
     cc.add_argument("--out", type=Path, default=Path("coord-check"), help="output directory (default ./coord-check)")
-    cc.add_argument("--blocks", type=int, metavar="B", help="use B×B block masks on the block-sparse backend "
-                    "(needs B ≤ density·width at every grid point)")
+    cc.add_argument("--blocks", type=int, metavar="B", help="use B×B block masks (needs B ≤ density·width at "
+                    "every grid point), run on --backend")
+    cc.add_argument("--backend", choices=("blocks", "auto", "masked_dense"), default="blocks",
+                    help="with --blocks: how masked layers run (default blocks; auto: by measured thresholds)")
     cc.add_argument("--strict", action="store_true", help="exit with status 1 when a verdict fails")
     cc.set_defaults(func=_coord_check)
 

@@ -63,10 +63,10 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def _built(build: Callable[[], tuple[nn.Module, object]], block: int | None) -> nn.Module:
+def _built(build: Callable[[], tuple[nn.Module, object]], block: int | None, backend: str) -> nn.Module:
     model = build()[0]
     if block:
-        sparsify(model, "blocks")
+        sparsify(model, backend)
     return model
 
 
@@ -76,11 +76,11 @@ def _mask_options(block: int | None) -> dict[str, object]:
 
 def mlp_cases(
     scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
-    batch_size: int | None = None, block: int | None = None,
+    batch_size: int | None = None, block: int | None = None, backend: str = "blocks",
 ) -> Iterator[Case]:
     """Cases for the reference MLP (ReLU, σ_base = sqrt(2/base_width) so activations start near 1).
 
-    ``block``: block masks of that size, run on the block-sparse backend.
+    ``block``: block masks of that size, run on ``backend`` (see ``sparsemup.sparsify``).
     """
     d = MLP_DEFAULTS
     for seed in range(seeds):
@@ -90,16 +90,16 @@ def mlp_cases(
                 build = partial(build_mlp, d["in_features"], width, d["classes"], base_width, depth=d["depth"],
                                 scheme=scheme, density=density, seed=seed, init_std=math.sqrt(2 / base_width),
                                 **_mask_options(block))
-                yield Case(width, density, seed, partial(_built, build, block), x, y, F.cross_entropy)
+                yield Case(width, density, seed, partial(_built, build, block, backend), x, y, F.cross_entropy)
 
 
 def gpt_cases(
     scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
-    batch_size: int | None = None, block: int | None = None,
+    batch_size: int | None = None, block: int | None = None, backend: str = "blocks",
 ) -> Iterator[Case]:
     """Cases for the reference GPT on Markov-chain tokens (head_dim fixed, heads grow with width).
 
-    ``block``: block masks of that size, run on the block-sparse backend.
+    ``block``: block masks of that size, run on ``backend`` (see ``sparsemup.sparsify``).
     """
     d = GPT_DEFAULTS
     for seed in range(seeds):
@@ -110,5 +110,5 @@ def gpt_cases(
                                 head_dim=d["head_dim"], context=d["seq_len"], ffn_multiple=block or 8)
                 build = partial(build_gpt, cfg, base_width, scheme=scheme, density=density, seed=seed,
                                 init_std=d["init_std"], **_mask_options(block))
-                yield Case(width, density, seed, partial(_built, build, block), tokens[:, :-1], tokens[:, 1:],
-                           _lm_loss)
+                yield Case(width, density, seed, partial(_built, build, block, backend), tokens[:, :-1],
+                           tokens[:, 1:], _lm_loss)

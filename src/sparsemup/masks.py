@@ -35,10 +35,14 @@ def nonzeros_per_row(density: float, fan_in: int) -> int:
     return int(math.floor(density * fan_in + 0.5))
 
 
-def row_nonzeros(density: float, fan_in: int, name: str) -> int:
-    """Nonzeros per row for a density, with a clear error if a row would be empty."""
+def _check_density(density: float, name: str) -> None:
     if not (0.0 < density <= 1.0):
         raise ValueError(f"{name}: density must be in (0, 1], got {density!r}")
+
+
+def row_nonzeros(density: float, fan_in: int, name: str) -> int:
+    """Nonzeros per row for a density, with a clear error if a row would be empty."""
+    _check_density(density, name)
     k = nonzeros_per_row(density, fan_in)
     if k < 1:
         raise ValueError(
@@ -57,9 +61,8 @@ def blocks_per_row(density: float, shape: Sequence[int], block: int, name: str) 
             f"{name}: block size {block!r} must be a positive integer dividing both dims of {tuple(shape)}; "
             "pick a power of two such as 16 or 32"
         )
+    _check_density(density, name)
     cols = int(shape[1]) // block
-    if not (0.0 < density <= 1.0):
-        raise ValueError(f"{name}: density must be in (0, 1], got {density!r}")
     k = nonzeros_per_row(density, cols)
     if k < 1:
         raise ValueError(
