@@ -112,13 +112,17 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
         schemes = list(dict.fromkeys(c["setting"].get("model.scheme", "") for c in members))
         fig, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes), 3.6), sharey=True, squeeze=False)
         finite = [y for c in members for y in c["loss"] if y is not None]
+        # One colour per density (or width) across every panel, densest / widest first.
+        values = sorted({c["setting"][line_key] for c in members}, reverse=True) if line_key else []
+        colour = {v: plt.cm.viridis(0.85 * i / max(1, len(values) - 1)) for i, v in enumerate(values)}
         for ax, scheme in zip(axes[0], schemes):
             for c in members:
                 if c["setting"].get("model.scheme", "") != scheme:
                     continue
                 pts = [(x, y) for x, y in zip(c["log2_x"], c["loss"]) if y is not None]
                 label = f"{line_key.split('.')[-1]}={c['setting'][line_key]:g}" if line_key else c["label"]
-                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)[0]
+                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label,
+                               color=colour.get(c["setting"].get(line_key)) if line_key else None)[0]
                 if c["optimum"] is not None:
                     ax.plot(c["optimum"]["log2_x"], c["optimum"]["loss"], marker="*", ms=11, color=line.get_color(),
                             mfc="none" if c["optimum"]["edge"] else line.get_color())
@@ -130,7 +134,8 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
                 ax.set_ylim(low - 0.05, min(max(finite), low + 1.5) + 0.05)
         axes[0][0].set_ylabel("final validation loss (nats/byte)")
         if len(members) <= 3 * 12:
-            axes[0][-1].legend(fontsize=7)
+            for ax in axes[0]:
+                ax.legend(fontsize=7)
         title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in rest)
         if title:
             fig.suptitle(title, fontsize=9)
