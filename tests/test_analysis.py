@@ -89,6 +89,28 @@ def test_report_writes_tables_figures_and_json(tmp_path, capsys):
     assert math.isclose(next(d for d in result["drifts"] if d["setting"]["model.scheme"] == "sp")["drift_log2"], 2.0)
 
 
+def test_report_merges_stores_counts_a_run_once_and_names_what_differs(tmp_path, capsys):
+    records = synthetic_records()
+    full, ablation = tmp_path / "full", tmp_path / "ablation"
+    for r in records:  # SP in one store, SµPar in the other, one SP run in both
+        ResultStore((full if r["overrides"]["model.scheme"] == "sp" else ablation)
+                    / "results.jsonl").append(r)
+    ResultStore(ablation / "results.jsonl").append(records[0])
+    assert main(["report", str(ablation), "--with", str(full), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runs"] == 84
+    assert {d["setting"]["model.scheme"] for d in result["drifts"]} == {"sp", "supar"}
+    report = (ablation / "report.md").read_text()
+    assert f"Merged from {ablation} (43 runs), {full} (42 runs); their fixed settings agree." in report
+    assert not (full / "report.md").exists()  # written into the first directory only
+
+    other = tmp_path / "other"
+    ResultStore(other / "results.jsonl").append({**records[0], "id": "x", "config": {**records[0]["config"],
+                                                                                    "model.width": 256}})
+    assert main(["report", str(ablation), "--with", str(other)]) == 0
+    assert "the stores differ in model.width." in capsys.readouterr().out
+
+
 def test_report_without_a_store_names_the_fix(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "sparsemup sweep --config FILE" in capsys.readouterr().err

@@ -38,12 +38,16 @@ def to_dense(values: torch.Tensor, index: torch.Tensor, in_features: int) -> tor
     return tiles.permute(0, 2, 1, 3).reshape(rows * block, in_features)
 
 
+def block_mask(values: torch.Tensor, index: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) mask of the kept blocks: one inside them, zero elsewhere, in ``dtype``."""
+    return to_dense(torch.ones(values.shape, dtype=dtype, device=values.device), index.to(values.device), in_features)
+
+
 def masked_dense_entries(values: torch.Tensor, index: torch.Tensor,
                          in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dense weight, 0/1 mask in the weight's dtype) of a block-sparse state_dict entry."""
-    ones = torch.ones(values.shape, dtype=values.dtype, device=values.device)
-    index = index.to(values.device)
-    return to_dense(values, index, in_features), to_dense(ones, index, in_features)
+    return (to_dense(values, index.to(values.device), in_features),
+            block_mask(values, index, in_features, values.dtype))
 
 
 def from_masked_dense(weight: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, block: int,
@@ -226,8 +230,7 @@ class BlockSparseLinear(nn.Module):
 
     def mask(self) -> torch.Tensor:
         """The logical (out, in) boolean mask."""
-        ones = torch.ones(self.weight.shape, dtype=torch.bool, device=self.weight.device)
-        return to_dense(ones, self.weight_index, self.in_features)
+        return block_mask(self.weight, self.weight_index, self.in_features, torch.bool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

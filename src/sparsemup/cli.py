@@ -166,7 +166,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_preset, write_report
 
-    result, text = write_report(args.dir, axis=args.axis)
+    result, text = write_report(args.dir, axis=args.axis, merge=args.merge)
     if args.preset is not None:
         best = write_preset(args.dir, args.preset)
         print(f"wrote preset {args.preset} from run {best['id']} (val loss {best['final_val_loss']:.4f})",
@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--axis", default="optim.lr", help="the swept key to optimise over (default optim.lr; "
                     "e.g. model.init_std)")
     rp.add_argument("--json", action="store_true", help="print the analysis as one JSON object")
+    rp.add_argument("--with", dest="merge", type=Path, action="append", default=[], metavar="OTHER",
+                    help="also analyse the runs of sweep directory OTHER (repeatable), e.g. an ablation beside "
+                    "the sweep of the full schemes; the report is written into dir")
     rp.add_argument("--preset", type=Path, help="also write the best run's swept keys as a config file "
                     "(a sweep's [sweep] preset)")
     rp.set_defaults(func=_report)

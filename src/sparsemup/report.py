@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from .analysis import analyze
 from .store import STORE_NAME, ResultStore, StoreError
 from .util import write_json_atomic, write_text_atomic
 
-__all__ = ["load_records", "tables", "plot_curves", "write_report", "write_preset"]
+__all__ = ["load_records", "merge_records", "tables", "plot_curves", "write_report", "write_preset"]
 
 LINE_KEYS = ("model.density", "model.width")  # a line per value of the first that varies
 
@@ -147,12 +148,36 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def write_report(out: Path, axis: str = "optim.lr", title: str | None = None) -> tuple[dict[str, Any], str]:
-    """Analyse ``out``'s store; write report.md, report.json and the figures into ``out``; return (result, text)."""
+def merge_records(dirs: Sequence[Path]) -> tuple[list[dict[str, Any]], str]:
+    """The records of several sweep directories (a run stored twice counts once) and a line saying what was merged.
+
+    The line names the config keys that are constant within each store but differ between them, since
+    those split the curves by store: e.g. merging sweeps of different widths is fine, but a different
+    σ_base is probably a mistake worth seeing.
+    """
+    per_dir = [load_records(d) for d in dirs]
+    merged: dict[str, dict[str, Any]] = {}
+    for records in per_dir:
+        for r in records:
+            merged.setdefault(r["id"], r)
+    if len(dirs) == 1:
+        return list(merged.values()), ""
+    constants = [{k: repr(v) for k, v in records[0]["config"].items()
+                  if all(repr(r["config"].get(k)) == repr(v) for r in records)} for records in per_dir if records]
+    differ = sorted({k for c in constants for k in c if any(k in o and o[k] != c[k] for o in constants)})
+    line = ("Merged from " + ", ".join(f"{d} ({len(r)} runs)" for d, r in zip(dirs, per_dir))
+            + (f"; the stores differ in {', '.join(differ)}." if differ else "; their fixed settings agree."))
+    return list(merged.values()), line
+
+
+def write_report(out: Path, axis: str = "optim.lr", title: str | None = None,
+                 merge: Sequence[Path] = ()) -> tuple[dict[str, Any], str]:
+    """Analyse ``out``'s store (with the stores of the ``merge`` directories); write report.md, report.json and
+    the figures into ``out``; return (result, text)."""
     out = Path(out)
-    records = load_records(out)
+    records, merged = merge_records([out, *map(Path, merge)])
     result = analyze(records, axis)
-    text = tables(result, records)
+    text = (merged + "\n\n" if merged else "") + tables(result, records)
     figures = plot_curves(result, out)
     body = [f"# {title or 'Sweep report: ' + out.name}", "", text, ""]
     body += [f"![{p.stem}]({p.name})" for p in figures]
