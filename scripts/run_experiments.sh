@@ -15,7 +15,7 @@ for name in "${names[@]}"; do
     echo "=== $name ($(date -u +%H:%M:%S))"
     if [ "$name" != a-lr-density-untuned ] && [ "$name" != tune-base ] && [ ! -f "$preset" ]; then
         echo "writing $preset from results/tune-base"
-        sparsemup report results/tune-base --preset "$preset" > /dev/null
+        sparsemup report results/tune-base --preset "$preset" --top 5 > /dev/null
     fi
     sparsemup sweep --config "experiments/$name.toml" --out "results/$name" --workers "$workers"
     axis=optim.lr

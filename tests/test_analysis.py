@@ -7,7 +7,8 @@ import pytest
 
 from sparsemup.analysis import analyze, fit_optimum
 from sparsemup.cli import main
-from sparsemup.store import ResultStore
+from sparsemup.report import preset_values
+from sparsemup.store import ResultStore, StoreError
 
 GRID = [-10, -9, -8, -7, -6, -5, -4]
 
@@ -137,3 +138,15 @@ def test_records_from_before_a_config_key_existed_join_the_same_curve():
         r["config"].update({"model.mask_kind": "rows", "model.block_size": 32, "model.backend": "masked_dense"})
     (curve,) = curves(old + new)
     assert len(curve["log2_x"]) == len(GRID) and curve["optimum"]["log2_x"] == pytest.approx(-7)
+
+
+def test_preset_of_the_top_runs_is_their_geometric_mean():
+    records = [_record("supar", 1.0, x, 0, loss) for x, loss in ((-8, 2.0), (-6, 2.01), (-4, 2.5))]
+    assert preset_values(records)["optim.lr"] == 2.0**-8
+    top2 = preset_values(records, top=2)
+    assert top2["optim.lr"] == pytest.approx(2.0**-7, rel=1e-3) and top2["model.scheme"] == "supar"
+    with pytest.raises(StoreError, match="needs 4 completed runs"):
+        preset_values(records, top=4)
+    records[1]["overrides"]["model.scheme"] = "sp"
+    with pytest.raises(StoreError, match="differ in model.scheme"):
+        preset_values(records, top=2)

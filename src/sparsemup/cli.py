@@ -168,8 +168,9 @@ def _report(args: argparse.Namespace) -> int:
 
     result, text = write_report(args.dir, axis=args.axis, merge=args.merge)
     if args.preset is not None:
-        best = write_preset(args.dir, args.preset)
-        print(f"wrote preset {args.preset} from run {best['id']} (val loss {best['final_val_loss']:.4f})",
+        preset = write_preset(args.dir, args.preset, top=args.top)
+        print(f"wrote preset {args.preset} from run(s) {', '.join(r['id'] for r in preset['runs'])}: "
+              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in preset["values"].items()),
               file=sys.stderr)
     if args.json:
         print(json.dumps(result))
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the sweep of the full schemes; the report is written into dir")
     rp.add_argument("--preset", type=Path, help="also write the best run's swept keys as a config file "
                     "(a sweep's [sweep] preset)")
+    rp.add_argument("--top", type=int, default=1, help="with --preset: the geometric mean of the TOP best runs' "
+                    "values (default 1: the best run's), steadier when the best runs tie within noise")
     rp.set_defaults(func=_report)
 
     dm = sub.add_parser("demo", help="coordinate check + LR × density sweep for SP and SµPar (≈ 10 min, 2 cores)")
@@ -294,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("steps", "seeds", "batch_size", "base_width", "workers"):
+    for flag in ("steps", "seeds", "batch_size", "base_width", "workers", "top"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             build_parser().error(f"--{flag.replace('_', '-')} must be at least 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ from .analysis import analyze
 from .store import STORE_NAME, ResultStore, StoreError
 from .util import write_json_atomic, write_text_atomic
 
-__all__ = ["load_records", "merge_records", "tables", "plot_curves", "write_report", "write_preset"]
+__all__ = ["load_records", "merge_records", "preset_values", "tables", "plot_curves", "write_report", "write_preset"]
 
 LINE_KEYS = ("model.density", "model.width")  # a line per value of the first that varies
 
@@ -41,19 +42,48 @@ def best_runs(records: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any]]
     return sorted(done, key=lambda r: r["final_val_loss"])[:n]
 
 
-def write_preset(out: Path, path: Path) -> dict[str, Any]:
-    """Write the swept keys of ``out``'s best run as a training config (a sweep's ``preset``); returns the record."""
-    best = best_runs(load_records(out), 1)
-    if not best:
+def preset_values(records: list[dict[str, Any]], top: int = 1) -> dict[str, Any]:
+    """The swept keys of the ``top`` best runs: their geometric mean (4 significant digits) for positive numbers.
+
+    With top > 1 the preset is less exposed to one run's noise when the best runs are within noise of
+    each other but far apart in their settings; a non-numeric key must agree across them.
+    """
+    best = best_runs(records, top)
+    if len(best) < top:
+        raise StoreError(f"--top {top} needs {top} completed runs; the store has {len(best)}")
+    values: dict[str, Any] = {}
+    for key in best[0]["overrides"]:
+        seen = [r["overrides"][key] for r in best]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in seen) and len(set(seen)) > 1:
+            values[key] = float(f"{math.exp(sum(map(math.log, seen)) / len(seen)):.4g}")
+        elif len({repr(v) for v in seen}) == 1:
+            values[key] = seen[0]
+        else:
+            raise StoreError(f"the {top} best runs differ in {key} ({', '.join(map(repr, seen))}), which has no "
+                             "geometric mean; use --top 1 or a sweep that fixes it")
+    return values
+
+
+def write_preset(out: Path, path: Path, top: int = 1) -> dict[str, Any]:
+    """Write the swept keys of ``out``'s best run (geometric mean of the ``top`` best) as a training config
+    (a sweep's ``preset``); returns {"runs": the runs used, "values": the values written}."""
+    records = load_records(out)
+    if not best_runs(records, 1):
         raise StoreError(f"{out} has no completed run to take a preset from")
+    values = preset_values(records, top)
+    best = best_runs(records, top)
     sections: dict[str, list[str]] = defaultdict(list)
-    for key, value in sorted(best[0]["overrides"].items()):
+    for key, value in sorted(values.items()):
         section, _, name = key.partition(".")
         sections[section].append(f"{name} = {value!r}" if not isinstance(value, str) else f'{name} = "{value}"')
-    text = f"# preset: best run {best[0]['id']} of {out} (val loss {best[0]['final_val_loss']:.4f})\n"
+    origin = (f"best run {best[0]['id']}" if top == 1 else
+              f"geometric mean of the {top} best runs ({', '.join(r['id'] for r in best)})")
+    losses = ", ".join(f"{r['final_val_loss']:.4f}" for r in best)
+    text = (f"# preset: {origin} of {out} (val loss {losses})\n"
+            f"# written by: sparsemup report {out} --preset {path}" + (f" --top {top}" if top > 1 else "") + "\n")
     text += "".join(f"\n[{s}]\n" + "\n".join(lines) + "\n" for s, lines in sections.items())
     write_text_atomic(Path(path), text)
-    return best[0]
+    return {"runs": best, "values": values}
 
 
 def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) -> str:
