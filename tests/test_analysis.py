@@ -150,3 +150,18 @@ def test_preset_of_the_top_runs_is_their_geometric_mean():
     records[1]["overrides"]["model.scheme"] = "sp"
     with pytest.raises(StoreError, match="differ in model.scheme"):
         preset_values(records, top=2)
+
+
+def test_report_at_fixed_hyperparameters_tables_loss_along_density_with_seed_spread(tmp_path, capsys):
+    store = ResultStore(tmp_path / "results.jsonl")
+    for scheme, rise in (("sp", 0.2), ("supar", 0.0)):
+        for k, density in enumerate((1.0, 0.5, 0.25)):
+            for seed, noise in ((0, 0.01), (1, -0.01)):
+                store.append(_record(scheme, density, -8, seed, 2.0 + rise * k + noise))
+    assert main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "one lr per setting: losses at fixed hyperparameters" in text
+    assert "**scheme=sp**, across density:" in text
+    assert "| 0.25 | -8.00 | 2.400 | 0.020 |" in text and "| 0.25 | -8.00 | 2.000 | 0.020 |" in text
+    assert (tmp_path / "loss-vs-density.png").stat().st_size > 100
+    assert "![loss-vs-density](loss-vs-density.png)" in (tmp_path / "report.md").read_text()

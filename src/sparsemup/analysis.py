@@ -76,14 +76,15 @@ def curves(records: Sequence[dict[str, Any]], axis: str = "optim.lr") -> list[di
     out = []
     for setting, by_x in sorted(groups.items(), key=lambda kv: tuple(map(repr, kv[0]))):
         xs = sorted(by_x)
-        losses = []
+        losses, spreads = [], []
         for x in xs:
             runs = by_x[x]
             ok = all(v is not None and math.isfinite(v) for v in runs)
             losses.append(sum(runs) / len(runs) if ok else None)
+            spreads.append(max(runs) - min(runs) if ok else None)  # across seeds: the noise of a point
         labelled = dict(zip(varying, setting))
         out.append({"setting": labelled, "label": _label(labelled), "log2_x": [math.log2(x) for x in xs],
-                    "loss": losses, "seeds": max(len(v) for v in by_x.values()),
+                    "loss": losses, "seed_spread": spreads, "seeds": max(len(v) for v in by_x.values()),
                     "optimum": fit_optimum([math.log2(x) for x in xs], losses)})
     return out
 
@@ -130,7 +131,8 @@ def _drifts(found: list[dict[str, Any]], along: str, linked: str | None = None) 
                          "best_log2_x": None if o is None else o["log2_x"],
                          "best_loss": None if o is None else o["loss"], "edge": None if o is None else o["edge"],
                          "loss_at_transferred": at_ref,
-                         "transfer_gap": None if at_ref is None or o is None else at_ref - o["loss"]})
+                         "transfer_gap": None if at_ref is None or o is None else at_ref - o["loss"],
+                         "seed_spread": c["seed_spread"][0] if len(c["seed_spread"]) == 1 else None})
         rest_setting = {k: v for k, v in members[0]["setting"].items() if k not in (along, linked)}
         out.append({"along": along, "setting": rest_setting, "label": _label(rest_setting), "rows": rows,
                     "transferred_log2_x": None if ref_opt is None else ref_opt["log2_x"],

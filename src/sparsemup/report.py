@@ -86,6 +86,22 @@ def write_preset(out: Path, path: Path, top: int = 1) -> dict[str, Any]:
     return {"runs": best, "values": values}
 
 
+def _fixed_tables(result: dict[str, Any]) -> list[str]:
+    """Loss along density (or width) at fixed hyperparameters (one value of the axis per setting), with the
+    spread over seeds: the sweep of paper Fig. 3, where nothing is retuned."""
+    axis = result["axis"].split(".")[-1]
+    lines = [f"Runs: {result['runs']} ({result['diverged']} diverged); one {axis} per setting: losses at fixed "
+             "hyperparameters, averaged over seeds (spread: max − min over seeds)."]
+    for d in result["drifts"]:
+        along = d["along"].split(".")[-1]
+        lines += ["", f"**{d['label'] or 'all'}**, across {along}:", "",
+                  f"| {along} | log2 {axis} | loss | seed spread |", "|---|---|---|---|"]
+        for r in d["rows"]:
+            lines.append(f"| {r[d['along']]:g} | {_num(r['best_log2_x'], '.2f')} | {_num(r['best_loss'])} | "
+                         f"{_num(r['seed_spread'], '.3f')} |")
+    return lines
+
+
 def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) -> str:
     """Markdown tables: the best runs, every setting's optimum, then one drift table per group of settings."""
     axis = result["axis"].split(".")[-1]
@@ -96,6 +112,8 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
                   + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["overrides"].items())
                   + " |" for r in best_runs(records)]
         lines.append("")
+    if all(len(c["log2_x"]) < 2 for c in result["curves"]) and result["drifts"]:
+        return "\n".join(lines + _fixed_tables(result)) + "\n"
     if all(len(c["log2_x"]) < 2 for c in result["curves"]):
         return "\n".join(lines + [f"Runs: {result['runs']} ({result['diverged']} diverged); every setting has one "
                                    f"{axis} (a random search): no optima to fit."]) + "\n"
@@ -129,8 +147,8 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     curves = result["curves"]
-    if all(len(c["log2_x"]) < 2 for c in curves):  # a random search: no curves to draw
-        return []
+    if all(len(c["log2_x"]) < 2 for c in curves):  # fixed HPs: loss along density, or a random search: nothing
+        return [_plot_fixed(result, out, plt)] if result["drifts"] else []
     keys = list(curves[0]["setting"])
     line_key = next((k for k in LINE_KEYS if k in keys), None)
     figures: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -176,6 +194,26 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _plot_fixed(result: dict[str, Any], out: Path, plt: Any) -> Path:
+    """Loss vs log2 density (or width) at fixed hyperparameters, a line per group (scheme): paper Fig. 3."""
+    along = result["drifts"][0]["along"]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for d in result["drifts"]:
+        rows = [r for r in d["rows"] if r["best_loss"] is not None]
+        ax.plot([math.log2(r[d["along"]]) for r in rows], [r["best_loss"] for r in rows], marker="o", ms=4,
+                label=d["label"] or "all")
+    name = along.split(".")[-1]
+    ax.set_xlabel(f"log2 {name}")
+    ax.set_ylabel("final validation loss (nats/byte)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out) / f"loss-vs-{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def merge_records(dirs: Sequence[Path]) -> tuple[list[dict[str, Any]], str]:
