@@ -9,6 +9,7 @@ from sparsemup.analysis import analyze, fit_optimum
 from sparsemup.cli import main
 from sparsemup.report import preset_values
 from sparsemup.store import ResultStore, StoreError
+from sparsemup.sweep import load_sweep
 
 GRID = [-10, -9, -8, -7, -6, -5, -4]
 
@@ -102,14 +103,24 @@ def test_report_merges_stores_counts_a_run_once_and_names_what_differs(tmp_path,
     assert result["runs"] == 84
     assert {d["setting"]["model.scheme"] for d in result["drifts"]} == {"sp", "supar"}
     report = (ablation / "report.md").read_text()
-    assert f"Merged from {ablation} (43 runs), {full} (42 runs); their fixed settings agree." in report
+    assert f"Merged from {ablation} (43 runs), {full} (42 runs): 84 distinct runs; their fixed settings agree." \
+        in report
     assert not (full / "report.md").exists()  # written into the first directory only
+    assert json.loads((ablation / "report.json").read_text())["merged_from"] == [str(ablation), str(full)]
 
+    # Same swept keys (so the same id) on another base: a different run, kept, and the difference named.
     other = tmp_path / "other"
-    ResultStore(other / "results.jsonl").append({**records[0], "id": "x", "config": {**records[0]["config"],
-                                                                                    "model.width": 256}})
-    assert main(["report", str(ablation), "--with", str(other)]) == 0
-    assert "the stores differ in model.width." in capsys.readouterr().out
+    ResultStore(other / "results.jsonl").append({**records[0], "config": {**records[0]["config"], "model.width": 256}})
+    assert main(["report", str(ablation), "--with", str(other), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == 44
+    assert "44 distinct runs; the stores differ in model.width." in (ablation / "report.md").read_text()
+
+    assert main(["report", str(ablation), "--with", str(tmp_path / "typo")]) == 2
+    assert f"--with {tmp_path / 'typo'}: " in capsys.readouterr().err
+    assert main(["report", str(ablation), "--with", str(full), "--preset", str(tmp_path / "p.toml")]) == 2
+    assert "drop --with" in capsys.readouterr().err
+    assert main(["report", str(ablation), "--top", "3"]) == 2
+    assert "--top K only applies with --preset" in capsys.readouterr().err
 
 
 def test_report_without_a_store_names_the_fix(tmp_path, capsys):
@@ -147,9 +158,34 @@ def test_preset_of_the_top_runs_is_their_geometric_mean():
     assert top2["optim.lr"] == pytest.approx(2.0**-7, rel=1e-3) and top2["model.scheme"] == "supar"
     with pytest.raises(StoreError, match="needs 4 completed runs"):
         preset_values(records, top=4)
-    records[1]["overrides"]["model.scheme"] = "sp"
+    assert "train.seed" not in top2  # a seed is not a hyperparameter
+    records[1]["overrides"]["train.seed"] = 7
+    assert preset_values(records, top=2)["optim.lr"] == top2["optim.lr"]
+    records[1]["overrides"]["model.width"] = 256  # a key the others did not sweep
+    with pytest.raises(StoreError, match="swept different keys"):
+        preset_values(records, top=2)
+    for r, width in zip(records, (128, 256, 512)):
+        r["overrides"]["model.width"] = width  # ints are not averaged: 181.02 is no width
+    with pytest.raises(StoreError, match="differ in model.width"):
+        preset_values(records, top=2)
+    records[1]["overrides"].update({"model.width": 128, "model.scheme": "sp"})
     with pytest.raises(StoreError, match="differ in model.scheme"):
         preset_values(records, top=2)
+
+
+def test_preset_of_the_top_runs_through_the_cli_feeds_a_sweep(tmp_path, capsys):
+    store = ResultStore(tmp_path / "tune" / "results.jsonl")
+    for k, (lr, std, loss) in enumerate(((2.0**-8, 0.02, 2.0), (2.0**-6, 0.08, 2.01), (2.0**-4, 0.5, 3.0))):
+        overrides = {"optim.lr": lr, "model.init_std": std, "train.seed": k}
+        store.append({"id": str(k), "status": "completed", "final_val_loss": loss, "overrides": overrides,
+                      "config": overrides})
+    preset = tmp_path / "presets" / "base.toml"
+    assert main(["report", str(tmp_path / "tune"), "--preset", str(preset), "--top", "2"]) == 0
+    assert "geometric mean of the 2 best runs (0, 1)" in preset.read_text()
+    sweep = tmp_path / "next.toml"
+    sweep.write_text('[sweep]\npreset = "presets/base.toml"\n[grid]\n"train.seed" = [0]\n')
+    spec = load_sweep(sweep)
+    assert spec.base.optim.lr == pytest.approx(2.0**-7, rel=1e-3) and spec.base.model.init_std == pytest.approx(0.04)
 
 
 def test_report_at_fixed_hyperparameters_tables_loss_along_density_with_seed_spread(tmp_path, capsys):
@@ -165,3 +201,27 @@ def test_report_at_fixed_hyperparameters_tables_loss_along_density_with_seed_spr
     assert "| 0.25 | -8.00 | 2.400 | 0.020 |" in text and "| 0.25 | -8.00 | 2.000 | 0.020 |" in text
     assert (tmp_path / "loss-vs-density.png").stat().st_size > 100
     assert "![loss-vs-density](loss-vs-density.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_fixed_hyperparameters_with_width_and_density_each_get_a_figure_and_one_seed_no_spread(tmp_path, capsys):
+    store = ResultStore(tmp_path / "results.jsonl")
+    for density in (1.0, 0.5):
+        for width in (128, 256):
+            r = _record("supar", density, -8, 0, 2.0 + (1 - density) + 128 / width)
+            r["id"] += str(width)
+            r["overrides"]["model.width"] = r["config"]["model.width"] = width
+            store.append(r)
+    assert main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "across density:" in text and "across width:" in text
+    assert "**width=256**, across density:\n\n| density | log2 lr | loss | seed spread |\n|---|---|---|---|\n" \
+           "| 1 | -8.00 | 2.500 | — |\n| 0.5 | -8.00 | 3.000 | — |" in text  # one seed: no spread to show
+    assert (tmp_path / "loss-vs-density.png").exists() and (tmp_path / "loss-vs-width.png").exists()
+
+    linked = tmp_path / "iso"  # iso-parameter: width set with density, shown in the row
+    for density, width in ((1.0, 128), (0.5, 192)):
+        r = _record("supar", density, -8, 0, 2.0)
+        r["overrides"]["model.width"] = r["config"]["model.width"] = width
+        ResultStore(linked / "results.jsonl").append(r)
+    assert main(["report", str(linked)]) == 0
+    assert "| 0.5 (width 192) | -8.00 | 2.000 | — |" in capsys.readouterr().out

@@ -81,7 +81,7 @@ def curves(records: Sequence[dict[str, Any]], axis: str = "optim.lr") -> list[di
             runs = by_x[x]
             ok = all(v is not None and math.isfinite(v) for v in runs)
             losses.append(sum(runs) / len(runs) if ok else None)
-            spreads.append(max(runs) - min(runs) if ok else None)  # across seeds: the noise of a point
+            spreads.append(max(runs) - min(runs) if ok and len(runs) > 1 else None)  # across seeds: a point's noise
         labelled = dict(zip(varying, setting))
         out.append({"setting": labelled, "label": _label(labelled), "log2_x": [math.log2(x) for x in xs],
                     "loss": losses, "seed_spread": spreads, "seeds": max(len(v) for v in by_x.values()),

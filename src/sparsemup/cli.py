@@ -166,6 +166,10 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_preset, write_report
 
+    if args.top != 1 and args.preset is None:
+        raise ValueError("--top K only applies with --preset FILE: add --preset, or drop --top")
+    if args.preset is not None and args.merge:
+        raise ValueError("--preset takes DIR's own runs; drop --with to write a preset")
     result, text = write_report(args.dir, axis=args.axis, merge=args.merge)
     if args.preset is not None:
         preset = write_preset(args.dir, args.preset, top=args.top)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .analysis import analyze
+from .analysis import SEED_KEY, analyze
 from .store import STORE_NAME, ResultStore, StoreError
 from .util import write_json_atomic, write_text_atomic
 
@@ -43,30 +44,37 @@ def best_runs(records: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any]]
 
 
 def preset_values(records: list[dict[str, Any]], top: int = 1) -> dict[str, Any]:
-    """The swept keys of the ``top`` best runs: their geometric mean (4 significant digits) for positive numbers.
+    """The swept hyperparameters of the ``top`` best runs, for a preset: their geometric mean (4 significant
+    digits) for floats, the common value for anything else. The seed is left out: it is not a hyperparameter.
 
     With top > 1 the preset is less exposed to one run's noise when the best runs are within noise of
-    each other but far apart in their settings; a non-numeric key must agree across them.
+    each other but far apart in their settings.
     """
     best = best_runs(records, top)
     if len(best) < top:
         raise StoreError(f"--top {top} needs {top} completed runs; the store has {len(best)}")
+    keys = [k for k in best[0]["overrides"] if k != SEED_KEY]
+    for r in best[1:]:
+        if set(r["overrides"]) - {SEED_KEY} != set(keys):
+            raise StoreError(f"the {top} best runs swept different keys ({sorted(keys)} vs "
+                             f"{sorted(set(r['overrides']) - {SEED_KEY})}), e.g. from two versions of a sweep file; "
+                             "use --top 1")
     values: dict[str, Any] = {}
-    for key in best[0]["overrides"]:
+    for key in keys:
         seen = [r["overrides"][key] for r in best]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in seen) and len(set(seen)) > 1:
-            values[key] = float(f"{math.exp(sum(map(math.log, seen)) / len(seen)):.4g}")
-        elif len({repr(v) for v in seen}) == 1:
+        if len({repr(v) for v in seen}) == 1:
             values[key] = seen[0]
+        elif all(type(v) is float and v > 0 for v in seen):
+            values[key] = float(f"{math.exp(sum(map(math.log, seen)) / len(seen)):.4g}")
         else:
             raise StoreError(f"the {top} best runs differ in {key} ({', '.join(map(repr, seen))}), which has no "
-                             "geometric mean; use --top 1 or a sweep that fixes it")
+                             "geometric mean (only positive floats are averaged); use --top 1 or a sweep that fixes it")
     return values
 
 
 def write_preset(out: Path, path: Path, top: int = 1) -> dict[str, Any]:
-    """Write the swept keys of ``out``'s best run (geometric mean of the ``top`` best) as a training config
-    (a sweep's ``preset``); returns {"runs": the runs used, "values": the values written}."""
+    """Write the swept hyperparameters of ``out``'s best run (geometric mean of the ``top`` best) as a training
+    config (a sweep's ``preset``); returns {"runs": the runs used, "values": the values written}."""
     records = load_records(out)
     if not best_runs(records, 1):
         raise StoreError(f"{out} has no completed run to take a preset from")
@@ -91,13 +99,15 @@ def _fixed_tables(result: dict[str, Any]) -> list[str]:
     spread over seeds: the sweep of paper Fig. 3, where nothing is retuned."""
     axis = result["axis"].split(".")[-1]
     lines = [f"Runs: {result['runs']} ({result['diverged']} diverged); one {axis} per setting: losses at fixed "
-             "hyperparameters, averaged over seeds (spread: max − min over seeds)."]
+             "hyperparameters, averaged over seeds (spread: max − min over seeds, — with one seed)."]
     for d in result["drifts"]:
         along = d["along"].split(".")[-1]
         lines += ["", f"**{d['label'] or 'all'}**, across {along}:", "",
                   f"| {along} | log2 {axis} | loss | seed spread |", "|---|---|---|---|"]
         for r in d["rows"]:
-            lines.append(f"| {r[d['along']]:g} | {_num(r['best_log2_x'], '.2f')} | {_num(r['best_loss'])} | "
+            width = f" (width {r['model.width']})" if d["along"] != "model.width" and "model.width" in r else ""
+            loss = "diverged" if r["best_loss"] is None else f"{r['best_loss']:.3f}"
+            lines.append(f"| {r[d['along']]:g}{width} | {_num(r['best_log2_x'], '.2f')} | {loss} | "
                          f"{_num(r['seed_spread'], '.3f')} |")
     return lines
 
@@ -148,7 +158,7 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
 
     curves = result["curves"]
     if all(len(c["log2_x"]) < 2 for c in curves):  # fixed HPs: loss along density, or a random search: nothing
-        return [_plot_fixed(result, out, plt)] if result["drifts"] else []
+        return [_plot_fixed(result, along, out, plt) for along in dict.fromkeys(d["along"] for d in result["drifts"])]
     keys = list(curves[0]["setting"])
     line_key = next((k for k in LINE_KEYS if k in keys), None)
     figures: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -196,13 +206,14 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def _plot_fixed(result: dict[str, Any], out: Path, plt: Any) -> Path:
+def _plot_fixed(result: dict[str, Any], along: str, out: Path, plt: Any) -> Path:
     """Loss vs log2 density (or width) at fixed hyperparameters, a line per group (scheme): paper Fig. 3."""
-    along = result["drifts"][0]["along"]
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for d in result["drifts"]:
+        if d["along"] != along:
+            continue
         rows = [r for r in d["rows"] if r["best_loss"] is not None]
-        ax.plot([math.log2(r[d["along"]]) for r in rows], [r["best_loss"] for r in rows], marker="o", ms=4,
+        ax.plot([math.log2(r[along]) for r in rows], [r["best_loss"] for r in rows], marker="o", ms=4,
                 label=d["label"] or "all")
     name = along.split(".")[-1]
     ax.set_xlabel(f"log2 {name}")
@@ -223,18 +234,27 @@ def merge_records(dirs: Sequence[Path]) -> tuple[list[dict[str, Any]], str]:
     those split the curves by store: e.g. merging sweeps of different widths is fine, but a different
     σ_base is probably a mistake worth seeing.
     """
-    per_dir = [load_records(d) for d in dirs]
-    merged: dict[str, dict[str, Any]] = {}
+    per_dir = []
+    for n, d in enumerate(dirs):
+        try:
+            per_dir.append(load_records(d))
+        except StoreError as err:
+            raise StoreError(f"--with {d}: {err}" if n else str(err)) from None
+    # A run id hashes only the swept keys, so stores with another base share ids: the same run means
+    # the same id *and* the same full config.
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
     for records in per_dir:
         for r in records:
-            merged.setdefault(r["id"], r)
+            merged.setdefault((r["id"], json.dumps(r["config"], sort_keys=True)), r)
     if len(dirs) == 1:
         return list(merged.values()), ""
     constants = [{k: repr(v) for k, v in records[0]["config"].items()
                   if all(repr(r["config"].get(k)) == repr(v) for r in records)} for records in per_dir if records]
     differ = sorted({k for c in constants for k in c if any(k in o and o[k] != c[k] for o in constants)})
+    verdict = (f"the stores differ in {', '.join(differ)}." if differ else
+               "their fixed settings agree." if len(constants) > 1 else "only one of them holds runs.")
     line = ("Merged from " + ", ".join(f"{d} ({len(r)} runs)" for d, r in zip(dirs, per_dir))
-            + (f"; the stores differ in {', '.join(differ)}." if differ else "; their fixed settings agree."))
+            + f": {len(merged)} distinct runs; {verdict}")
     return list(merged.values()), line
 
 
@@ -250,6 +270,8 @@ def write_report(out: Path, axis: str = "optim.lr", title: str | None = None,
     body = [f"# {title or 'Sweep report: ' + out.name}", "", text, ""]
     body += [f"![{p.stem}]({p.name})" for p in figures]
     write_text_atomic(out / "report.md", "\n".join(body) + "\n")
+    if merged:
+        result["merged_from"] = [str(d) for d in [out, *merge]]
     write_json_atomic(out / "report.json", result)
     result["files"] = [str(out / "report.md"), str(out / "report.json"), *map(str, figures)]
     return result, text
