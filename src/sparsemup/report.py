@@ -76,10 +76,10 @@ def write_preset(out: Path, path: Path, top: int = 1) -> dict[str, Any]:
     """Write the swept hyperparameters of ``out``'s best run (geometric mean of the ``top`` best) as a training
     config (a sweep's ``preset``); returns {"runs": the runs used, "values": the values written}."""
     records = load_records(out)
-    if not best_runs(records, 1):
+    best = best_runs(records, top)
+    if not best:
         raise StoreError(f"{out} has no completed run to take a preset from")
     values = preset_values(records, top)
-    best = best_runs(records, top)
     sections: dict[str, list[str]] = defaultdict(list)
     for key, value in sorted(values.items()):
         section, _, name = key.partition(".")
@@ -94,6 +94,12 @@ def write_preset(out: Path, path: Path, top: int = 1) -> dict[str, Any]:
     return {"runs": best, "values": values}
 
 
+def _along_value(drift: dict[str, Any], row: dict[str, Any]) -> str:
+    """A drift row's density (or width), with the width beside a density when the two are set together."""
+    width = f" (width {row['model.width']})" if drift["along"] != "model.width" and "model.width" in row else ""
+    return f"{row[drift['along']]:g}{width}"
+
+
 def _fixed_tables(result: dict[str, Any]) -> list[str]:
     """Loss along density (or width) at fixed hyperparameters (one value of the axis per setting), with the
     spread over seeds: the sweep of paper Fig. 3, where nothing is retuned."""
@@ -105,9 +111,8 @@ def _fixed_tables(result: dict[str, Any]) -> list[str]:
         lines += ["", f"**{d['label'] or 'all'}**, across {along}:", "",
                   f"| {along} | log2 {axis} | loss | seed spread |", "|---|---|---|---|"]
         for r in d["rows"]:
-            width = f" (width {r['model.width']})" if d["along"] != "model.width" and "model.width" in r else ""
             loss = "diverged" if r["best_loss"] is None else f"{r['best_loss']:.3f}"
-            lines.append(f"| {r[d['along']]:g}{width} | {_num(r['best_log2_x'], '.2f')} | {loss} | "
+            lines.append(f"| {_along_value(d, r)} | {_num(r['best_log2_x'], '.2f')} | {loss} | "
                          f"{_num(r['seed_spread'], '.3f')} |")
     return lines
 
@@ -122,9 +127,10 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
                   + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["overrides"].items())
                   + " |" for r in best_runs(records)]
         lines.append("")
-    if all(len(c["log2_x"]) < 2 for c in result["curves"]) and result["drifts"]:
+    single = all(len(c["log2_x"]) < 2 for c in result["curves"])  # one x per setting: nothing to fit
+    if single and result["drifts"]:
         return "\n".join(lines + _fixed_tables(result)) + "\n"
-    if all(len(c["log2_x"]) < 2 for c in result["curves"]):
+    if single:
         return "\n".join(lines + [f"Runs: {result['runs']} ({result['diverged']} diverged); every setting has one "
                                    f"{axis} (a random search): no optima to fit."]) + "\n"
     lines += [f"Runs: {result['runs']} ({result['diverged']} diverged). Optima in log2 {axis}; "
@@ -143,8 +149,7 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
                   f"{'densest' if along == 'density' else 'narrowest'} setting)", "",
                   f"| {along} | best log2 {axis} | best loss | loss at transferred | gap |", "|---|---|---|---|---|"]
         for r in d["rows"]:
-            width = f" (width {r['model.width']})" if d["along"] != "model.width" and "model.width" in r else ""
-            lines.append(f"| {r[d['along']]:g}{width} | {_opt(r)} | {_num(r['best_loss'])} | "
+            lines.append(f"| {_along_value(d, r)} | {_opt(r)} | {_num(r['best_loss'])} | "
                          f"{_num(r['loss_at_transferred'])} | {_num(r['transfer_gap'], '+.3f')} |")
     return "\n".join(lines) + "\n"
 
@@ -263,7 +268,8 @@ def write_report(out: Path, axis: str = "optim.lr", title: str | None = None,
     """Analyse ``out``'s store (with the stores of the ``merge`` directories); write report.md, report.json and
     the figures into ``out``; return (result, text)."""
     out = Path(out)
-    records, merged = merge_records([out, *map(Path, merge)])
+    dirs = [out, *map(Path, merge)]
+    records, merged = merge_records(dirs)
     result = analyze(records, axis)
     text = (merged + "\n\n" if merged else "") + tables(result, records)
     figures = plot_curves(result, out)
@@ -271,7 +277,7 @@ def write_report(out: Path, axis: str = "optim.lr", title: str | None = None,
     body += [f"![{p.stem}]({p.name})" for p in figures]
     write_text_atomic(out / "report.md", "\n".join(body) + "\n")
     if merged:
-        result["merged_from"] = [str(d) for d in [out, *merge]]
+        result["merged_from"] = [str(d) for d in dirs]
     write_json_atomic(out / "report.json", result)
     result["files"] = [str(out / "report.md"), str(out / "report.json"), *map(str, figures)]
     return result, text
