@@ -128,16 +128,36 @@ def test_report_without_a_store_names_the_fix(tmp_path, capsys):
     assert "sparsemup sweep --config FILE" in capsys.readouterr().err
 
 
-def test_iso_parameter_sweep_drifts_along_density_with_width_linked():
+def iso_records():
+    """An iso-parameter sweep: width set together with density; the optimum moves by 0.5 per step."""
     records = []
     for k, (density, width) in enumerate(((1.0, 256), (0.5, 384), (0.25, 512))):
         for log2_lr in GRID:
             record = _record("supar", density, log2_lr, 0, 2.0 + 0.1 * (log2_lr + 7 - 0.5 * k) ** 2)
             record["config"]["model.width"] = width
             records.append(record)
-    (drift,) = analyze(records)["drifts"]
+    return records
+
+
+def test_iso_parameter_sweep_drifts_along_density_with_width_linked():
+    (drift,) = analyze(iso_records())["drifts"]
     assert drift["along"] == "model.density" and drift["drift_log2"] == pytest.approx(1.0)
     assert [(r["model.density"], r["model.width"]) for r in drift["rows"]] == [(1.0, 256), (0.5, 384), (0.25, 512)]
+
+
+def test_iso_parameter_figure_draws_linked_widths_as_lines_of_one_figure(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from sparsemup.report import plot_curves
+
+    labels = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **kw: (labels.append(kw.get("label")),
+                                                                          original(ax, *a, **kw))[1])
+    paths = plot_curves(analyze(iso_records()), tmp_path)
+    assert [p.name for p in paths] == ["loss-vs-lr.png"]  # not one figure per width
+    assert sorted(lab for lab in labels if lab) == ["density=0.25, width=512", "density=0.5, width=384",
+                                                    "density=1, width=256"]
 
 
 def test_records_from_before_a_config_key_existed_join_the_same_curve():

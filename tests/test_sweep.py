@@ -127,6 +127,7 @@ def test_diverged_run_is_an_outcome(corpus, tmp_path):
     record = _records(tmp_path / "s")[0]
     assert record["status"] == "diverged" and record["final_val_loss"] is None
     assert record["config"]["optim.lr"] == 1e6
+    assert record["device"] == "cpu"  # where it ran: train.device=auto is not recorded in the config
 
 
 def test_parallel_workers_write_one_consistent_store(corpus, tmp_path):
@@ -135,6 +136,7 @@ def test_parallel_workers_write_one_consistent_store(corpus, tmp_path):
     records = _records(tmp_path / "p")
     assert sorted(r["id"] for r in records) == sorted(p.id for p in spec.points)
     assert all(r["config"]["train.seed"] in (0, 1) and math.isfinite(r["final_val_loss"]) for r in records)
+    assert {r["device"] for r in records} == {"cpu"}
 
 
 def test_store_refuses_a_corrupt_middle_line(tmp_path):

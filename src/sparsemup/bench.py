@@ -5,7 +5,8 @@ layer, side by side in one process, and reports the speedup over masked dense of
 dtype, over the fastest dense path (the best dtype of masked dense), and the fraction of the
 1/ρ ideal. Backends: ``masked_dense`` (what sparsemup runs by default), ``torch_csr`` (torch's
 CSR ``mm`` + ``sampled_addmm``) and ``blocks`` (sparsemup's block-sparse layers, block masks).
-Peak memory is the growth of the process's peak resident set during the step (Linux only);
+Peak memory is the growth of the process's peak resident set during the step (Linux only), or on
+CUDA of the peak memory torch allocated;
 ``state_mb`` counts the bytes of weights, AdamW state and mask or indices the layer keeps.
 """
 
@@ -29,7 +30,7 @@ from .blocksparse import block_sparse_linear, to_blocks
 from .masks import block_layout, random_mask
 from .util import write_text_atomic
 
-__all__ = ["Grid", "FULL", "QUICK", "run_layers", "run_gpt_step", "block_for", "blocks_for", "main_table",
+__all__ = ["Grid", "FULL", "QUICK", "GPU", "run_layers", "run_gpt_step", "block_for", "blocks_for", "main_table",
            "derive_thresholds"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -51,6 +52,9 @@ class Grid:
 FULL = Grid(shapes=((512, 512), (1024, 1024), (2048, 2048), (4096, 1024)), tokens=(512, 4096),
             densities=(1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128), dtypes=("fp32", "bf16"),
             repeats=3, gpt_width=1024, gpt_tokens=(8, 256))
+# On a GPU the layers are bigger (small ones only measure launch overhead) and timings repeat more.
+GPU = Grid(shapes=((4096, 4096), (8192, 8192)), tokens=(8192,), densities=(1 / 4, 1 / 16, 1 / 64),
+           dtypes=("fp32", "bf16"), repeats=10, gpt_width=2048, gpt_tokens=(16, 512))
 QUICK = Grid(shapes=((256, 256),), tokens=(64,), densities=(1 / 4, 1 / 16), dtypes=("fp32", "bf16"),
              repeats=1, gpt_width=128, gpt_tokens=(2, 32))
 
@@ -99,6 +103,24 @@ class _Memory:
         return round((self._status("VmHWM:") - self.base) / 2**20, 1) if self.ok else None
 
 
+class _CudaMemory:
+    """Peak growth of the memory torch allocated on the current CUDA device."""
+
+    def start(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+
+    def peak_mb(self) -> float:
+        return round((torch.cuda.max_memory_allocated() - self.base) / 2**20, 1)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timers measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _CSRLinear(torch.autograd.Function):
     """y = x Wᵀ with W in torch CSR; dX with a transposed CSR, dW with sampled_addmm on the pattern."""
 
@@ -124,7 +146,7 @@ def _csr_layer(weight: torch.Tensor, mask: torch.Tensor) -> Callable[[torch.Tens
     pattern = (weight * mask).to_sparse_csr()
     values = pattern.values().clone().requires_grad_()
     # Transposed pattern, and where each of its values sits in the original order.
-    order = torch.arange(1, values.numel() + 1, dtype=weight.dtype)
+    order = torch.arange(1, values.numel() + 1, dtype=torch.float64, device=weight.device)  # exact in any dtype
     numbered = torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), order, pattern.shape)
     trans = numbered.to_dense().t().to_sparse_csr()
     perm = trans.values().long() - 1
@@ -132,12 +154,13 @@ def _csr_layer(weight: torch.Tensor, mask: torch.Tensor) -> Callable[[torch.Tens
     return lambda x: _CSRLinear.apply(x, values, pattern, transpose)
 
 
-def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dtype,
-           block: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], None], int]:
+def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dtype, block: int,
+           device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], None], int]:
     """(forward, after-backward, bytes of weights + AdamW state + mask or indices) of one layer."""
     kind = "blocks" if backend == "blocks" else "rows"
     mask = random_mask(shape, density, 0, "bench", kind, block) if density < 1 else torch.ones(shape, dtype=torch.bool)
-    weight = (torch.randn(shape) / math.sqrt(shape[1])).to(dtype) * mask
+    mask = mask.to(device)
+    weight = (torch.randn(shape) / math.sqrt(shape[1])).to(device, dtype) * mask
     if backend == "masked_dense":
         param = weight.requires_grad_()
         mask_t = mask.to(dtype)
@@ -153,17 +176,20 @@ def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dt
 
 
 def _time_step(forward: Callable, after: Callable, x: torch.Tensor, grad_y: torch.Tensor, repeats: int,
-               memory: _Memory) -> tuple[float, float, float | None]:
+               memory: _Memory | _CudaMemory) -> tuple[float, float, float | None]:
     fwd, bwd = [], []
     peak = None
     for i in range(repeats + 1):  # the first is a warm-up (and the memory measurement)
         if i == 0:
             memory.start()
+        _sync(x.device)
         t0 = time.perf_counter()
         y = forward(x)
+        _sync(x.device)
         t1 = time.perf_counter()
         y.backward(grad_y)
         after()
+        _sync(x.device)
         t2 = time.perf_counter()
         if i == 0:
             peak = memory.peak_mb()
@@ -175,17 +201,19 @@ def _time_step(forward: Callable, after: Callable, x: torch.Tensor, grad_y: torc
     return statistics.median(fwd) * 1e3, statistics.median(bwd) * 1e3, peak
 
 
-def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = None,
+               device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """Every (shape, tokens, dtype, density, backend) of the grid; rows as in the module docstring."""
-    memory = _Memory()
+    device = torch.device(device)
+    memory = _CudaMemory() if device.type == "cuda" else _Memory()
     rows: list[dict[str, Any]] = []
     for shape in grid.shapes:
         for tokens in grid.tokens:
             group: list[dict[str, Any]] = []
             for dtype_name in grid.dtypes:
                 dtype = DTYPES[dtype_name]
-                x = torch.randn(tokens, shape[1]).to(dtype).requires_grad_()
-                grad_y = torch.randn(tokens, shape[0]).to(dtype)
+                x = torch.randn(tokens, shape[1]).to(device, dtype).requires_grad_()
+                grad_y = torch.randn(tokens, shape[0]).to(device, dtype)
                 dense = None
                 for density in grid.densities:
                     runs = [("masked_dense", 0), ("torch_csr", 0)]
@@ -207,11 +235,11 @@ def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = N
 
 
 def _measure(backend: str, shape: tuple[int, int], tokens: int, density: float, dtype_name: str, block: int,
-             x: torch.Tensor, grad_y: torch.Tensor, repeats: int, memory: _Memory) -> dict[str, Any]:
+             x: torch.Tensor, grad_y: torch.Tensor, repeats: int, memory: _Memory | _CudaMemory) -> dict[str, Any]:
     row: dict[str, Any] = {"shape": list(shape), "tokens": tokens, "density": density, "dtype": dtype_name,
                            "backend": backend, "block": block if backend == "blocks" else None}
     try:
-        forward, after, weight_bytes = _layer(backend, shape, density, DTYPES[dtype_name], block)
+        forward, after, weight_bytes = _layer(backend, shape, density, DTYPES[dtype_name], block, x.device)
         fwd, bwd, peak = _time_step(forward, after, x, grad_y, repeats, memory)
     except (RuntimeError, NotImplementedError) as err:  # e.g. a dtype torch's CSR kernels lack
         return {**row, "fwd_ms": None, "bwd_ms": None, "total_ms": None, "peak_mem_mb": None,
@@ -233,7 +261,8 @@ def _speedups(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return group
 
 
-def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3) -> list[dict[str, Any]]:
+def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3,
+                 device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """One AdamW training step of the reference GPT: masked dense vs block-sparse, fp32 and bf16 autocast."""
     from .backend import sparsify
     from .models import GPTConfig, build_gpt
@@ -244,24 +273,29 @@ def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3) -> list[di
     block = block_for(density, width)
     cfg = GPTConfig(width=width, depth=2, head_dim=64 if width >= 64 else width, context=context,
                     ffn_multiple=block)
+    device = torch.device(device)
     tokens = torch.randint(0, cfg.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)
     rows = []
     for backend in ("masked_dense", "blocks"):
         model, _ = build_gpt(cfg, base_width=cfg.head_dim, scheme="supar", density=density, mask_kind="blocks",
                              block_size=block)
         sparsify(model, backend)
+        model.to(device)
         optimizer = make_optimizer(model, torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
         state = sum(p.numel() * p.element_size() for p in model.parameters())
         for dtype_name in ("fp32", "bf16"):
             times = []
             for i in range(steps + 1):
+                _sync(device)
                 t0 = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name == "bf16"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_name == "bf16"):
                     logits = model(tokens[:, :-1])
                 loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                _sync(device)
                 if i:
                     times.append(time.perf_counter() - t0)
             rows.append({"model": f"gpt width {width} depth 2", "tokens": batch * context, "density": density,
@@ -310,22 +344,26 @@ def main_table(rows: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(grid: Grid, json_path: Path | None, threads: int, show: Callable[[str], None] = print) -> dict[str, Any]:
+def run(grid: Grid, json_path: Path | None, threads: int, show: Callable[[str], None] = print,
+        device: str = "cpu") -> dict[str, Any]:
     """The whole benchmark: layer table, GPT step, JSON (written atomically) with machine facts."""
     if threads:
         torch.set_num_threads(threads)
-    show(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    layers = run_layers(grid, progress=lambda r: show(
+    gpu = torch.cuda.get_device_name(device) if device == "cuda" else None
+    show(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+         + (f", {gpu}" if gpu else ""))
+    layers = run_layers(grid, device=device, progress=lambda r: show(
         f"  {r['shape']} tokens {r['tokens']} 1/{round(1 / r['density'])} {r['dtype']} {r['backend']}: "
         f"{r['total_ms'] if r['total_ms'] is not None else 'unsupported'} ms"))
     show(main_table(layers))
     show(f"auto thresholds (dtype, block) -> highest density: {derive_thresholds(layers)}")
-    gpt = run_gpt_step(grid)
+    gpt = run_gpt_step(grid, device=device)
     for r in gpt:
         show(f"GPT step ({r['model']}, {r['tokens']} tokens, density 1/{round(1 / r['density'])}, "
              f"block {r['block']}) {r['dtype']} {r['backend']}: {r['step_ms']} ms "
              f"({r['speedup_vs_fastest_dense']}x the fastest dense), parameters {r['param_mb']} MB")
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+              "device": device, "gpu": gpu,
               "layers": layers, "gpt_step": gpt}
     if json_path is not None:
         write_text_atomic(Path(json_path), json.dumps(result, indent=1) + "\n")

@@ -193,9 +193,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import FULL, QUICK, run
+    import torch
 
-    run(QUICK if args.quick else FULL, args.json, args.threads)
+    from .bench import FULL, GPU, QUICK, run
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("sparsemup bench --device cuda: no CUDA device is visible; use --device cpu")
+    run(QUICK if args.quick else GPU if args.device == "cuda" else FULL, args.json, args.threads,
+        device=args.device)
     return 0
 
 
@@ -285,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", type=Path, help="also write every row to this JSON file")
     bn.add_argument("--quick", action="store_true", help="a tiny grid (seconds), to check the setup")
     bn.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    bn.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where to run; cuda measures bigger layers (default cpu)")
     bn.set_defaults(func=_bench)
 
     ex = sub.add_parser("explain", help="print the per-parameter table of the reference GPT")

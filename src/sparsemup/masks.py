@@ -130,8 +130,8 @@ def validate_mask(mask: torch.Tensor, shape: Sequence[int], name: str) -> torch.
 
 
 def block_layout(mask: torch.Tensor, block: int) -> torch.Tensor | None:
-    """The sorted kept block-columns of every block-row, (rows/b, k) int64, or None when ``mask``
-    is not made of whole b×b blocks with the same count in every block-row."""
+    """The sorted kept block-columns of every block-row, (rows/b, k) int64 on ``mask``'s device, or
+    None when ``mask`` is not made of whole b×b blocks with the same count in every block-row."""
     if mask.dim() != 2 or block < 1 or mask.shape[0] % block or mask.shape[1] % block:
         return None
     rows, cols = mask.shape[0] // block, mask.shape[1] // block
@@ -142,4 +142,4 @@ def block_layout(mask: torch.Tensor, block: int) -> torch.Tensor | None:
     counts = full.sum(dim=1)
     if int(counts.min()) != int(counts.max()) or int(counts[0]) == 0:
         return None
-    return full.nonzero()[:, 1].reshape(rows, int(counts[0]))
+    return full.nonzero()[:, 1].reshape(rows, int(counts[0])).to(mask.device)

@@ -166,9 +166,13 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
         return [_plot_fixed(result, along, out, plt) for along in dict.fromkeys(d["along"] for d in result["drifts"])]
     keys = list(curves[0]["setting"])
     line_key = next((k for k in LINE_KEYS if k in keys), None)
+    # Keys set together with the line's (width × 1/√ρ in an iso-parameter sweep) share its lines.
+    tied = [k for k in keys if line_key and k not in ("model.scheme", line_key)
+            and len({(c["setting"][line_key], c["setting"][k]) for c in curves})
+            == len({c["setting"][line_key] for c in curves})]
     figures: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for c in curves:
-        rest = tuple((k, v) for k, v in c["setting"].items() if k not in ("model.scheme", line_key))
+        rest = tuple((k, v) for k, v in c["setting"].items() if k not in ("model.scheme", line_key, *tied))
         figures[rest].append(c)
     paths = []
     axis = result["axis"].split(".")[-1]
@@ -184,7 +188,8 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
                 if c["setting"].get("model.scheme", "") != scheme:
                     continue
                 pts = [(x, y) for x, y in zip(c["log2_x"], c["loss"]) if y is not None]
-                label = f"{line_key.split('.')[-1]}={c['setting'][line_key]:g}" if line_key else c["label"]
+                label = (", ".join(f"{k.split('.')[-1]}={c['setting'][k]:g}" for k in (line_key, *tied))
+                         if line_key else c["label"])
                 line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label,
                                color=colour.get(c["setting"].get(line_key)) if line_key else None)[0]
                 if c["optimum"] is not None:

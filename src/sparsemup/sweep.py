@@ -223,6 +223,7 @@ def _record(point: Point, cfg: Config, result: dict[str, Any]) -> dict[str, Any]
     return {"id": point.id, "overrides": point.overrides, "status": result["status"],
             "final_val_loss": result.get("final_val_loss"), "steps": result.get("steps"),
             "diverged_at_step": result.get("diverged_at_step"), "seconds": result.get("seconds"),
+            "device": result.get("device"),
             "config": {k: v for k, v in flat_config(cfg).items() if k not in LAYOUT_KEYS}}
 
 

@@ -225,7 +225,8 @@ class Trainer:
     def _finish_diverged(self, step: int, loss: float, grad_norm: float) -> None:
         self.result = {"status": "diverged", "diverged_at_step": step, "final_val_loss": None, "steps": self.step,
                        "loss_at_divergence": repr(loss), "grad_norm_at_divergence": repr(grad_norm),
-                       "last_checkpoint_step": self.last_checkpoint, "world_size": self.ctx.world}
+                       "last_checkpoint_step": self.last_checkpoint, "world_size": self.ctx.world,
+                       "device": self.ctx.device.type}
         self._write_result(self.result)
 
     def fit(self) -> dict[str, Any]:
@@ -240,7 +241,8 @@ class Trainer:
                 "status": "completed", "final_val_loss": self.val_loss, "steps": self.step,
                 "final_val_bits_per_byte": self.val_loss / math.log(2) if self.val_loss is not None else None,
                 "mean_tokens_per_s": (sum(self.tokens_per_s) / len(self.tokens_per_s)) if self.tokens_per_s else None,
-                "world_size": self.ctx.world, "fsdp": self.cfg.dist.fsdp, "mask_sha256": self.mask_digests[0],
+                "world_size": self.ctx.world, "device": self.ctx.device.type, "fsdp": self.cfg.dist.fsdp,
+                "mask_sha256": self.mask_digests[0],
                 "backends": dict(Counter(get_backends(self.model).values())),
             }
             self._write_result(self.result)
