@@ -154,10 +154,14 @@ def test_iso_parameter_figure_draws_linked_widths_as_lines_of_one_figure(tmp_pat
     original = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **kw: (labels.append(kw.get("label")),
                                                                           original(ax, *a, **kw))[1])
-    paths = plot_curves(analyze(iso_records()), tmp_path)
+    records = iso_records()
+    for r in records:  # a text key set together with density labels the lines too
+        r["config"]["model.mask_kind"] = "rows" if r["config"]["model.density"] == 1.0 else "blocks"
+    paths = plot_curves(analyze(records), tmp_path)
     assert [p.name for p in paths] == ["loss-vs-lr.png"]  # not one figure per width
-    assert sorted(lab for lab in labels if lab) == ["density=0.25, width=512", "density=0.5, width=384",
-                                                    "density=1, width=256"]
+    assert sorted(lab for lab in labels if lab) == ["density=0.25, mask_kind=blocks, width=512",
+                                                    "density=0.5, mask_kind=blocks, width=384",
+                                                    "density=1, mask_kind=rows, width=256"]
 
 
 def test_records_from_before_a_config_key_existed_join_the_same_curve():

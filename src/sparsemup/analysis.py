@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import Config
 
-__all__ = ["fit_optimum", "curves", "analyze"]
+__all__ = ["fit_optimum", "curves", "analyze", "setting_label"]
 
 SEED_KEY = "train.seed"
 # Keys along which the optimum should not move; each gets a drift table when it varies (one table when
@@ -54,7 +54,8 @@ def fit_optimum(xs: Sequence[float], losses: Sequence[float | None]) -> dict[str
     return {"log2_x": vertex, "loss": a * vertex * vertex + b * vertex + c, "edge": None}
 
 
-def _label(setting: dict[str, Any]) -> str:
+def setting_label(setting: dict[str, Any]) -> str:
+    """``key=value, ...`` with the last part of each key; floats in the shortest form (0.5, 1)."""
     return ", ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                      for k, v in setting.items())
 
@@ -83,7 +84,7 @@ def curves(records: Sequence[dict[str, Any]], axis: str = "optim.lr") -> list[di
             losses.append(sum(runs) / len(runs) if ok else None)
             spreads.append(max(runs) - min(runs) if ok and len(runs) > 1 else None)  # across seeds: a point's noise
         labelled = dict(zip(varying, setting))
-        out.append({"setting": labelled, "label": _label(labelled), "log2_x": [math.log2(x) for x in xs],
+        out.append({"setting": labelled, "label": setting_label(labelled), "log2_x": [math.log2(x) for x in xs],
                     "loss": losses, "seed_spread": spreads, "seeds": max(len(v) for v in by_x.values()),
                     "optimum": fit_optimum([math.log2(x) for x in xs], losses)})
     return out
@@ -134,7 +135,7 @@ def _drifts(found: list[dict[str, Any]], along: str, linked: str | None = None) 
                          "transfer_gap": None if at_ref is None or o is None else at_ref - o["loss"],
                          "seed_spread": c["seed_spread"][0] if len(c["seed_spread"]) == 1 else None})
         rest_setting = {k: v for k, v in members[0]["setting"].items() if k not in (along, linked)}
-        out.append({"along": along, "setting": rest_setting, "label": _label(rest_setting), "rows": rows,
+        out.append({"along": along, "setting": rest_setting, "label": setting_label(rest_setting), "rows": rows,
                     "transferred_log2_x": None if ref_opt is None else ref_opt["log2_x"],
                     "drift_log2": max(fitted) - min(fitted) if len(fitted) >= 2 else None,
                     "edge_involved": any(o is None or o["edge"] for o in optima)})

@@ -115,6 +115,16 @@ class _CudaMemory:
         return round((torch.cuda.max_memory_allocated() - self.base) / 2**20, 1)
 
 
+def _warm_up(device: torch.device) -> None:
+    """A GEMM with backward in each dtype, so one-time CUDA allocations (cuBLAS workspaces) happen
+    before the first peak-memory reading rather than inside it."""
+    if device.type == "cuda":
+        for dtype in DTYPES.values():
+            weight = torch.randn(64, 64, device=device, dtype=dtype, requires_grad=True)
+            F.linear(torch.randn(64, 64, device=device, dtype=dtype), weight).sum().backward()
+        torch.cuda.synchronize(device)
+
+
 def _sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock timers measure it."""
     if device.type == "cuda":
@@ -206,6 +216,7 @@ def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = N
     """Every (shape, tokens, dtype, density, backend) of the grid; rows as in the module docstring."""
     device = torch.device(device)
     memory = _CudaMemory() if device.type == "cuda" else _Memory()
+    _warm_up(device)
     rows: list[dict[str, Any]] = []
     for shape in grid.shapes:
         for tokens in grid.tokens:

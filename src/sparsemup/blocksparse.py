@@ -54,7 +54,7 @@ def from_masked_dense(weight: torch.Tensor, mask: torch.Tensor, index: torch.Ten
                       name: str) -> torch.Tensor:
     """Block values of a masked-dense (weight, mask) for the layout ``index``, checking mask and zeros."""
     layout = block_layout(mask != 0, block)
-    if layout is None or not torch.equal(layout, index.cpu()):
+    if layout is None or not torch.equal(layout.cpu(), index.cpu()):
         raise ValueError(f"{name}: the state_dict's mask is not this layer's {block}x{block} block layout; load a "
                          "checkpoint of the same model (same seed, density, mask_kind and block_size)")
     stray = int((weight * (mask == 0)).count_nonzero())

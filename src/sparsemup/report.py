@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .analysis import SEED_KEY, analyze
+from .analysis import SEED_KEY, analyze, setting_label
 from .store import STORE_NAME, ResultStore, StoreError
 from .util import write_json_atomic, write_text_atomic
 
@@ -188,8 +188,7 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
                 if c["setting"].get("model.scheme", "") != scheme:
                     continue
                 pts = [(x, y) for x, y in zip(c["log2_x"], c["loss"]) if y is not None]
-                label = (", ".join(f"{k.split('.')[-1]}={c['setting'][k]:g}" for k in (line_key, *tied))
-                         if line_key else c["label"])
+                label = setting_label({k: c["setting"][k] for k in (line_key, *tied)}) if line_key else c["label"]
                 line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label,
                                color=colour.get(c["setting"].get(line_key)) if line_key else None)[0]
                 if c["optimum"] is not None:
