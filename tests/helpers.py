@@ -1,6 +1,7 @@
 """Small models shared by the tests."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import sparsemup as smp
@@ -31,8 +32,23 @@ class TwoLayer(nn.Module):
         return self.head(torch.relu(self.mid(self.emb(idx))))
 
 
+def lm_loss(model, x):
+    """Next-token cross-entropy of a GPT on token batch x (fp32 logits, also under autocast)."""
+    logits = model(x[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+
+
+def masked_zero_violations(model):
+    """How many masked-out entries of the model's sparse weights are not exactly zero."""
+    bad = 0
+    for name, info in smp.get_parameterization(model).params.items():
+        if info.masked:
+            bad += int((model.get_parameter(name).detach()[smp.get_mask(model, name) == 0] != 0).sum())
+    return bad
+
+
 def tokens(batch=4, seq=16, vocab=50, seed=0):
     return torch.randint(vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-__all__ = ["smp", "tiny_gpt", "tiny_mlp", "TwoLayer", "tokens"]
+__all__ = ["smp", "tiny_gpt", "tiny_mlp", "TwoLayer", "tokens", "lm_loss", "masked_zero_violations"]

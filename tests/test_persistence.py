@@ -9,21 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsemup as smp
-from helpers import tiny_gpt, tiny_mlp, tokens
-
-
-def lm_loss(model, x):
-    logits = model(x[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-
-
-def masked_zero_violations(model):
-    bad = 0
-    for name, info in smp.get_parameterization(model).params.items():
-        if info.masked:
-            w = model.get_parameter(name)
-            bad += int((w.detach()[smp.get_mask(model, name) == 0] != 0).sum())
-    return bad
+from helpers import lm_loss, masked_zero_violations, tiny_gpt, tiny_mlp, tokens
 
 
 def train(model, opt, steps, x, clip=None):

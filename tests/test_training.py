@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import sparsemup as smp
+from helpers import masked_zero_violations
 from sparsemup import checkpoint
 from sparsemup.cli import main
 from sparsemup.config import ConfigError, load_config
@@ -18,14 +18,6 @@ from trainhelpers import curve, read_metrics, tiny_config, write_corpus
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def masked_violations(model):
-    bad = 0
-    for name, info in smp.get_parameterization(model).params.items():
-        if info.masked:
-            bad += int((model.get_parameter(name).detach()[smp.get_mask(model, name) == 0] != 0).sum())
-    return bad
 
 
 def test_run_writes_config_metrics_checkpoint_and_result(corpus, tmp_path):
@@ -46,7 +38,7 @@ def test_run_writes_config_metrics_checkpoint_and_result(corpus, tmp_path):
     assert state["step"] == 8
     model = build_model(cfg)
     checkpoint.restore_model(model, state, out)
-    assert masked_violations(model) == 0
+    assert masked_zero_violations(model) == 0
     assert any(k.endswith("weight_mask") for k in state["model"])
 
 
@@ -134,7 +126,7 @@ def test_sgd_trains_and_keeps_masked_weights_zero(corpus, tmp_path):
     assert result["status"] == "completed" and float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     model = build_model(cfg)
     checkpoint.restore_model(model, checkpoint.load(tmp_path / "run"), tmp_path)
-    assert masked_violations(model) == 0
+    assert masked_zero_violations(model) == 0
 
 
 def test_resume_refuses_a_different_config_and_a_fresh_run_refuses_a_used_directory(corpus, tmp_path):
