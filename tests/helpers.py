@@ -38,6 +38,20 @@ def lm_loss(model, x):
     return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
 
 
+def train_steps(model, opt, steps, x, clip=None, autocast=None):
+    """``steps`` optimizer steps on batch x, with gradient clipping and bf16 autocast on the device
+    type ``autocast`` if given; returns the last loss."""
+    for _ in range(steps):
+        opt.zero_grad()
+        with torch.autocast(autocast or "cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+            loss = lm_loss(model, x)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return loss
+
+
 def masked_zero_violations(model):
     """How many masked-out entries of the model's sparse weights are not exactly zero."""
     bad = 0
@@ -51,4 +65,4 @@ def tokens(batch=4, seq=16, vocab=50, seed=0):
     return torch.randint(vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-__all__ = ["smp", "tiny_gpt", "tiny_mlp", "TwoLayer", "tokens", "lm_loss", "masked_zero_violations"]
+__all__ = ["smp", "tiny_gpt", "tiny_mlp", "TwoLayer", "tokens", "lm_loss", "train_steps", "masked_zero_violations"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsemup as smp
-from helpers import lm_loss, masked_zero_violations, tiny_gpt, tokens
+from helpers import lm_loss, masked_zero_violations, tiny_gpt, tokens, train_steps
 from sparsemup.blocksparse import block_sparse_linear, to_blocks
 from sparsemup.evaluate import evaluate_checkpoint
 from sparsemup.masks import block_layout, random_mask
@@ -67,11 +67,7 @@ def test_gpu_optimizer_steps_match_cpu_and_keep_zeros_exact():
     for model, batch in ((cpu, x), (gpu, x.to(CUDA))):
         opt = smp.make_optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
         before = lm_loss(model, batch).item()
-        for _ in range(50):
-            opt.zero_grad()
-            lm_loss(model, batch).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+        train_steps(model, opt, 50, batch, clip=1.0)
         assert lm_loss(model, batch).item() < before - 0.5  # it trained
         assert masked_zero_violations(model) == 0
     assert lm_loss(gpu, x.to(CUDA)).item() == pytest.approx(lm_loss(cpu, x).item(), abs=5e-3)
@@ -105,13 +101,7 @@ def test_sparsified_gpt_on_gpu_trains_like_masked_dense_under_bf16_autocast():
     for backend in ("masked_dense", "blocks"):
         model = block_model(backend).to(CUDA)
         opt = smp.make_optimizer(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.1)
-        for _ in range(20):
-            opt.zero_grad()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = lm_loss(model, x)
-            loss.backward()
-            opt.step()
-        losses[backend] = loss.item()
+        losses[backend] = train_steps(model, opt, 20, x, autocast="cuda").item()
         if backend == "masked_dense":
             assert masked_zero_violations(model) == 0
     assert losses["blocks"] == pytest.approx(losses["masked_dense"], abs=0.05)

@@ -9,16 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsemup as smp
-from helpers import lm_loss, masked_zero_violations, tiny_gpt, tiny_mlp, tokens
-
-
-def train(model, opt, steps, x, clip=None):
-    for _ in range(steps):
-        opt.zero_grad()
-        lm_loss(model, x).backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
+from helpers import lm_loss, masked_zero_violations, tiny_gpt, tiny_mlp, tokens, train_steps
 
 
 def test_zeros_stay_exact_through_200_adamw_steps_with_decay_and_clipping():
@@ -26,7 +17,7 @@ def test_zeros_stay_exact_through_200_adamw_steps_with_decay_and_clipping():
     opt = smp.make_optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
     x = tokens(seq=17)
     before = lm_loss(model, x).item()
-    train(model, opt, 200, x, clip=1.0)
+    train_steps(model, opt, 200, x, clip=1.0)
     assert lm_loss(model, x).item() < before - 0.5  # it did train
     assert masked_zero_violations(model) == 0
 
@@ -39,13 +30,13 @@ def test_zeros_stay_exact_with_other_optimizers(opt_cls, kw):
     wd = kw.pop("weight_decay", 0.0)
     mode = "independent" if opt_cls is torch.optim.SGD else "coupled"  # Adam's L2 decay has no lr·wd rule
     opt = smp.make_optimizer(model, opt_cls, lr=1e-3, weight_decay=wd, weight_decay_mode=mode, **kw)
-    train(model, opt, 20, tokens(seq=17))
+    train_steps(model, opt, 20, tokens(seq=17))
     assert masked_zero_violations(model) == 0
 
 
 def test_state_dict_round_trip_into_fresh_model_is_bit_identical():
     model = tiny_gpt(density=0.25, seed=5)
-    train(model, smp.make_optimizer(model, torch.optim.AdamW, lr=1e-2), 3, tokens(seq=17))
+    train_steps(model, smp.make_optimizer(model, torch.optim.AdamW, lr=1e-2), 3, tokens(seq=17))
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     assert any(k.endswith("qkv.weight_mask") for k in model.state_dict())
@@ -56,7 +47,7 @@ def test_state_dict_round_trip_into_fresh_model_is_bit_identical():
     x = tokens(seq=16)
     assert torch.equal(model(x), fresh(x))
     # The loaded masks govern training too.
-    train(fresh, smp.make_optimizer(fresh, torch.optim.AdamW, lr=1e-2), 3, tokens(seq=17))
+    train_steps(fresh, smp.make_optimizer(fresh, torch.optim.AdamW, lr=1e-2), 3, tokens(seq=17))
     assert masked_zero_violations(fresh) == 0
 
 
@@ -97,7 +88,7 @@ def _behaves_like(a, b):
     assert smp.get_parameterization(b).params.keys() == smp.get_parameterization(a).params.keys()
     # the copy still masks its gradients and keeps zeros through training
     opt = smp.make_optimizer(b, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
-    train(b, opt, 5, x)
+    train_steps(b, opt, 5, x)
     assert masked_zero_violations(b) == 0
     for name, info in smp.get_parameterization(b).params.items():
         if info.masked:
@@ -154,12 +145,7 @@ def test_bf16_autocast_training():
     x = tokens(seq=17)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         first = lm_loss(model, x).item()
-    for _ in range(30):
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = lm_loss(model, x)
-        loss.backward()
-        opt.step()
+    loss = train_steps(model, opt, 30, x, autocast="cpu")
     assert loss.item() < first
     assert masked_zero_violations(model) == 0
 
@@ -178,7 +164,7 @@ def test_torch_compile_keeps_multipliers_and_masks():
     compiled = torch.compile(model, backend="aot_eager")
     opt = smp.make_optimizer(compiled, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
     x = tokens(seq=17)
-    train(compiled, opt, 3, x)
+    train_steps(compiled, opt, 3, x)
     assert masked_zero_violations(model) == 0
     assert torch.allclose(compiled(x[:, :-1]), model(x[:, :-1]), atol=1e-5)
 
