@@ -32,6 +32,15 @@ class TwoLayer(nn.Module):
         return self.head(torch.relu(self.mid(self.emb(idx))))
 
 
+def block_gpt(backend=None, density=0.25, block=16, width=128, seed=1):
+    """A GPT with b×b block masks over a base of 64, sparsified to ``backend`` if given."""
+    cfg = GPTConfig(vocab_size=64, width=width, depth=2, head_dim=32, context=16, ffn_multiple=block)
+    model, _ = build_gpt(cfg, 64, scheme="supar", density=density, mask_kind="blocks", block_size=block, seed=seed)
+    if backend:
+        smp.sparsify(model, backend)
+    return model
+
+
 def lm_loss(model, x):
     """Next-token cross-entropy of a GPT on token batch x (fp32 logits, also under autocast)."""
     logits = model(x[:, :-1])
@@ -65,4 +74,5 @@ def tokens(batch=4, seq=16, vocab=50, seed=0):
     return torch.randint(vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-__all__ = ["smp", "tiny_gpt", "tiny_mlp", "TwoLayer", "tokens", "lm_loss", "train_steps", "masked_zero_violations"]
+__all__ = ["smp", "tiny_gpt", "tiny_mlp", "TwoLayer", "tokens", "block_gpt", "lm_loss", "train_steps",
+           "masked_zero_violations"]

@@ -13,25 +13,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsemup as smp
-from helpers import tokens
+from helpers import block_gpt, lm_loss, tokens
 from sparsemup.backend import choose_backend, get_backends, sparsify, to_masked_dense
 from sparsemup.blocksparse import BlockSparseLinear, block_sparse_linear, to_blocks, to_dense
 from sparsemup.masks import block_layout, random_mask
 from sparsemup.models import GPTConfig, build_gpt, build_mlp
-
-
-def block_gpt(backend=None, density=0.25, block=16, width=128, seed=1):
-    cfg = GPTConfig(vocab_size=64, width=width, depth=2, head_dim=32, context=16, ffn_multiple=block)
-    model, _ = build_gpt(cfg, 64, scheme="supar", density=density, mask_kind="blocks", block_size=block, seed=seed)
-    if backend:
-        sparsify(model, backend)
-    return model
-
-
-def loss_of(model, x):
-    logits = model(x[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-
 
 # ---- block masks -------------------------------------------------------------------------------------
 
@@ -149,16 +135,16 @@ def test_layer_dtype_mismatch_is_an_error():
 def test_sparsify_trains_like_masked_dense_with_rho_memory():
     dense, sparse = block_gpt(), block_gpt("blocks")
     x = tokens(batch=3, seq=17, vocab=64)
-    torch.testing.assert_close(loss_of(sparse, x), loss_of(dense, x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lm_loss(sparse, x), lm_loss(dense, x), rtol=1e-5, atol=1e-6)
     opts = [smp.make_optimizer(m, torch.optim.AdamW, lr=1e-2, weight_decay=0.1) for m in (dense, sparse)]
     assert [g["lr"] for g in opts[0].param_groups] == [g["lr"] for g in opts[1].param_groups]
     for _ in range(4):
         for model, opt in zip((dense, sparse), opts):
             opt.zero_grad()
-            loss_of(model, x).backward()
+            lm_loss(model, x).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-    torch.testing.assert_close(loss_of(sparse, x), loss_of(dense, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lm_loss(sparse, x), lm_loss(dense, x), rtol=1e-4, atol=1e-5)
     for name in get_backends(sparse):
         torch.testing.assert_close(to_dense(sparse.get_parameter(name).detach(),
                                             sparse.get_buffer(name + "_index"), smp.get_mask(dense, name).shape[1]),
@@ -177,17 +163,17 @@ def test_state_dicts_convert_both_ways():
         for p in sparse.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     x = tokens(batch=2, seq=17, vocab=64)
-    want = loss_of(sparse, x)
+    want = lm_loss(sparse, x)
     dense.load_state_dict(sparse.state_dict())  # block-sparse entries into a masked-dense model
-    torch.testing.assert_close(loss_of(dense, x), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lm_loss(dense, x), want, rtol=1e-5, atol=1e-6)
     again = block_gpt("blocks", seed=3)
     again.load_state_dict(dense.state_dict())  # and back
-    torch.testing.assert_close(loss_of(again, x), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lm_loss(again, x), want, rtol=1e-5, atol=1e-6)
     offline = to_masked_dense(sparse.state_dict())  # without a model
     assert "blocks.0.mlp.fc.weight_mask" in offline and "blocks.0.mlp.fc.weight_index" not in offline
     fresh = block_gpt(seed=3)
     fresh.load_state_dict(offline)
-    torch.testing.assert_close(loss_of(fresh, x), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lm_loss(fresh, x), want, rtol=1e-5, atol=1e-6)
 
 
 def test_loading_another_layout_is_refused_before_any_copy():
@@ -226,13 +212,13 @@ def test_sparsify_errors_and_choices():
 def test_copies_and_hooks_survive():
     sparse = block_gpt("blocks")
     x = tokens(batch=2, seq=17, vocab=64)
-    want = loss_of(sparse, x)
+    want = lm_loss(sparse, x)
     for clone in (copy.deepcopy(sparse), pickle.loads(pickle.dumps(sparse))):
-        torch.testing.assert_close(loss_of(clone, x), want)
+        torch.testing.assert_close(lm_loss(clone, x), want)
     buffer = io.BytesIO()
     torch.save(sparse, buffer)
     buffer.seek(0)
-    torch.testing.assert_close(loss_of(torch.load(buffer, weights_only=False), x), want)
+    torch.testing.assert_close(lm_loss(torch.load(buffer, weights_only=False), x), want)
 
 
 def test_coordinate_check_runs_on_the_block_backend():
@@ -317,15 +303,15 @@ def test_user_hooks_move_with_the_layer_and_export_gives_plain_linears():
     fc.register_full_backward_hook(lambda m, gi, go: calls.append("backward") or None)
     sparsify(model, "blocks")
     x = tokens(batch=2, seq=17, vocab=64)
-    loss_of(model, x).backward()
+    lm_loss(model, x).backward()
     assert calls == ["pre", "backward"]
     kw.remove()  # the user's handle still works
     calls.clear()
-    loss_of(model, x).backward()
+    lm_loss(model, x).backward()
     assert calls == ["backward"]
     plain = smp.export(model)
     assert type(plain.blocks[0].mlp.fc) is nn.Linear and not hasattr(plain, "_sparsemup_backends")
-    torch.testing.assert_close(loss_of(plain, x), loss_of(model, x))
+    torch.testing.assert_close(lm_loss(plain, x), lm_loss(model, x))
 
 
 def test_a_block_checkpoint_of_another_layout_is_refused():

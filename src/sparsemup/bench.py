@@ -104,25 +104,23 @@ class _Memory:
 
 
 class _CudaMemory:
-    """Peak growth of the memory torch allocated on the current CUDA device."""
+    """Peak growth of the memory torch allocated on a CUDA device."""
 
-    def start(self) -> None:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        self.base = torch.cuda.memory_allocated()
-
-    def peak_mb(self) -> float:
-        return round((torch.cuda.max_memory_allocated() - self.base) / 2**20, 1)
-
-
-def _warm_up(device: torch.device) -> None:
-    """A GEMM with backward in each dtype, so one-time CUDA allocations (cuBLAS workspaces) happen
-    before the first peak-memory reading rather than inside it."""
-    if device.type == "cuda":
+    def __init__(self, device: torch.device) -> None:
+        # A GEMM with backward in each dtype, so one-time allocations (cuBLAS workspaces) happen here
+        # rather than inside the first peak-memory reading.
         for dtype in DTYPES.values():
             weight = torch.randn(64, 64, device=device, dtype=dtype, requires_grad=True)
             F.linear(torch.randn(64, 64, device=device, dtype=dtype), weight).sum().backward()
-        torch.cuda.synchronize(device)
+        self.device = device
+
+    def start(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+
+    def peak_mb(self) -> float:
+        return round((torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20, 1)
 
 
 def _sync(device: torch.device) -> None:
@@ -215,8 +213,7 @@ def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = N
                device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """Every (shape, tokens, dtype, density, backend) of the grid; rows as in the module docstring."""
     device = torch.device(device)
-    memory = _CudaMemory() if device.type == "cuda" else _Memory()
-    _warm_up(device)
+    memory = _CudaMemory(device) if device.type == "cuda" else _Memory()
     rows: list[dict[str, Any]] = []
     for shape in grid.shapes:
         for tokens in grid.tokens:
