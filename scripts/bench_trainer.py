@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import sparsemup as smp
-from sparsemup.config import Config, apply_overrides
-from sparsemup.data import load_corpus
-from sparsemup.evaluate import build_model
-from sparsemup.trainer import Trainer
+from sparsemup.train import Config, build_model
+from sparsemup.train.config import apply_overrides
+from sparsemup.train.data import load_corpus
+from sparsemup.train.trainer import Trainer
 
 README_RUN = ["model.width=256", "model.base_width=64", "model.depth=2", "model.head_dim=64", "model.density=1/4",
               "train.batch_size=16", "train.seq_len=128", "train.steps=100000", "train.eval_every=0",
@@ -76,7 +76,7 @@ def main() -> None:
         grouped = {id(p) for g in groups for p in g["params"]}
         groups.append({"params": [p for p in plain.parameters() if id(p) not in grouped], "lr": o.lr})  # untied head
         plain_opt = torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-        masks = [(names[n], smp.get_mask(source, n)) for n, i in smp.get_parameterization(source).params.items()
+        masks = [(names[n], smp.core.get_mask(source, n)) for n, i in smp.get_parameterization(source).params.items()
                  if i.masked]
 
         loops = {

@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from sparsemup.store import STORE_NAME
+from sparsemup.tuning.store import STORE_NAME
 
 
 def _losses(directory: Path) -> dict[tuple[str, str], dict]:

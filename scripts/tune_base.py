@@ -1,4 +1,7 @@
-"""Random search of η_base, σ_base, α_input, α_output on the dense base model (SUPAR.md §5, §9).
+"""Random search of η_base, σ_base, α_input, α_output on the dense base model.
+
+The paper (arXiv 2405.15743) tuned these by random search on its dense base; the untuned
+starting point is the official-code baseline's setting (docs/RESULTS.md).
 
 SµPar's promise is that these, tuned once on the small dense base, transfer to the wider and
 sparser model; this is how the trainer's defaults were chosen. Each trial trains the base
@@ -15,8 +18,9 @@ import math
 import random
 from pathlib import Path
 
-from sparsemup.config import Config, apply_overrides
-from sparsemup.trainer import train
+from sparsemup.train import Config
+from sparsemup.train.config import apply_overrides
+from sparsemup.train.trainer import train
 
 
 def main() -> None:

@@ -1,4 +1,8 @@
-"""Small models shared by the tests."""
+"""Small models, tiny training configurations and corpora shared by the tests (fixtures: conftest.py)."""
+
+import csv
+import random
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -6,6 +10,8 @@ from torch import nn
 
 import sparsemup as smp
 from sparsemup.models import GPTConfig, build_gpt, build_mlp
+from sparsemup.train import Config
+from sparsemup.train.config import apply_overrides
 
 
 def tiny_gpt(width=64, base_width=32, density=0.25, scheme="supar", **kw):
@@ -66,7 +72,7 @@ def masked_zero_violations(model):
     bad = 0
     for name, info in smp.get_parameterization(model).params.items():
         if info.masked:
-            bad += int((model.get_parameter(name).detach()[smp.get_mask(model, name) == 0] != 0).sum())
+            bad += int((model.get_parameter(name).detach()[smp.core.get_mask(model, name) == 0] != 0).sum())
     return bad
 
 
@@ -76,3 +82,56 @@ def tokens(batch=4, seq=16, vocab=50, seed=0):
 
 __all__ = ["smp", "tiny_gpt", "tiny_mlp", "TwoLayer", "tokens", "block_gpt", "lm_loss", "train_steps",
            "masked_zero_violations"]
+
+
+WORDS = ("the king and queen of denmark speak to the ghost while horatio waits by the castle wall at night "
+         "to be or not to be that is the question whether tis nobler in the mind to suffer").split()
+
+
+def write_corpus(folder: Path, files: int = 2, words: int = 3000, seed: int = 0) -> Path:
+    """A small deterministic pseudo-English corpus of ``files`` .txt files."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(words // 8)]
+        (folder / f"part{i}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+TINY = [
+    "model.width=32", "model.base_width=16", "model.depth=1", "model.head_dim=16", "model.density=0.25",
+    "train.steps=8", "train.batch_size=4", "train.seq_len=16", "train.eval_every=4", "train.eval_batches=2",
+    "train.checkpoint_every=3", "train.tensorboard=false", "train.progress=false", "optim.warmup_steps=2",
+    "optim.lr=2**-6",
+]
+
+
+def tiny_overrides(corpus: Path, *overrides: str) -> list[str]:
+    """``--set`` items of a model and run small enough for a test: width 32, one block, 16-byte sequences."""
+    return [*TINY, f"data.path={corpus}", *overrides]
+
+
+def tiny_config(corpus: Path, *overrides: str) -> Config:
+    """The tiny configuration as a Config."""
+    return apply_overrides(Config(), tiny_overrides(corpus, *overrides))
+
+
+def read_metrics(out: Path) -> list[dict[str, str]]:
+    with (out / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def curve(rows: list[dict[str, str]], keys=("step", "train_loss", "val_loss", "lr", "grad_norm")) -> list[tuple]:
+    """The deterministic columns of metrics.csv (timings excluded)."""
+    return [tuple(row[k] for k in keys) for row in rows]
+
+
+def sweep_base(corpus: Path, steps: int = 4) -> dict:
+    """The tiny trainer config as a sweep file's [base] tables."""
+    items = [*TINY, f"train.steps={steps}", "train.checkpoint_every=2", "train.eval_every=0", "optim.warmup_steps=1"]
+    cfg = apply_overrides(Config(), items)
+    base: dict = {"data": {"path": str(corpus)}}
+    for key in dict.fromkeys(item.split("=", 1)[0] for item in items):
+        section, name = key.split(".")
+        base.setdefault(section, {})[name] = getattr(getattr(cfg, section), name)
+    return base

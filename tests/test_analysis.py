@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-from sparsemup.analysis import analyze, fit_optimum
 from sparsemup.cli import main
-from sparsemup.report import preset_values
-from sparsemup.store import ResultStore, StoreError
-from sparsemup.sweep import load_sweep
+from sparsemup.tuning.analysis import analyze, fit_optimum
+from sparsemup.tuning.report import preset_values
+from sparsemup.tuning.store import ResultStore, StoreError
+from sparsemup.tuning.sweep import load_sweep
 
 GRID = [-10, -9, -8, -7, -6, -5, -4]
 
@@ -148,7 +148,7 @@ def test_iso_parameter_sweep_drifts_along_density_with_width_linked():
 def test_iso_parameter_figure_draws_linked_widths_as_lines_of_one_figure(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from sparsemup.report import plot_curves
+    from sparsemup.tuning.report import plot_curves
 
     labels = []
     original = matplotlib.axes.Axes.plot
@@ -165,7 +165,7 @@ def test_iso_parameter_figure_draws_linked_widths_as_lines_of_one_figure(tmp_pat
 
 
 def test_records_from_before_a_config_key_existed_join_the_same_curve():
-    from sparsemup.analysis import curves
+    from sparsemup.tuning.analysis import curves
 
     old = [_record("supar", 1.0, x, 0, (x + 7) ** 2 + 2) for x in GRID[:4]]
     new = [_record("supar", 1.0, x, 0, (x + 7) ** 2 + 2) for x in GRID[4:]]

@@ -14,10 +14,10 @@ from torch import nn
 
 import sparsemup as smp
 from helpers import block_gpt, lm_loss, tokens
-from sparsemup.backend import choose_backend, get_backends, sparsify, to_masked_dense
-from sparsemup.blocksparse import BlockSparseLinear, block_sparse_linear, to_blocks, to_dense
-from sparsemup.masks import block_layout, random_mask
+from sparsemup.core.masks import block_layout, random_mask
 from sparsemup.models import GPTConfig, build_gpt, build_mlp
+from sparsemup.sparse.backend import choose_backend, get_backends, sparsify, to_masked_dense
+from sparsemup.sparse.blocksparse import BlockSparseLinear, block_sparse_linear, to_blocks, to_dense
 
 # ---- block masks -------------------------------------------------------------------------------------
 
@@ -63,7 +63,7 @@ def test_parameterize_records_block_density_and_effective_fan_in():
     assert record.mask_kind == "blocks" and record.block_size == 16
     info = record.params["blocks.0.attn.qkv.weight"]
     assert info.density == 0.25 and info.multipliers.density == 0.25
-    assert (smp.get_mask(model, "blocks.0.attn.qkv.weight").sum(dim=1) == 32).all()  # d·ρ = 128·1/4
+    assert (smp.core.get_mask(model, "blocks.0.attn.qkv.weight").sum(dim=1) == 32).all()  # d·ρ = 128·1/4
 
 
 # ---- the layer -------------------------------------------------------------------------------------
@@ -146,8 +146,9 @@ def test_sparsify_trains_like_masked_dense_with_rho_memory():
             opt.step()
     torch.testing.assert_close(lm_loss(sparse, x), lm_loss(dense, x), rtol=1e-4, atol=1e-5)
     for name in get_backends(sparse):
-        torch.testing.assert_close(to_dense(sparse.get_parameter(name).detach(),
-                                            sparse.get_buffer(name + "_index"), smp.get_mask(dense, name).shape[1]),
+        in_features = smp.core.get_mask(dense, name).shape[1]
+        torch.testing.assert_close(to_dense(sparse.get_parameter(name).detach(), sparse.get_buffer(name + "_index"),
+                                            in_features),
                                    dense.get_parameter(name).detach(), rtol=1e-3, atol=5e-5)  # Adam: ~1e-2 steps
     # Weights and AdamW state of every hidden layer: ρ of dense (≤ 2ρ is the target).
     for name in get_backends(sparse):
@@ -324,7 +325,7 @@ def test_a_block_checkpoint_of_another_layout_is_refused():
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_both_strategies_match_masked_dense(loop, dtype, tol, monkeypatch):
     # The CPU picks per-block GEMMs or batched GEMMs on gathered blocks by dtype and tokens; both are exact.
-    import sparsemup.blocksparse as bs
+    import sparsemup.sparse.blocksparse as bs
 
     monkeypatch.setattr(bs, "_use_loop", lambda x, values: loop)
     shape, block = (96, 160), 16
@@ -352,8 +353,8 @@ def test_auto_thresholds_are_the_recorded_benchmarks():
     import json
     from pathlib import Path
 
-    from sparsemup.backend import CPU_THRESHOLDS
-    from sparsemup.bench import derive_thresholds
+    from sparsemup.sparse.backend import CPU_THRESHOLDS
+    from sparsemup.sparse.bench import derive_thresholds
 
     recorded = json.loads((Path(__file__).parents[1] / "docs" / "perf" / "bench.json").read_text())
     assert derive_thresholds(recorded["layers"]) == CPU_THRESHOLDS

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import tiny_overrides, write_corpus
 from sparsemup.cli import main
-from sparsemup.config import Config, ConfigError, apply_overrides, describe, load_config, to_toml, to_yaml, validate
-from trainhelpers import tiny_overrides, write_corpus
+from sparsemup.train import Config, ConfigError, load_config, validate
+from sparsemup.train.config import apply_overrides, describe, to_toml, to_yaml
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsemup import cli, coord
-from sparsemup.coordcases import gpt_cases, mlp_cases
+from sparsemup.coord.cases import gpt_cases, mlp_cases
 
 WIDTHS = [64, 128, 256, 512]
 DENSITIES = [1.0, 0.25, 0.0625, 0.015625]

@@ -11,12 +11,21 @@ import torch
 import torch.nn.functional as F
 
 import sparsemup as smp
-from helpers import block_gpt, lm_loss, masked_zero_violations, tiny_gpt, tokens, train_steps
-from sparsemup.blocksparse import block_sparse_linear, to_blocks
-from sparsemup.evaluate import evaluate_checkpoint
-from sparsemup.masks import block_layout, random_mask
-from sparsemup.trainer import Trainer, train
-from trainhelpers import curve, read_metrics, tiny_config, write_corpus
+from helpers import (
+    block_gpt,
+    curve,
+    lm_loss,
+    masked_zero_violations,
+    read_metrics,
+    tiny_config,
+    tiny_gpt,
+    tokens,
+    train_steps,
+)
+from sparsemup.core.masks import block_layout, random_mask
+from sparsemup.sparse.blocksparse import block_sparse_linear, to_blocks
+from sparsemup.train import evaluate_checkpoint
+from sparsemup.train.trainer import Trainer, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -31,16 +40,11 @@ def _fp32_matmuls():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
 @pytest.mark.parametrize("scheme", ["sp", "mup", "supar"])
 def test_gpu_forward_backward_matches_cpu(scheme):
     cpu = tiny_gpt(density=0.25, scheme=scheme)
     gpu = copy.deepcopy(cpu).to(CUDA)
-    assert all(smp.get_mask(gpu, n).device.type == "cuda" for n, i in smp.get_parameterization(gpu).params.items()
+    assert all(smp.core.get_mask(gpu, n).device.type == "cuda" for n, i in smp.get_parameterization(gpu).params.items()
                if i.masked)
     x = tokens(seq=17)
     loss_cpu, loss_gpu = lm_loss(cpu, x), lm_loss(gpu, x.to(CUDA))

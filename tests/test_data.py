@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsemup.data import corpus_files, load_corpus, train_batch, val_windows
-from trainhelpers import write_corpus
+from helpers import write_corpus
+from sparsemup.train.data import corpus_files, load_corpus, train_batch, val_windows
 
 
 def test_default_corpus_is_shakespeare():

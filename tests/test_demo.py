@@ -2,14 +2,12 @@
 
 import json
 
-from sparsemup.demo import DemoPlan, run_demo
-from test_sweep import _base
-from trainhelpers import write_corpus
+from helpers import sweep_base
+from sparsemup.tuning.demo import DemoPlan, run_demo
 
 
-def test_tiny_demo_writes_summary_and_resumes(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus")
-    plan = DemoPlan(densities=[1.0, 0.5], log2_lrs=[-8, -6, -4], base=_base(corpus, steps=3),
+def test_tiny_demo_writes_summary_and_resumes(tmp_path, corpus):
+    plan = DemoPlan(densities=[1.0, 0.5], log2_lrs=[-8, -6, -4], base=sweep_base(corpus, steps=3),
                     coord_widths=[32, 64], coord_densities=[1.0, 0.25], coord_seeds=1, workers=1)
     logs: list[str] = []
     summary = run_demo(tmp_path / "demo", plan, log=logs.append)

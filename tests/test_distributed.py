@@ -8,19 +8,13 @@ import pytest
 import torch
 
 import sparsemup as smp
-from sparsemup import checkpoint
-from sparsemup.distributed import check_same_masks, mask_digest
-from sparsemup.evaluate import build_model
-from sparsemup.trainer import train
-from trainhelpers import read_metrics, tiny_config, tiny_overrides, write_corpus
+from helpers import read_metrics, tiny_config, tiny_overrides
+from sparsemup.train import build_model, checkpoint
+from sparsemup.train.distributed import check_same_masks, mask_digest
+from sparsemup.train.trainer import train
 
 # Constant LR so that a run stopped at step 4 and extended to 8 is the 8-step run.
 COMMON = ("optim.schedule=constant", "train.eval_every=4")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def assert_masks_exact(out, corpus):
     checkpoint.restore_model(model, checkpoint.load(out), out)
     for name, info in smp.get_parameterization(model).params.items():
         if info.masked:
-            mask = smp.get_mask(model, name)
+            mask = smp.core.get_mask(model, name)
             assert torch.equal(mask, expected[name + "_mask"])
             assert int((model.get_parameter(name).detach()[mask == 0] != 0).sum()) == 0
 
@@ -89,7 +83,7 @@ def test_a_mask_mismatch_between_ranks_is_an_error(corpus):
     digest = mask_digest(model)
     check_same_masks([digest, digest])
     name = next(n for n, i in smp.get_parameterization(model).params.items() if i.masked)
-    mask = smp.get_mask(model, name)
+    mask = smp.core.get_mask(model, name)
     mask.view(-1)[0] = 1 - mask.view(-1)[0]
     assert mask_digest(model) != digest
     with pytest.raises(RuntimeError, match=r"masks differ across ranks \(ranks \[0\].*ranks \[1\]"):

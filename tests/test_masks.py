@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsemup.masks import random_mask, stable_seed, validate_mask
+from sparsemup.core.masks import random_mask, stable_seed, validate_mask
 
 
 @settings(max_examples=40, deadline=None)
@@ -40,7 +40,7 @@ def test_masks_depend_on_seed_and_name():
 
 def test_masks_identical_in_separate_processes():
     code = (
-        "import hashlib, sys; from sparsemup.masks import random_mask;"
+        "import hashlib, sys; from sparsemup.core.masks import random_mask;"
         "m = random_mask((128, 96), 0.1, 7, 'blocks.0.mlp.fc.weight');"
         "sys.stdout.write(hashlib.sha256(m.numpy().tobytes()).hexdigest())"
     )

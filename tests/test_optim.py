@@ -19,9 +19,10 @@ def test_adam_groups_follow_rules():
     assert groups["input.weight"]["lr"] == 0.01
     assert groups["readout.weight"]["lr"] == 0.01
     assert groups["hidden.0.bias"]["weight_decay"] == 0.0
-    coupled = by_name(smp.param_groups(model, "adam", lr=0.01, weight_decay=0.1, weight_decay_mode="coupled"))
+    coupled = by_name(smp.param_groups(model, torch.optim.AdamW, lr=0.01, weight_decay=0.1,
+                                       weight_decay_mode="coupled"))
     assert coupled["hidden.0.weight"]["weight_decay"] == 0.1
-    vec = by_name(smp.param_groups(model, "adam", lr=0.01, weight_decay=0.1, decay_vectors=True))
+    vec = by_name(smp.param_groups(model, torch.optim.AdamW, lr=0.01, weight_decay=0.1, decay_vectors=True))
     assert vec["hidden.0.bias"]["weight_decay"] == pytest.approx(0.1)
 
 
@@ -38,26 +39,62 @@ def test_sgd_groups_follow_rules():
 def test_every_trainable_parameter_once():
     model = tiny_gpt()
     model.ln_f.weight.requires_grad_(False)
-    groups = smp.param_groups(model, "adam", lr=1e-3)
+    groups = smp.param_groups(model, torch.optim.AdamW, lr=1e-3)
     ids = [id(p) for g in groups for p in g["params"]]
     expected = [id(p) for p in model.parameters() if p.requires_grad]
     assert sorted(ids) == sorted(expected)
 
 
 def test_family_detection_and_unknown_optimizer():
-    assert smp.optimizer_family(torch.optim.NAdam) is smp.Family.ADAM
-    assert smp.optimizer_family("SGD") is smp.Family.SGD
+    assert smp.core.optim.optimizer_family(torch.optim.NAdam) is smp.rules.Family.ADAM
+    assert smp.core.optim.optimizer_family("SGD") is smp.rules.Family.SGD
 
     class MyAdam(torch.optim.Adam):
         pass
 
-    assert smp.optimizer_family(MyAdam) is smp.Family.ADAM
-    with pytest.raises(ValueError, match="no parameterization rule is known for optimizer.*LBFGS.*optimizer='adam'"):
+    assert smp.core.optim.optimizer_family(MyAdam) is smp.rules.Family.ADAM
+    with pytest.raises(ValueError, match="no parameterization rule is known for optimizer.*LBFGS.*register_optimizer"):
         smp.param_groups(tiny_mlp(), torch.optim.LBFGS, lr=1.0)
-    with pytest.raises(ValueError, match="no parameterization rule"):
-        smp.optimizer_family("lion")
+    with pytest.raises(ValueError, match="unknown optimizer family 'lion'"):
+        smp.core.optim.optimizer_family("lion")
     with pytest.raises(ValueError, match="weight_decay_mode"):
-        smp.param_groups(tiny_mlp(), "adam", lr=1.0, weight_decay_mode="decoupled")
+        smp.param_groups(tiny_mlp(), torch.optim.AdamW, lr=1.0, weight_decay_mode="decoupled")
+
+
+def test_param_groups_take_an_optimizer_class_only():
+    # A family name would let SGD-rule groups feed an AdamW (or the reverse): refused.
+    for wrong in ("adam", "sgd", smp.rules.Family.ADAM, torch.optim.AdamW([torch.zeros(1, requires_grad=True)])):
+        with pytest.raises(ValueError, match="takes the optimizer class"):
+            smp.param_groups(tiny_mlp(), wrong, lr=1.0)
+
+
+def test_decay_rule_comes_from_the_most_specific_registered_class():
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    class MyAdamW(torch.optim.AdamW):  # AdamW subclasses Adam in torch; its own rule must win
+        pass
+
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match="MyAdam applies weight decay as an L2 term"):
+        smp.param_groups(model, MyAdam, lr=1e-3, weight_decay=0.1)
+    assert smp.param_groups(model, MyAdamW, lr=1e-3, weight_decay=0.1)
+    assert smp.param_groups(model, torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
+
+
+def test_register_optimizer_declares_an_unknown_class():
+    class Sign(torch.optim.Optimizer):  # a stand-in for e.g. Lion: not a torch.optim class sparsemup knows
+        def __init__(self, params, lr=1e-3, weight_decay=0.0):
+            super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    model = tiny_mlp(width=128, base_width=32, density=0.25)
+    with pytest.raises(ValueError, match="no parameterization rule"):
+        smp.param_groups(model, Sign, lr=0.01)
+    smp.core.register_optimizer(Sign, "sgd", lr_wd_decay=False)
+    groups = by_name(smp.param_groups(model, Sign, lr=0.1))
+    assert groups["hidden.0.weight"]["lr"] == pytest.approx(0.1 / 0.25)  # the SGD rule
+    with pytest.raises(ValueError, match="L2 term"):
+        smp.param_groups(model, Sign, lr=0.1, weight_decay=0.1)
 
 
 def test_schedulers_keep_ratios():
@@ -99,5 +136,5 @@ def test_l2_decay_optimizers_refuse_independent_decay():
 def test_param_groups_of_wrapped_model():
     model = tiny_gpt()
     wrapped = torch.nn.DataParallel(model)
-    names = sorted(n for g in smp.param_groups(wrapped, "adam", lr=1e-3) for n in g["param_names"])
+    names = sorted(n for g in smp.param_groups(wrapped, torch.optim.AdamW, lr=1e-3) for n in g["param_names"])
     assert names == sorted(smp.get_parameterization(model).params)

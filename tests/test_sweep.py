@@ -5,32 +5,15 @@ import math
 
 import pytest
 
+from helpers import sweep_base
 from sparsemup.cli import main
-from sparsemup.config import Config, apply_overrides
-from sparsemup.store import ResultStore, StoreError
-from sparsemup.sweep import SweepError, load_sweep, parse_sweep, resolve, run_sweep
-from sparsemup.trainer import train
-from trainhelpers import TINY, write_corpus
-
-
-def _base(corpus, steps=4):
-    """The tiny trainer config (tests/trainhelpers.py) as a sweep file's [base] tables."""
-    items = [*TINY, f"train.steps={steps}", "train.checkpoint_every=2", "train.eval_every=0", "optim.warmup_steps=1"]
-    cfg = apply_overrides(Config(), items)
-    base: dict = {"data": {"path": str(corpus)}}
-    for key in dict.fromkeys(item.split("=", 1)[0] for item in items):
-        section, name = key.split(".")
-        base.setdefault(section, {})[name] = getattr(getattr(cfg, section), name)
-    return base
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+from sparsemup.train.trainer import train
+from sparsemup.tuning.store import ResultStore, StoreError
+from sparsemup.tuning.sweep import SweepError, load_sweep, parse_sweep, resolve, run_sweep
 
 
 def _spec(corpus, grid=None, **extra):
-    return parse_sweep({"base": _base(corpus), "grid": grid or {"optim.lr": ["2**-7", "2**-5"]}, **extra}, "test")
+    return parse_sweep({"base": sweep_base(corpus), "grid": grid or {"optim.lr": ["2**-7", "2**-5"]}, **extra}, "test")
 
 
 def test_grid_expansion_and_ids_are_deterministic(corpus):
@@ -50,9 +33,9 @@ def test_linked_axis_sets_keys_together(corpus):
 
 def test_random_search_is_reproducible_and_in_range(corpus):
     table = {"seed": 3, "samples": 5, "log_uniform": {"optim.lr": ["2**-10", "2**-4"], "model.init_std": [0.01, 0.1]}}
-    a = parse_sweep({"base": _base(corpus), "random": table}, "t")
-    b = parse_sweep({"base": _base(corpus), "random": table}, "t")
-    c = parse_sweep({"base": _base(corpus), "random": {**table, "seed": 4}}, "t")
+    a = parse_sweep({"base": sweep_base(corpus), "random": table}, "t")
+    b = parse_sweep({"base": sweep_base(corpus), "random": table}, "t")
+    c = parse_sweep({"base": sweep_base(corpus), "random": {**table, "seed": 4}}, "t")
     assert [p.overrides for p in a.points] == [p.overrides for p in b.points]
     assert [p.id for p in a.points] != [p.id for p in c.points]
     assert len(a.points) == 5
@@ -148,14 +131,15 @@ def test_store_refuses_a_corrupt_middle_line(tmp_path):
 
 def test_other_base_in_same_directory_is_refused(corpus, tmp_path):
     run_sweep(_spec(corpus, {"optim.lr": ["2**-7"]}), tmp_path / "s", log=lambda s: None)
-    other = parse_sweep({"base": {**_base(corpus), "optim": {"warmup_steps": 2}}, "grid": {"optim.lr": [0.01]}}, "t")
+    base = {**sweep_base(corpus), "optim": {"warmup_steps": 2}}
+    other = parse_sweep({"base": base, "grid": {"optim.lr": [0.01]}}, "t")
     with pytest.raises(SweepError, match="another base config"):
         run_sweep(other, tmp_path / "s", log=lambda s: None)
 
 
 def test_preset_from_best_run_feeds_the_next_sweep(corpus, tmp_path, capsys):
     tune = tmp_path / "tune"
-    run_sweep(parse_sweep({"base": _base(corpus), "random": {"samples": 2, "log_uniform": {
+    run_sweep(parse_sweep({"base": sweep_base(corpus), "random": {"samples": 2, "log_uniform": {
         "model.init_std": [0.01, 0.1], "optim.lr": ["2**-8", "2**-5"]}}}, "t"), tune, log=lambda s: None)
     assert main(["report", str(tune), "--preset", str(tmp_path / "presets" / "base.toml")]) == 0
     assert "| best runs: val loss |" in capsys.readouterr().out

@@ -6,18 +6,10 @@ import math
 import pytest
 import torch
 
-from helpers import masked_zero_violations
-from sparsemup import checkpoint
+from helpers import curve, masked_zero_violations, read_metrics, tiny_config
 from sparsemup.cli import main
-from sparsemup.config import ConfigError, load_config
-from sparsemup.evaluate import build_model, evaluate_checkpoint
-from sparsemup.trainer import Schedule, Trainer, train
-from trainhelpers import curve, read_metrics, tiny_config, write_corpus
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+from sparsemup.train import ConfigError, build_model, checkpoint, evaluate_checkpoint, load_config
+from sparsemup.train.trainer import Schedule, Trainer, train
 
 
 def test_run_writes_config_metrics_checkpoint_and_result(corpus, tmp_path):
@@ -172,7 +164,7 @@ def test_eval_reports_loss_and_bits_per_byte(corpus, tmp_path, capsys):
 def test_yaml_config_tensorboard_and_progress(corpus, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sparsemup.config import to_yaml
+    from sparsemup.train.config import to_yaml
 
     config = tmp_path / "run.yaml"
     config.write_text(to_yaml(tiny_config(corpus, "train.steps=4", "train.tensorboard=true", "train.progress=true")))
@@ -188,7 +180,7 @@ def test_yaml_config_tensorboard_and_progress(corpus, tmp_path, capsys):
 
 
 def test_a_non_finite_validation_loss_is_a_divergence_too(corpus, tmp_path, monkeypatch):
-    import sparsemup.trainer as trainer_module
+    import sparsemup.train.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "validation_loss", lambda *args: float("nan"))
     result = train(tiny_config(corpus), tmp_path / "run")  # validation at step 4, checkpoint at 3
@@ -233,8 +225,8 @@ def test_block_settings_are_checked_before_anything_runs(corpus, tmp_path):
 
 
 def test_a_masked_dense_resume_keeps_its_digest_and_blocks_round_half_up(corpus):
-    from sparsemup.config import validate
-    from sparsemup.distributed import mask_digest
+    from sparsemup.train import validate
+    from sparsemup.train.distributed import mask_digest
 
     cfg = tiny_config(corpus)
     assert mask_digest(build_model(cfg, backends={})) == mask_digest(build_model(cfg))

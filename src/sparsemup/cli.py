@@ -6,18 +6,15 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from . import coord
-from .coordcases import COORD_DEFAULTS, GPT_DEFAULTS, MLP_DEFAULTS, gpt_cases, mlp_cases
-from .explain import explain
+from .coord import QUANTITIES, Case, CheckSettings, run_check, write_check
+from .core import explain
+from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES
 from .models import GPTConfig, build_gpt
-from .rules import SCHEMES
-from .util import write_json_atomic
 
 __all__ = ["main"]
 
@@ -43,49 +40,26 @@ def _densities(text: str) -> list[float]:
 
 
 def _coord_check(args: argparse.Namespace) -> int:
-    defaults = COORD_DEFAULTS[args.model]
-    widths = args.widths or defaults["widths"]
-    densities = args.densities or defaults["densities"]
-    lr = args.lr if args.lr is not None else defaults["lr"]
-    base_width = args.base_width or defaults["base_width"]
-    batch_size = args.batch_size or (MLP_DEFAULTS if args.model == "mlp" else GPT_DEFAULTS)["batch_size"]
-    settings = {
-        "model": args.model, "scheme": args.scheme, "widths": widths, "densities": densities,
-        "steps": args.steps, "seeds": args.seeds, "base_width": base_width, "base_density": 1.0,
-        "optimizer": "Adam", "lr": lr, "batch": defaults["batch"].format(batch_size), "data": defaults["data"],
-        "threshold": coord.THRESHOLD, "masks": f"blocks (b = {args.blocks})" if args.blocks else "rows",
-        "backend": args.backend if args.blocks else "masked_dense",
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    make = gpt_cases if args.model == "gpt" else mlp_cases
-    total = len(widths) * len(densities) * args.seeds
-    bar = tqdm(total=total, desc=f"coord-check {args.model}/{args.scheme}", unit="model", file=sys.stderr)
+    settings = CheckSettings.resolve(args.model, args.scheme, args.widths, args.densities, args.steps, args.seeds,
+                                     args.base_width, args.lr, args.batch_size, args.blocks, args.backend)
+    bar = tqdm(total=settings.total, desc=f"coord-check {args.model}/{args.scheme}", unit="model", file=sys.stderr)
 
-    def progress(case: coord.Case) -> None:
+    def progress(case: Case) -> None:
         bar.set_postfix(width=case.width, density=f"{case.density:g}", seed=case.seed)
         bar.update(1)
 
-    start = time.perf_counter()
-    cases = make(args.scheme, widths, densities, args.seeds, base_width, batch_size, args.blocks, args.backend)
-    rows = coord.run(cases, torch.optim.Adam, lr, args.steps, progress)
+    result = run_check(settings, progress)
     bar.close()
-    fits = coord.fit_slopes(rows)
-    verdict = coord.verdict(fits)
-    result = {"scheme": args.scheme, "settings": settings, "verdict": verdict, "slopes": fits,
-              "measurements": rows, "seconds": round(time.perf_counter() - start, 1)}
-    write_json_atomic(args.out / "coord.json", result)
-    from .figures import plot_coord
-
-    figures = plot_coord(rows, args.out, f"{args.model} / {args.scheme}", args.steps)
-    _print_summary(args, fits, verdict, figures)
-    failed = any(v["pass"] is False for v in verdict.values())
+    figures = write_check(result, args.out)
+    _print_summary(args, result["slopes"], result["verdict"], figures)
+    failed = any(v["pass"] is False for v in result["verdict"].values())
     return 1 if (args.strict and failed) else 0
 
 
 def _print_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, figures: list[Path]) -> None:
     print(f"\ncoordinate check: {args.model}, scheme {args.scheme} (max |log-log slope| over hidden layers)")
     print(f"{'quantity':10s} {'vs width':>9s} {'vs density':>11s}")
-    for quantity in coord.QUANTITIES:
+    for quantity in QUANTITIES:
         row = [f for f in fits if f["role"] == "hidden" and f["quantity"] == quantity]
         cells = []
         for key in ("width_slope", "density_slope"):
@@ -109,13 +83,12 @@ def _print_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, fi
 def _explain(args: argparse.Namespace) -> int:
     cfg = GPTConfig(width=args.width, depth=args.depth, head_dim=args.head_dim)
     model, _ = build_gpt(cfg, args.base_width, scheme=args.scheme, density=args.density)
-    print(explain(model, args.optimizer))
+    print(explain(model, {"adam": torch.optim.AdamW, "sgd": torch.optim.SGD}[args.optimizer]))
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .trainer import train
+    from .train import load_config, train
 
     config_file = args.config
     if config_file is None and args.resume:  # continue with the run's own resolved config
@@ -136,7 +109,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint
+    from .train import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, windows=args.windows, batch=args.batch)
     if args.json:
@@ -148,7 +121,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import load_sweep, run_sweep
+    from .tuning import load_sweep, run_sweep
 
     spec = load_sweep(args.config)  # the whole plan is validated before any run starts
     if args.dry_run:
@@ -164,7 +137,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_preset, write_report
+    from .tuning import write_preset, write_report
 
     if args.top != 1 and args.preset is None:
         raise ValueError("--top K only applies with --preset FILE: add --preset, or drop --top")
@@ -185,7 +158,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tuning.demo import run_demo
 
     summary = run_demo(args.out)
     print(f"report: {args.out / 'report.md'}\n{summary['conclusion']}")
@@ -193,9 +166,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from .bench import FULL, GPU, QUICK, run
+    from .sparse.bench import FULL, GPU, QUICK
+    from .tuning.benchmark import run
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("sparsemup bench --device cuda: no CUDA device is visible; use --device cpu")
@@ -213,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch and fit log-log slopes of layer RMS against width and density. "
                         "See docs/COORD_CHECK.md.")
     cc.add_argument("--model", choices=("mlp", "gpt"), default="gpt")
-    cc.add_argument("--scheme", choices=tuple(SCHEMES), default="supar")
+    cc.add_argument("--scheme", choices=SCHEME_NAMES, default="supar")
     cc.add_argument("--widths", type=_ints, help="comma-separated widths (default: per model)")
     cc.add_argument("--densities", type=_densities, help="comma-separated densities in (0, 1] (default: per model)")
     cc.add_argument("--steps", type=int, default=5, help="training steps per model (default 5)")
@@ -226,12 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--out", type=Path, default=Path("coord-check"), help="output directory (default ./coord-check)")
     cc.add_argument("--blocks", type=int, metavar="B", help="use B×B block masks (needs B ≤ density·width at "
                     "every grid point), run on --backend")
-    cc.add_argument("--backend", choices=("blocks", "auto", "masked_dense"), default="blocks",
+    cc.add_argument("--backend", choices=BACKEND_CHOICES, default="blocks",
                     help="with --blocks: how masked layers run (default blocks; auto: by measured thresholds)")
     cc.add_argument("--strict", action="store_true", help="exit with status 1 when a verdict fails")
     cc.set_defaults(func=_coord_check)
 
-    from .config import describe
+    from .train.config import describe
 
     tr = sub.add_parser("train", help="train the reference GPT (one process, or many under torchrun)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -295,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.set_defaults(func=_bench)
 
     ex = sub.add_parser("explain", help="print the per-parameter table of the reference GPT")
-    ex.add_argument("--scheme", choices=tuple(SCHEMES), default="supar")
+    ex.add_argument("--scheme", choices=SCHEME_NAMES, default="supar")
     ex.add_argument("--width", type=int, default=256)
     ex.add_argument("--base-width", type=int, default=64)
     ex.add_argument("--depth", type=int, default=2)

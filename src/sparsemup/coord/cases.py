@@ -1,0 +1,115 @@
+"""The reference models' coordinate-check grids: model, fixed synthetic batch and loss per case.
+
+The batch depends only on the seed, so every width and density of one seed sees the
+same data; the seed also draws the model's init and masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.vocab import BackendChoice
+from ..models import GPTConfig, build_gpt, build_mlp
+from ..sparse import sparsify
+from .measurement import Case
+
+__all__ = ["COORD_DEFAULTS", "MLP_DEFAULTS", "GPT_DEFAULTS", "mlp_cases", "gpt_cases", "teacher_batch", "markov_tokens"]
+
+# Sizes of the reference models and their fixed batches; see docs/COORD_CHECK.md.
+MLP_DEFAULTS = {"batch_size": 256, "in_features": 32, "classes": 10, "depth": 2}
+GPT_DEFAULTS = {"batch_size": 2, "seq_len": 64, "vocab_size": 256, "depth": 2, "head_dim": 16, "init_std": 0.02}
+
+# CLI defaults per model. The GPT grid reaches width 2048 because its density slopes carry a
+# finite weights-per-neuron correction that only fades at large width·density (docs/COORD_CHECK.md).
+COORD_DEFAULTS = {
+    "mlp": {
+        "widths": [64, 128, 256, 512], "densities": [1.0, 0.25, 0.0625, 0.015625], "lr": 2**-7, "base_width": 64,
+        "batch": "{} samples, one fixed batch",
+        "data": "Gaussian inputs (32 features) labelled by a random linear teacher (10 classes)",
+    },
+    "gpt": {
+        "widths": [256, 512, 1024, 2048], "densities": [1.0, 0.25, 0.0625], "lr": 2**-7, "base_width": 64,
+        "batch": "{} sequences x 64 tokens, one fixed batch",
+        "data": "tokens of a random first-order Markov chain over 256 symbols",
+    },
+}
+
+
+def teacher_batch(seed: int, n: int, in_features: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian inputs labelled by a random linear teacher."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=gen)
+    teacher = torch.randn(in_features, classes, generator=gen)
+    return x, (x @ teacher).argmax(dim=1)
+
+
+def markov_tokens(seed: int, batch: int, length: int, vocab: int) -> torch.Tensor:
+    """Token sequences from a random first-order Markov chain (learnable, unlike uniform noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    transition = torch.softmax(2.0 * torch.randn(vocab, vocab, generator=gen), dim=1)
+    tokens = torch.empty(batch, length, dtype=torch.long)
+    tokens[:, 0] = torch.randint(vocab, (batch,), generator=gen)
+    for t in range(1, length):
+        tokens[:, t] = torch.multinomial(transition[tokens[:, t - 1]], 1, generator=gen).squeeze(1)
+    return tokens
+
+
+def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _built(build: Callable[[], tuple[nn.Module, object]], block: int | None, backend: BackendChoice) -> nn.Module:
+    model = build()[0]
+    if block:
+        sparsify(model, backend)
+    return model
+
+
+def _mask_options(block: int | None) -> dict[str, object]:
+    return {"mask_kind": "blocks", "block_size": block} if block else {}
+
+
+def mlp_cases(
+    scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
+    batch_size: int | None = None, block: int | None = None, backend: BackendChoice = "blocks",
+) -> Iterator[Case]:
+    """Cases for the reference MLP (ReLU, σ_base = sqrt(2/base_width) so activations start near 1).
+
+    ``block``: block masks of that size, run on ``backend`` (see ``sparsemup.sparsify``).
+    """
+    d = MLP_DEFAULTS
+    for seed in range(seeds):
+        x, y = teacher_batch(seed, batch_size or d["batch_size"], d["in_features"], d["classes"])
+        for width in widths:
+            for density in densities:
+                build = partial(build_mlp, d["in_features"], width, d["classes"], base_width, depth=d["depth"],
+                                scheme=scheme, density=density, seed=seed, init_std=math.sqrt(2 / base_width),
+                                **_mask_options(block))
+                yield Case(width, density, seed, partial(_built, build, block, backend), x, y, F.cross_entropy)
+
+
+def gpt_cases(
+    scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
+    batch_size: int | None = None, block: int | None = None, backend: BackendChoice = "blocks",
+) -> Iterator[Case]:
+    """Cases for the reference GPT on Markov-chain tokens (head_dim fixed, heads grow with width).
+
+    ``block``: block masks of that size, run on ``backend`` (see ``sparsemup.sparsify``).
+    """
+    d = GPT_DEFAULTS
+    for seed in range(seeds):
+        tokens = markov_tokens(seed, batch_size or d["batch_size"], d["seq_len"] + 1, d["vocab_size"])
+        for width in widths:
+            for density in densities:
+                cfg = GPTConfig(vocab_size=d["vocab_size"], width=width, depth=d["depth"],
+                                head_dim=d["head_dim"], context=d["seq_len"], ffn_multiple=block or 8)
+                build = partial(build_gpt, cfg, base_width, scheme=scheme, density=density, seed=seed,
+                                init_std=d["init_std"], **_mask_options(block))
+                yield Case(width, density, seed, partial(_built, build, block, backend), tokens[:, :-1],
+                           tokens[:, 1:], _lm_loss)

@@ -1,0 +1,97 @@
+"""A whole coordinate check of a reference model: settings, measurement, verdict and files.
+
+The one sequence behind ``sparsemup coord-check`` and the demo's first part.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..core.atomic import write_json_atomic
+from ..core.vocab import BackendChoice
+from .cases import COORD_DEFAULTS, GPT_DEFAULTS, MLP_DEFAULTS, gpt_cases, mlp_cases
+from .measurement import THRESHOLD, Case, fit_slopes, run, verdict
+
+__all__ = ["CheckSettings", "run_check", "write_check", "verdict_summary"]
+
+ModelName = Literal["mlp", "gpt"]
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """The grid and training of one coordinate check; ``resolve`` fills the model's defaults."""
+
+    model: ModelName
+    scheme: str
+    widths: list[int]
+    densities: list[float]
+    steps: int
+    seeds: int
+    base_width: int
+    lr: float
+    batch_size: int
+    block: int | None = None  # b of block masks; None: row masks
+    backend: BackendChoice = "blocks"  # how block-masked layers run
+
+    @classmethod
+    def resolve(cls, model: ModelName, scheme: str, widths: list[int] | None = None,
+                densities: list[float] | None = None, steps: int = 5, seeds: int = 2,
+                base_width: int | None = None, lr: float | None = None, batch_size: int | None = None,
+                block: int | None = None, backend: BackendChoice = "blocks") -> CheckSettings:
+        """Settings with every unset value taken from ``COORD_DEFAULTS`` of ``model``."""
+        defaults = COORD_DEFAULTS[model]
+        return cls(model, scheme, widths or defaults["widths"], densities or defaults["densities"], steps, seeds,
+                   base_width or defaults["base_width"], lr if lr is not None else defaults["lr"],
+                   batch_size or (MLP_DEFAULTS if model == "mlp" else GPT_DEFAULTS)["batch_size"], block, backend)
+
+    @property
+    def total(self) -> int:
+        """Models to build and measure."""
+        return len(self.widths) * len(self.densities) * self.seeds
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as recorded in coord.json."""
+        defaults = COORD_DEFAULTS[self.model]
+        return {
+            "model": self.model, "scheme": self.scheme, "widths": self.widths, "densities": self.densities,
+            "steps": self.steps, "seeds": self.seeds, "base_width": self.base_width, "base_density": 1.0,
+            "optimizer": "Adam", "lr": self.lr, "batch": defaults["batch"].format(self.batch_size),
+            "data": defaults["data"], "threshold": THRESHOLD,
+            "masks": f"blocks (b = {self.block})" if self.block else "rows",
+            "backend": self.backend if self.block else "masked_dense",
+        }
+
+
+def run_check(settings: CheckSettings, progress: Callable[[Case], None] | None = None) -> dict[str, Any]:
+    """Measure every case with Adam; returns {scheme, settings, verdict, slopes, measurements, seconds}."""
+    start = time.perf_counter()
+    make = gpt_cases if settings.model == "gpt" else mlp_cases
+    cases = make(settings.scheme, settings.widths, settings.densities, settings.seeds, settings.base_width,
+                 settings.batch_size, settings.block, settings.backend)
+    rows = run(cases, torch.optim.Adam, settings.lr, settings.steps, progress)
+    fits = fit_slopes(rows)
+    return {"scheme": settings.scheme, "settings": settings.describe(), "verdict": verdict(fits), "slopes": fits,
+            "measurements": rows, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def write_check(result: dict[str, Any], out: Path) -> list[Path]:
+    """Write coord.json and the width/density figures into ``out``; returns the figures' paths."""
+    from .figures import plot_coord
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "coord.json", result)
+    s = result["settings"]
+    return plot_coord(result["measurements"], out, f"{s['model']} / {s['scheme']}", s["steps"])
+
+
+def verdict_summary(found: dict[str, dict[str, Any]]) -> str:
+    """``width PASS (max |slope| 0.05), density FAIL (...)`` of a verdict."""
+    return ", ".join(f"{axis} {'PASS' if v['pass'] else 'FAIL'} (max |slope| {v['max_abs_slope']:.2f})"
+                     for axis, v in found.items())

@@ -1,0 +1,72 @@
+"""Matplotlib figures of a coordinate check (log-log, a line per layer)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .measurement import averaged  # noqa: E402
+
+__all__ = ["plot_coord"]
+
+_LABELS = {"act": "activations Y", "grad": "activation gradients ∇X", "delta": "update effect ΔY"}
+
+
+def _min_span(ax: plt.Axes, decades: float = 2.0) -> None:
+    """Show at least ``decades`` on the y axis, so a flat line looks flat and a slope stands out."""
+    low, high = ax.get_ylim()
+    missing = decades - math.log10(high / low)
+    if missing > 0:
+        pad = 10 ** (missing / 2)
+        ax.set_ylim(low / pad, high * pad)
+
+
+def _panels(steps: int) -> list[tuple[str, int]]:
+    return [("act", 0), ("act", steps), ("grad", steps), ("delta", steps)]
+
+
+def plot_coord(rows: Sequence[dict[str, Any]], out_dir: Path, title: str, steps: int) -> list[Path]:
+    """Write ``width.png`` (RMS vs width at the highest density) and ``density.png``
+    (RMS vs density at the largest width); return their paths."""
+    avg = averaged(rows)
+    widths = sorted({r["width"] for r in rows})
+    densities = sorted({r["density"] for r in rows})
+    layers = sorted({(r["layer"], r["role"]) for r in rows}, key=lambda lr: (lr[1] != "hidden", lr[0]))
+    paths = []
+    for axis, xs, fixed in (("width", widths, densities[-1]), ("density", densities, widths[-1])):
+        if len(xs) < 2:
+            continue
+        fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), constrained_layout=True)
+        for ax, (quantity, step) in zip(axes, _panels(steps)):
+            for layer, role in layers:
+                grid = avg.get((layer, role, quantity, step))
+                if not grid:
+                    continue
+                keys = [(x, fixed) if axis == "width" else (fixed, x) for x in xs]
+                pts = [(x, grid[k]) for x, k in zip(xs, keys) if k in grid and grid[k] > 0]
+                if len(pts) < 2:
+                    continue
+                style = "-" if role == "hidden" else "--"
+                ax.plot(*zip(*pts), style, marker="o", ms=3, label=f"{layer} ({role})")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            _min_span(ax)
+            ax.set_xlabel(axis)
+            ax.set_title(f"{_LABELS[quantity]}, step {step}")
+            ax.grid(True, which="both", alpha=0.3)
+        fixed_text = f"density {fixed:g}" if axis == "width" else f"width {fixed}"
+        fig.suptitle(f"{title}: RMS vs {axis} ({fixed_text})")
+        handles, labels = axes[1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center", fontsize=7)
+        path = Path(out_dir) / f"{axis}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths

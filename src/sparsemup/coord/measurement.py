@@ -1,0 +1,224 @@
+"""Coordinate check: measure that activations, gradients and updates are Θ(1) in width and density.
+
+Model-agnostic: layers are found from the model's ``Parameterization`` and observed
+with forward and backward hooks. For every (width, density, seed) the model trains a
+few steps on one fixed batch; at each step we record per layer the RMS of its output
+Y, of the gradient of the loss with respect to its input ∇X, and of ΔY = Y_t − Y_0 on
+that batch. The log-log slopes of the seed-averaged RMS against width and density
+(see ``fit_slopes``) decide the verdict (docs/THEORY.md, docs/COORD_CHECK.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core import Role, get_parameterization, make_optimizer
+from ..core.structure import named_modules
+
+__all__ = ["QUANTITIES", "THRESHOLD", "Case", "measure", "run", "fit_slopes", "verdict"]
+
+QUANTITIES = ("act", "grad", "delta")
+# Failing slopes are ≥ 0.5 (activations ∝ √ρ under SP/µP); passing ones are ≈ 0.
+THRESHOLD = 0.25
+# Quantities judged per axis. Activation gradients scale as 1/m_d by design (Adam
+# normalises this away), so they do not count against width (docs/THEORY.md).
+JUDGED = {"width": ("act", "delta"), "density": ("act", "grad", "delta")}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model to measure: its place in the grid, how to build it, its batch and loss.
+
+    The model is built only when measured, so one model is alive at a time.
+    """
+
+    width: int
+    density: float
+    seed: int
+    build: Callable[[], nn.Module]
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.detach().float().pow(2).mean().sqrt())
+
+
+def _observed_layers(model: nn.Module) -> dict[str, tuple[nn.Module, Role]]:
+    """Modules owning an input, hidden or output weight, with that usage's role."""
+    record = get_parameterization(model)
+    modules = named_modules(model)
+    layers: dict[str, tuple[nn.Module, Role]] = {}
+    for info in record.params.values():
+        if info.role is Role.VECTOR:
+            continue
+        for usage, role in info.usage_roles.items():
+            module_name = usage.rpartition(".")[0]
+            layers[module_name] = (modules[module_name], role)
+    return layers
+
+
+def measure(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+) -> list[dict[str, Any]]:
+    """Train ``steps`` steps on one batch; per step and layer, RMS of Y, ∇X and ΔY.
+
+    Returns rows {step, layer, role, quantity, rms}; step 0 is at init (no ΔY).
+    """
+    layers = _observed_layers(model)
+    current: dict[tuple[str, str], float] = {}
+    initial: dict[str, torch.Tensor] = {}
+    step = 0
+
+    def forward_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            out = output.detach()
+            current[(name, "act")] = _rms(out)
+            if step == 0:
+                initial[name] = out.clone()
+            else:
+                current[(name, "delta")] = _rms(out - initial[name])
+
+        return hook
+
+    def backward_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, grad_input: tuple[torch.Tensor | None, ...], grad_output: Any) -> None:
+            if grad_input and grad_input[0] is not None:
+                current[(name, "grad")] = _rms(grad_input[0])
+
+        return hook
+
+    handles = []
+    for name, (module, role) in layers.items():
+        handles.append(module.register_forward_hook(forward_hook(name)))
+        if role is not Role.INPUT:  # an input layer's input is data: it has no gradient
+            handles.append(module.register_full_backward_hook(backward_hook(name)))
+    rows: list[dict[str, Any]] = []
+    try:
+        model.train()
+        for step in range(steps + 1):
+            current.clear()
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs), targets)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the coordinate check's lr")
+            loss.backward()
+            for (name, quantity), value in current.items():
+                rows.append({"step": step, "layer": name, "role": layers[name][1].value,
+                             "quantity": quantity, "rms": value})
+            if step < steps:
+                optimizer.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows
+
+
+def run(
+    cases: Iterable[Case],
+    optimizer_class: type[torch.optim.Optimizer],
+    lr: float,
+    steps: int,
+    progress: Callable[[Case], None] | None = None,
+) -> list[dict[str, Any]]:
+    """``measure`` every case with a fresh optimizer from ``sparsemup.make_optimizer``.
+
+    ``progress`` is called with each case once it is measured.
+    """
+    rows = []
+    for case in cases:
+        model = case.build()
+        optimizer = make_optimizer(model, optimizer_class, lr=lr)
+        for row in measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps):
+            rows.append({"width": case.width, "density": case.density, "seed": case.seed, **row})
+        del model, optimizer
+        if progress is not None:
+            progress(case)
+    return rows
+
+
+def averaged(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str, int], dict[tuple[int, float], float]]:
+    """Mean RMS over seeds: {(layer, role, quantity, step): {(width, density): rms}}."""
+    sums: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        sums[(r["layer"], r["role"], r["quantity"], r["step"])][(r["width"], r["density"])].append(r["rms"])
+    return {k: {g: float(np.mean(v)) for g, v in grid.items()} for k, grid in sums.items()}
+
+
+def _slope(points: Sequence[tuple[float, float]]) -> float | None:
+    """Least-squares slope of log y against log x; None with fewer than two positive points."""
+    points = [(x, y) for x, y in points if y > 0]
+    if len(points) < 2:
+        return None
+    xs, ys = zip(*points)
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def fit_slopes(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Log-log slopes of the seed-averaged RMS per (layer, quantity, step).
+
+    ``width_slope`` is fitted across widths at the grid's highest density and
+    ``density_slope`` across densities at its largest width: each axis where the
+    other is closest to the large-width limit the theory describes (finite weights
+    per neuron add corrections that vanish as width·density grows).
+    ``density_slope_by_width`` gives the density slope at every width, to show that
+    convergence. A slope is None when its axis has a single value.
+    """
+    fits = []
+    for (layer, role, quantity, step), grid in sorted(averaged(rows).items()):
+        widths = sorted({w for w, _ in grid})
+        densities = sorted({d for _, d in grid})
+        by_width = {w: _slope([(d, grid[(w, d)]) for d in densities if (w, d) in grid]) for w in widths}
+        fits.append({
+            "layer": layer, "role": role, "quantity": quantity, "step": step,
+            "width_slope": _slope([(w, grid[(w, densities[-1])]) for w in widths if (w, densities[-1]) in grid]),
+            "density_slope": by_width[widths[-1]],
+            "density_slope_by_width": {str(w): s for w, s in by_width.items()},
+        })
+    return fits
+
+
+def verdict(fits: Sequence[dict[str, Any]], threshold: float = THRESHOLD) -> dict[str, dict[str, Any]]:
+    """Pass/fail per axis: max |slope| over hidden layers, judged quantities and steps ≤ threshold."""
+    out: dict[str, dict[str, Any]] = {}
+    for axis, quantities in JUDGED.items():
+        key = f"{axis}_slope"
+        worst: dict[str, Any] | None = None
+        for fit in fits:
+            if fit["role"] != Role.HIDDEN.value or fit["quantity"] not in quantities or fit[key] is None:
+                continue
+            if worst is None or abs(fit[key]) > abs(worst[key]):
+                worst = fit
+        if worst is None:
+            out[axis] = {"pass": None, "max_abs_slope": None, "threshold": threshold, "worst": None}
+            continue
+        out[axis] = {
+            "pass": abs(worst[key]) <= threshold,
+            "max_abs_slope": abs(worst[key]),
+            "threshold": threshold,
+            "worst": {k: worst[k] for k in ("layer", "quantity", "step")},
+        }
+    if out["density"]["pass"] is not None:
+        # The same maximum at every width: how the density dependence fades as width·density grows.
+        judged = [f for f in fits if f["role"] == Role.HIDDEN.value and f["quantity"] in JUDGED["density"]]
+        widths = judged[0]["density_slope_by_width"] if judged else {}
+        out["density"]["max_abs_slope_by_width"] = {
+            w: max((abs(f["density_slope_by_width"][w]) for f in judged
+                    if f["density_slope_by_width"][w] is not None), default=None)
+            for w in widths
+        }
+    return out

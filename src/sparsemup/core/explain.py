@@ -1,0 +1,81 @@
+"""A table of what the parameterization decided for every parameter, for users to check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .optim import optimizer_family
+from .record import get_parameterization
+from .rules import Family, lr_multiplier, weight_decay_multiplier
+from .vocab import WeightDecayMode
+
+__all__ = ["explain_rows", "explain"]
+
+
+def explain_rows(
+    model: nn.Module,
+    optimizer: type[torch.optim.Optimizer] | Family | str = "adam",
+    weight_decay_mode: WeightDecayMode = "independent",
+    decay_vectors: bool = False,
+) -> list[dict[str, Any]]:
+    """One dict per parameter: role, shape, m_d, m_ρ, density, init std, LR/WD/forward multipliers."""
+    record = get_parameterization(model)
+    family = optimizer_family(optimizer)
+    rows = []
+    for info in record.params.values():
+        lr_mult = lr_multiplier(info.role, record.scheme, info.multipliers, family)
+        rows.append(
+            {
+                "name": info.name if len(info.names) == 1 else " = ".join(info.names),
+                "role": info.role.value,
+                "shape": info.shape,
+                "m_d": info.multipliers.width,
+                "m_rho": info.multipliers.density,
+                "density": info.density,
+                "init_std": info.init_std,
+                "lr_mult": lr_mult,
+                "wd_mult": weight_decay_multiplier(info.role, lr_mult, weight_decay_mode, decay_vectors),
+                "forward": dict(info.forward_multipliers),
+            }
+        )
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "(kept)"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    if isinstance(value, dict):
+        return ", ".join(f"{k.rpartition('.')[0] or k}:{v:.4g}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def explain(
+    model: nn.Module,
+    optimizer: type[torch.optim.Optimizer] | Family | str = "adam",
+    weight_decay_mode: WeightDecayMode = "independent",
+    decay_vectors: bool = False,
+) -> str:
+    """The ``explain_rows`` table as aligned text, with the scheme and attention scales on top.
+
+    Example: ``print(sparsemup.explain(model, torch.optim.AdamW))``.
+    """
+    record = get_parameterization(model)
+    rows = explain_rows(model, optimizer, weight_decay_mode, decay_vectors)
+    columns = ["name", "role", "shape", "m_d", "m_rho", "density", "init_std", "lr_mult", "wd_mult", "forward"]
+    table = [columns] + [[_fmt(r[c]) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = [
+        f"scheme {record.scheme.name} | optimizer family {optimizer_family(optimizer).value} | "
+        f"weight decay {weight_decay_mode} | mask {record.mask_kind}, seed {record.seed}"
+    ]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+    for name, scale in record.attention_scales.items():
+        lines.append(f"attention {name}: logit scale {scale:.6g}")
+    return "\n".join(lines)

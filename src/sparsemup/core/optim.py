@@ -1,0 +1,161 @@
+"""Optimizer parameter groups carrying the scheme's learning-rate and weight-decay multipliers.
+
+As in microsoft/mup, the parameterization reaches the optimizer only through
+``torch.optim`` parameter groups, so any optimizer with a known rule, any LR scheduler
+that scales groups proportionally, and sharded optimizers work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .record import get_parameterization
+from .rules import Family, lr_multiplier, weight_decay_multiplier
+from .structure import strip_wrappers, unwrap
+from .vocab import WEIGHT_DECAY_MODES, WeightDecayMode, check_choice
+
+__all__ = ["OptimizerRule", "register_optimizer", "optimizer_rule", "optimizer_family", "param_groups",
+           "make_optimizer"]
+
+
+@dataclass(frozen=True)
+class OptimizerRule:
+    """What the parameterization needs to know about an optimizer class.
+
+    family: entry-wise normalised updates follow µP's Adam rule, raw-gradient ones its SGD rule.
+    lr_wd_decay: a weight's decay per step is lr·wd (decoupled decay as in AdamW, or plain SGD's
+        L2 term), which the ``independent`` weight-decay rule relies on; False where decay is an
+        L2 term passing through the optimizer's normaliser (Adam, RMSprop, ...).
+    """
+
+    family: Family
+    lr_wd_decay: bool
+
+
+_RULES: dict[type[torch.optim.Optimizer], OptimizerRule] = {
+    torch.optim.Adam: OptimizerRule(Family.ADAM, lr_wd_decay=False),
+    torch.optim.AdamW: OptimizerRule(Family.ADAM, lr_wd_decay=True),
+    torch.optim.Adamax: OptimizerRule(Family.ADAM, lr_wd_decay=False),
+    # NAdam and RAdam decouple their decay only with decoupled_weight_decay=True, which groups cannot see.
+    torch.optim.NAdam: OptimizerRule(Family.ADAM, lr_wd_decay=True),
+    torch.optim.RAdam: OptimizerRule(Family.ADAM, lr_wd_decay=True),
+    torch.optim.RMSprop: OptimizerRule(Family.ADAM, lr_wd_decay=False),
+    torch.optim.Adagrad: OptimizerRule(Family.ADAM, lr_wd_decay=False),
+    torch.optim.SGD: OptimizerRule(Family.SGD, lr_wd_decay=True),
+}
+
+
+def register_optimizer(optimizer_class: type[torch.optim.Optimizer], family: Family | str,
+                       lr_wd_decay: bool) -> None:
+    """Declare the rule of an optimizer class sparsemup does not know (its subclasses inherit it).
+
+    Example: ``register_optimizer(Lion, "adam", lr_wd_decay=True)`` for a sign-based optimizer
+    with decoupled weight decay.
+    """
+    _RULES[optimizer_class] = OptimizerRule(Family(family), lr_wd_decay)
+
+
+def optimizer_rule(optimizer_class: type[torch.optim.Optimizer]) -> OptimizerRule:
+    """The rule of the most specific registered class in ``optimizer_class``'s MRO; unknown ones are an error."""
+    for cls in optimizer_class.__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    known = ", ".join(sorted(c.__name__ for c in _RULES))
+    raise ValueError(
+        f"no parameterization rule is known for optimizer {optimizer_class!r}; use one of {known} (or a "
+        "subclass), or declare it with sparsemup.core.optim.register_optimizer(cls, family='adam' or 'sgd', "
+        "lr_wd_decay=...)"
+    )
+
+
+def optimizer_family(optimizer: type[torch.optim.Optimizer] | Family | str) -> Family:
+    """The rule family of an optimizer class, or of a family name ("adam", "sgd")."""
+    if isinstance(optimizer, type):
+        return optimizer_rule(optimizer).family
+    try:
+        return Family(optimizer.lower() if isinstance(optimizer, str) else optimizer)
+    except ValueError:
+        raise ValueError(f"unknown optimizer family {optimizer!r}; choose adam or sgd, or pass the optimizer "
+                         "class") from None
+
+
+def param_groups(
+    model: nn.Module,
+    optimizer_class: type[torch.optim.Optimizer],
+    lr: float,
+    weight_decay: float = 0.0,
+    weight_decay_mode: WeightDecayMode = "independent",
+    decay_vectors: bool = False,
+) -> list[dict[str, Any]]:
+    """``torch.optim`` parameter groups with each parameter's LR and weight decay.
+
+    Args:
+        model: a parameterized model (wrappers such as DDP are looked through).
+        optimizer_class: the class the groups are for (its rule decides the multipliers), e.g.
+            ``torch.optim.AdamW``; a class only, so groups of one rule cannot feed another optimizer.
+        lr, weight_decay: the base values η_base and wd_base. Groups hold ``lr`` = η_base·lr_mult
+            and ``weight_decay`` = wd_base·wd_mult, plus ``lr_mult``/``wd_mult`` and ``param_names``.
+        weight_decay_mode: ``independent`` (default) keeps lr·wd per layer equal to the base model's,
+            so a decay tuned on the base transfers; ``coupled`` is PyTorch's lr·wd as is (the official
+            SµPar code). ``independent`` with nonzero decay is refused for optimizers whose decay is an
+            L2 term (Adam, RMSprop, ... and their subclasses).
+        decay_vectors: also decay biases and norm gains.
+
+    Frozen parameters (requires_grad=False) are left out.
+
+    Example::
+
+        groups = sparsemup.param_groups(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.1)
+        opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    """
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise ValueError(f"param_groups takes the optimizer class (e.g. torch.optim.AdamW), got {optimizer_class!r}")
+    check_choice(weight_decay_mode, WEIGHT_DECAY_MODES, "weight_decay_mode")
+    if lr <= 0 or weight_decay < 0:
+        raise ValueError(f"lr must be positive and weight_decay non-negative, got lr={lr}, weight_decay={weight_decay}")
+    rule = optimizer_rule(optimizer_class)
+    if weight_decay and weight_decay_mode == "independent" and not rule.lr_wd_decay:
+        raise ValueError(
+            f"{optimizer_class.__name__} applies weight decay as an L2 term that passes through its normaliser, so "
+            "lr·wd is not its decay and the 'independent' rule does not apply; use a decoupled optimizer "
+            "(torch.optim.AdamW) or weight_decay_mode='coupled'"
+        )
+    record = get_parameterization(model)
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, param in unwrap(model).named_parameters():
+        if not param.requires_grad:
+            continue
+        info = record.info(strip_wrappers(name))
+        lr_mult = lr_multiplier(info.role, record.scheme, info.multipliers, rule.family)
+        wd_mult = weight_decay_multiplier(info.role, lr_mult, weight_decay_mode, decay_vectors)
+        group = groups.setdefault(
+            (lr_mult, wd_mult),
+            {"params": [], "lr": lr * lr_mult, "weight_decay": weight_decay * wd_mult,
+             "lr_mult": lr_mult, "wd_mult": wd_mult, "param_names": []},
+        )
+        group["params"].append(param)
+        group["param_names"].append(info.name)
+    return list(groups.values())
+
+
+def make_optimizer(
+    model: nn.Module,
+    optimizer_class: type[torch.optim.Optimizer],
+    lr: float,
+    weight_decay: float = 0.0,
+    weight_decay_mode: WeightDecayMode = "independent",
+    decay_vectors: bool = False,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """``optimizer_class(param_groups(model, optimizer_class, ...), **kwargs)``: the groups are the contract.
+
+    Example::
+
+        opt = sparsemup.make_optimizer(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    """
+    groups = param_groups(model, optimizer_class, lr, weight_decay, weight_decay_mode, decay_vectors)
+    return optimizer_class(groups, lr=lr, **kwargs)

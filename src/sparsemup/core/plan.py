@@ -1,0 +1,355 @@
+"""Planning a parameterization: every decision and every check, before anything is touched.
+
+``make_plan`` reads roles and multipliers from the base (and delta) shapes, resolves densities,
+draws masks and computes init stds, forward multipliers and attention scales. It raises on
+any inconsistent input, naming the parameter and the fix, and changes nothing; applying the
+``Plan`` (``sparsemup.core.parameterize``) then cannot fail halfway, so bad input loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import DotProductAttention
+from .hooks import MASK_SUFFIX
+from .masks import DEFAULT_BLOCK, blocks_per_row, nonzeros_per_row, random_mask, row_nonzeros, validate_mask
+from .record import Parameterization, ParamInfo, is_parameterized
+from .rules import Multipliers, Role, Scheme, attention_scale, forward_multiplier, get_scheme
+from .rules import init_std as rule_init_std
+from .structure import (
+    Inferred,
+    TiedParam,
+    check_same_structure,
+    collect,
+    infer_roles,
+    match,
+    named_modules,
+    strip_wrappers,
+    unwrap,
+)
+from .vocab import FORWARD_MULTIPLIERS, MASK_KINDS, ForwardMultipliers, MaskKind, check_choice
+
+__all__ = ["Options", "UsagePlan", "ParamPlan", "Plan", "make_plan"]
+
+# Modules whose weight a forward-multiplier hook can scale (input side for a readout, output for an embedding).
+_MULTIPLIER_OWNERS = (nn.Linear, nn.Embedding, nn.EmbeddingBag)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The arguments of ``sparsemup.parameterize`` after the model and base (documented there)."""
+
+    scheme: str | Scheme = "supar"
+    density: float | Mapping[str, float] = 1.0
+    base_density: float = 1.0
+    init_std: float = 0.02
+    role_init_std: Mapping[str, float] | None = None
+    init_scale: Mapping[str, float] | None = None
+    input_alpha: float = 1.0
+    output_alpha: float = 1.0
+    zero_readout: bool = False
+    roles: Mapping[str, Role | str] | None = None
+    delta: nn.Module | None = None
+    masks: Mapping[str, torch.Tensor] | None = None
+    mask_kind: MaskKind = "rows"
+    block_size: int = DEFAULT_BLOCK
+    seed: int = 0
+    forward_multipliers: ForwardMultipliers = "hooks"
+
+
+@dataclass(frozen=True)
+class UsagePlan:
+    """Role and multipliers of one usage of a parameter (a tied weight has several)."""
+
+    role: Role
+    multipliers: Multipliers
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """What applying the plan does to one parameter: its record, its mask and the roles of its usages."""
+
+    tied: TiedParam
+    info: ParamInfo
+    mask: torch.Tensor | None  # bool, on the CPU; None when dense
+    usages: tuple[UsagePlan, ...]  # aligned with ``tied.usages``
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated parameterization of one model, ready to apply."""
+
+    target: nn.Module
+    modules: Mapping[str, nn.Module]
+    scheme: Scheme
+    params: tuple[ParamPlan, ...]
+    attention_scales: Mapping[str, float]
+    options: Options
+
+    def record(self) -> Parameterization:
+        """The ``Parameterization`` this plan stores on the model."""
+        o = self.options
+        return Parameterization(
+            scheme=self.scheme,
+            params={p.info.name: p.info for p in self.params},
+            attention_scales=dict(self.attention_scales),
+            seed=o.seed,
+            mask_kind=o.mask_kind,
+            block_size=o.block_size,
+            input_alpha=o.input_alpha,
+            output_alpha=o.output_alpha,
+        )
+
+    def signature(self) -> torch.Tensor:
+        """sha256 of what the weights do not show (scheme, roles, multipliers, α's) as a uint8 tensor."""
+        o = self.options
+        parts = [f"{self.scheme}|{o.input_alpha!r}|{o.output_alpha!r}|{sorted(self.attention_scales.items())!r}"]
+        for p in self.params:
+            m = p.info.multipliers
+            parts.append(f"{p.info.names}|{p.info.role.value}|{m.width!r}|{m.fan_out!r}|{m.density!r}|"
+                         f"{sorted(p.info.forward_multipliers.items())!r}")
+        digest = hashlib.sha256("\n".join(parts).encode()).digest()
+        return torch.frombuffer(bytearray(digest), dtype=torch.uint8).clone()
+
+
+def _check_unit_interval(value: float, what: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"{what} must be a number in (0, 1], got {value!r}")
+
+
+def _scaling_dims(
+    model_params: Mapping[str, TiedParam],
+    base_shapes: Mapping[str, tuple[int, ...]],
+    delta: nn.Module | None,
+) -> dict[str, tuple[bool, ...]]:
+    """Which dims of each parameter grow with width: differ between base and delta (or model)."""
+    if delta is not None:
+        other = check_same_structure(model_params, delta, "delta")
+    else:
+        other = {n: tuple(t.param.shape) for n, t in model_params.items()}
+        if all(other[n] == base_shapes[n] for n in model_params):
+            raise ValueError(
+                "the model has exactly the base model's shapes, so sparsemup cannot tell which dims grow "
+                "with width; pass delta=<the same model built at another width> (the meta device is fine: "
+                "with torch.device('meta'): delta = Model(width=2 * base_width))"
+            )
+    return {n: tuple(a != b for a, b in zip(base_shapes[n], other[n])) for n in model_params}
+
+
+def _resolve_roles(roles: Mapping[str, Role | str] | None) -> dict[str, Role]:
+    resolved: dict[str, Role] = {}
+    for pattern, role in (roles or {}).items():
+        try:
+            resolved[pattern] = role if isinstance(role, Role) else Role(role)
+        except ValueError:
+            raise ValueError(
+                f"roles[{pattern!r}] = {role!r} is not a role; use one of {', '.join(r.value for r in Role)}"
+            ) from None
+    return resolved
+
+
+def _check_patterns_used(patterns: Mapping[str, object], names: list[tuple[str, ...]], what: str) -> None:
+    for pattern in patterns:
+        if not any(match({pattern: None}, n) for n in names):
+            raise ValueError(f"{what} pattern {pattern!r} matches no parameter it can apply to; check the name")
+
+
+def _densities(
+    density: float | Mapping[str, float], hidden: Mapping[str, TiedParam], user_masks: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
+    """Requested density of every hidden weight (1.0 = dense)."""
+    if isinstance(density, Mapping):
+        for pattern, value in density.items():
+            _check_unit_interval(value, f"density[{pattern!r}]")
+        _check_patterns_used(density, [t.names for t in hidden.values()], "density (hidden weights only)")
+        out = {}
+        for name, tied in hidden.items():
+            pattern = match(density, tied.names)
+            out[name] = float(density[pattern]) if pattern is not None else 1.0
+    else:
+        _check_unit_interval(density, "density")
+        out = {name: float(density) for name in hidden}
+    for name in user_masks:
+        out[name] = float("nan")  # decided by the mask itself
+    return out
+
+
+def _realised_base_density(base_density: float, base_shape: tuple[int, ...], kind: MaskKind, block: int,
+                            name: str) -> float:
+    fan_in = math.prod(base_shape[1:])
+    if kind == "bernoulli" or base_density == 1.0:
+        return base_density
+    if kind == "blocks":
+        return blocks_per_row(base_density, base_shape, block, f"{name} (in the base model)") / (fan_in // block)
+    return row_nonzeros(base_density, fan_in, f"{name} (in the base model)") / fan_in
+
+
+
+
+def _decide(inferred: list[Inferred], name: str) -> tuple[UsagePlan, tuple[UsagePlan, ...]]:
+    """The parameter's role and multipliers for init/LR, from those of its usages (ties: input + output)."""
+    roles = {i.role for i in inferred}
+    usages = tuple(UsagePlan(i.role, i.multipliers) for i in inferred)
+    if len(roles) == 1:
+        return usages[0], usages
+    if roles == {Role.INPUT, Role.OUTPUT}:
+        return next(u for u in usages if u.role is Role.INPUT), usages
+    raise ValueError(
+        f"parameter {name!r} is tied across usages with roles {sorted(r.value for r in roles)}; only an "
+        "embedding tied to a readout (input + output) is supported. Untie it or give its role with roles={...}"
+    )
+
+
+def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
+    """Decide and validate everything ``parameterize`` will do to ``model``, touching nothing."""
+    o = options
+    scheme = get_scheme(o.scheme)
+    target = unwrap(model)
+    if target is unwrap(base):
+        raise ValueError("model and base are the same object; build the base separately (e.g. on the meta device)")
+    if is_parameterized(target):
+        raise ValueError(
+            "this model is already parameterized; applying twice would double-scale it. Build a fresh model "
+            "(and load a state_dict into it after parameterizing, if you are restoring one)"
+        )
+    _check_unit_interval(o.base_density, "base_density")
+    check_choice(o.mask_kind, MASK_KINDS, "mask_kind")
+    if o.forward_multipliers not in FORWARD_MULTIPLIERS:
+        raise ValueError(f"forward_multipliers must be 'hooks' or 'manual', got {o.forward_multipliers!r}")
+    if o.init_std <= 0:
+        raise ValueError(f"init_std must be positive, got {o.init_std!r}")
+    stds = {Role.INPUT: o.init_std, Role.HIDDEN: o.init_std, Role.OUTPUT: o.init_std}
+    for key, value in (o.role_init_std or {}).items():
+        if key not in ("input", "hidden", "output") or not value >= 0:
+            raise ValueError(f"role_init_std[{key!r}] = {value!r}: give a non-negative std for input, hidden or output")
+        stds[Role(key)] = float(value)
+
+    params = collect(target)
+    meta = [n for n, t in params.items() if t.param.is_meta]
+    if meta:
+        raise ValueError(
+            f"parameter {meta[0]!r} is on the meta device; materialise the model (model.to_empty(device=...)) "
+            "before parameterizing it. Only the base and delta may be meta"
+        )
+    base_shapes = check_same_structure(params, base, "base")
+    role_overrides = _resolve_roles(o.roles)
+    _check_patterns_used(role_overrides, [t.names for t in params.values()], "roles")
+    scaling = _scaling_dims(params, base_shapes, o.delta)
+    inferred = infer_roles(target, params, base_shapes, scaling, role_overrides)
+
+    decided = {name: _decide(inferred[name], name) for name in params}
+    hidden = {n: t for n, t in params.items() if decided[n][0].role is Role.HIDDEN}
+    user_masks = {strip_wrappers(k): v for k, v in (o.masks or {}).items()}
+    for name in user_masks:
+        if name not in hidden:
+            raise ValueError(
+                f"masks[{name!r}]: only hidden weights can be masked; hidden weights include {sorted(hidden)[:8]}"
+            )
+    requested = _densities(o.density, hidden, user_masks)
+    scales = dict(o.init_scale or {})
+    _check_patterns_used(scales, [t.names for t in params.values()], "init_scale")
+
+    modules = named_modules(target)
+    planned = []
+    for name, tied in params.items():
+        chosen, usages = decided[name]
+        role, mults = chosen.role, chosen.multipliers
+        shape = tuple(tied.param.shape)
+        mask: torch.Tensor | None = None
+        rho, rho_base = 1.0, 1.0
+        if role is Role.HIDDEN:
+            rho_base = _realised_base_density(o.base_density, base_shapes[name], o.mask_kind, o.block_size, name)
+            if name in user_masks:
+                mask = validate_mask(user_masks[name], shape, name)
+                rho = float(mask.sum()) / mask.numel()
+            elif requested[name] < 1.0:
+                mask = random_mask(shape, requested[name], o.seed, name, o.mask_kind, o.block_size)
+                fan_in = math.prod(shape[1:])
+                if o.mask_kind == "rows":
+                    rho = nonzeros_per_row(requested[name], fan_in) / fan_in
+                elif o.mask_kind == "blocks":
+                    rho = blocks_per_row(requested[name], shape, o.block_size, name) / (fan_in // o.block_size)
+                else:
+                    rho = float(mask.sum()) / mask.numel()
+            mults = Multipliers(width=mults.width, fan_out=mults.fan_out, density=rho / rho_base)
+        std: float | None = None
+        if role is not Role.VECTOR:
+            pattern = match(scales, tied.names)
+            factor = scales[pattern] if pattern is not None else 1.0
+            std = rule_init_std(role, scheme, mults, stds[role]) * factor
+            if role is Role.OUTPUT and o.zero_readout:
+                std = 0.0
+        fwd: dict[str, float] = {}
+        for usage, plan in zip(tied.usages, usages):
+            if plan.role in (Role.INPUT, Role.OUTPUT):
+                fwd[usage.name] = forward_multiplier(plan.role, scheme, plan.multipliers, o.input_alpha,
+                                                     o.output_alpha)
+                owner = modules[usage.module_name]
+                needs_hook = o.forward_multipliers == "hooks" and fwd[usage.name] != 1.0
+                if needs_hook and not isinstance(owner, _MULTIPLIER_OWNERS):
+                    raise ValueError(
+                        f"parameter {usage.name!r} ({plan.role.value}) belongs to a {type(owner).__name__}, where "
+                        "sparsemup cannot insert its forward multiplier; keep embeddings and readouts in "
+                        "nn.Embedding/nn.Linear modules, or pass forward_multipliers='manual' and multiply by "
+                        f"get_parameterization(model).info({usage.name!r}).forward_multipliers yourself"
+                    )
+        if o.zero_readout and role is Role.INPUT and any(u.role is Role.OUTPUT for u in usages):
+            raise ValueError(
+                f"zero_readout: the readout {name!r} is tied to the embedding, so zero init would zero the "
+                "embedding too; untie them or drop zero_readout"
+            )
+        if mask is not None:
+            for usage in tied.usages:
+                if hasattr(modules[usage.module_name], usage.attr + MASK_SUFFIX):
+                    raise ValueError(
+                        f"{name}: module {usage.module_name!r} already has an attribute "
+                        f"{usage.attr + MASK_SUFFIX!r}, where sparsemup keeps the mask; rename it (or remove "
+                        "torch.nn.utils.prune from it)"
+                    )
+        info = ParamInfo(
+            name=name,
+            names=tied.names,
+            role=role,
+            shape=shape,
+            base_shape=base_shapes[name],
+            multipliers=mults,
+            density=rho,
+            base_density=rho_base,
+            init_std=std,
+            masked=mask is not None,
+            forward_multipliers=fwd,
+            usage_roles={u.name: plan.role for u, plan in zip(tied.usages, usages)},
+        )
+        planned.append(ParamPlan(tied, info, mask, usages))
+    attention = _attention_scales(target, base, scheme)
+    return Plan(target, modules, scheme, tuple(planned), attention, o)
+
+
+def _attention_scales(model: nn.Module, base: nn.Module, scheme: Scheme) -> dict[str, float]:
+    """The scheme's logit scale for every DotProductAttention, from its head dim and the base's."""
+    base_modules = named_modules(base)
+    scales: dict[str, float] = {}
+    for name, module in named_modules(model).items():
+        if isinstance(module, nn.MultiheadAttention) and scheme.width:
+            head_dim = module.embed_dim // module.num_heads
+            base_mha = base_modules[name]
+            base_head_dim = base_mha.embed_dim // base_mha.num_heads
+            if head_dim != base_head_dim:
+                raise ValueError(
+                    f"{name}: nn.MultiheadAttention fixes its logit scale at 1/sqrt(head_dim), but {scheme.name} "
+                    f"needs sqrt({base_head_dim})/{head_dim} here; keep head_dim equal to the base's (add heads "
+                    "as width grows) or use sparsemup.DotProductAttention, whose scale sparsemup sets"
+                )
+        if not isinstance(module, DotProductAttention):
+            continue
+        counterpart = base_modules.get(name)
+        if not isinstance(counterpart, DotProductAttention):
+            raise ValueError(f"attention module {name!r} has no DotProductAttention counterpart in the base model")
+        scales[name] = attention_scale(scheme, module.head_dim, counterpart.head_dim)
+    return scales

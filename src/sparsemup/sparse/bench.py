@@ -1,0 +1,303 @@
+"""The layer benchmark behind ``sparsemup bench``: one sparse layer's training step on every backend.
+
+Each row times forward and backward (dX and the weight gradient on the mask only) of one
+layer, side by side in one process, and reports the speedup over masked dense of the same
+dtype, over the fastest dense path (the best dtype of masked dense), and the fraction of the
+1/ρ ideal. Backends: ``masked_dense`` (what sparsemup runs by default), ``torch_csr`` (torch's
+CSR ``mm`` + ``sampled_addmm``) and ``blocks`` (sparsemup's block-sparse layers, block masks).
+Peak memory is the growth of the process's peak resident set during the step (Linux only), or on
+CUDA of the peak memory torch allocated;
+``state_mb`` counts the bytes of weights, AdamW state and mask or indices the layer keeps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..core.masks import block_layout, random_mask
+from .blocksparse import block_sparse_linear, to_blocks
+
+__all__ = ["Grid", "FULL", "QUICK", "GPU", "DTYPES", "run_layers", "block_for", "blocks_for", "main_table",
+           "derive_thresholds", "sync"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What to measure: layer shapes (out, in), token counts, densities, dtypes, repetitions."""
+
+    shapes: tuple[tuple[int, int], ...]
+    tokens: tuple[int, ...]
+    densities: tuple[float, ...]
+    dtypes: tuple[str, ...]
+    repeats: int
+    gpt_width: int
+    gpt_tokens: tuple[int, int]  # (batch, context)
+
+
+FULL = Grid(shapes=((512, 512), (1024, 1024), (2048, 2048), (4096, 1024)), tokens=(512, 4096),
+            densities=(1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128), dtypes=("fp32", "bf16"),
+            repeats=3, gpt_width=1024, gpt_tokens=(8, 256))
+# On a GPU the layers are bigger (small ones only measure launch overhead) and timings repeat more.
+GPU = Grid(shapes=((4096, 4096), (8192, 8192)), tokens=(8192,), densities=(1 / 4, 1 / 16, 1 / 64),
+           dtypes=("fp32", "bf16"), repeats=10, gpt_width=2048, gpt_tokens=(16, 512))
+QUICK = Grid(shapes=((256, 256),), tokens=(64,), densities=(1 / 4, 1 / 16), dtypes=("fp32", "bf16"),
+             repeats=1, gpt_width=128, gpt_tokens=(2, 32))
+
+
+def block_for(density: float, fan_in: int, cap: int = 64) -> int:
+    """The largest power-of-two block ≤ cap that still keeps one block per row: b ≤ ρ·fan_in."""
+    block = 1
+    while block * 2 <= min(cap, density * fan_in):
+        block *= 2
+    return block
+
+
+def blocks_for(density: float, fan_in: int) -> list[int]:
+    """Block sizes to measure: 16, 32 and 64 where b ≤ ρ·fan_in, else the largest that fits."""
+    sizes = [b for b in (16, 32, 64) if b <= density * fan_in]
+    return sizes or [block_for(density, fan_in)]
+
+
+class _Memory:
+    """Peak resident-set growth of this process (Linux): big allocations go through mmap, so freed
+    tensors leave the resident set and the high-water mark can be reset between measurements."""
+
+    def __init__(self) -> None:
+        self.ok = platform.system() == "Linux"
+        if self.ok:
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so frees return memory
+                libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+            except OSError:
+                self.ok = False
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} missing from /proc/self/status")
+
+    def start(self) -> None:
+        if self.ok:
+            Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+            self.base = self._status("VmRSS:")
+
+    def peak_mb(self) -> float | None:
+        return round((self._status("VmHWM:") - self.base) / 2**20, 1) if self.ok else None
+
+
+class _CudaMemory:
+    """Peak growth of the memory torch allocated on a CUDA device."""
+
+    def __init__(self, device: torch.device) -> None:
+        # A GEMM with backward in each dtype, so one-time allocations (cuBLAS workspaces) happen here
+        # rather than inside the first peak-memory reading.
+        for dtype in DTYPES.values():
+            weight = torch.randn(64, 64, device=device, dtype=dtype, requires_grad=True)
+            F.linear(torch.randn(64, 64, device=device, dtype=dtype), weight).sum().backward()
+        self.device = device
+
+    def start(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+
+    def peak_mb(self) -> float:
+        return round((torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20, 1)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timers measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _CSRLinear(torch.autograd.Function):
+    """y = x Wᵀ with W in torch CSR; dX with a transposed CSR, dW with sampled_addmm on the pattern."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, pattern: torch.Tensor,
+                transpose: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        weight = torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), values, pattern.shape)
+        ctx.save_for_backward(x, values)
+        ctx.pattern, ctx.transpose = pattern, transpose
+        return torch.sparse.mm(weight, x.t()).t()
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:
+        x, values = ctx.saved_tensors
+        crow, col, perm, shape = ctx.transpose
+        weight_t = torch.sparse_csr_tensor(crow, col, values[perm], tuple(shape.tolist()))
+        grad_x = torch.sparse.mm(weight_t, grad_y.t()).t()
+        grad_w = torch.sparse.sampled_addmm(ctx.pattern, grad_y.t().contiguous(), x, beta=0.0)
+        return grad_x, grad_w.values(), None, None
+
+
+def _csr_layer(weight: torch.Tensor, mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    pattern = (weight * mask).to_sparse_csr()
+    values = pattern.values().clone().requires_grad_()
+    # Transposed pattern, and where each of its values sits in the original order.
+    order = torch.arange(1, values.numel() + 1, dtype=torch.float64, device=weight.device)  # exact in any dtype
+    numbered = torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), order, pattern.shape)
+    trans = numbered.to_dense().t().to_sparse_csr()
+    perm = trans.values().long() - 1
+    transpose = (trans.crow_indices(), trans.col_indices(), perm, torch.tensor(trans.shape))
+    return lambda x: _CSRLinear.apply(x, values, pattern, transpose)
+
+
+def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dtype, block: int,
+           device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], None], int]:
+    """(forward, after-backward, bytes of weights + AdamW state + mask or indices) of one layer."""
+    kind = "blocks" if backend == "blocks" else "rows"
+    mask = random_mask(shape, density, 0, "bench", kind, block) if density < 1 else torch.ones(shape, dtype=torch.bool)
+    mask = mask.to(device)
+    weight = (torch.randn(shape) / math.sqrt(shape[1])).to(device, dtype) * mask
+    if backend == "masked_dense":
+        param = weight.requires_grad_()
+        mask_t = mask.to(dtype)
+        state = 4 * param.numel() * param.element_size()  # weight, mask, exp_avg, exp_avg_sq
+        return (lambda x: F.linear(x, param)), (lambda: param.grad.mul_(mask_t)), state
+    if backend == "torch_csr":
+        forward = _csr_layer(weight, mask)
+        return forward, lambda: None, int(mask.sum()) * (3 * weight.element_size() + 8) + 8 * (shape[0] + 1)
+    index = block_layout(mask, block)
+    values = to_blocks(weight, index, block).requires_grad_()
+    return (lambda x: block_sparse_linear(x, values, index)), lambda: None, \
+        3 * values.numel() * values.element_size() + index.numel() * 8
+
+
+def _time_step(forward: Callable, after: Callable, x: torch.Tensor, grad_y: torch.Tensor, repeats: int,
+               memory: _Memory | _CudaMemory) -> tuple[float, float, float | None]:
+    fwd, bwd = [], []
+    peak = None
+    for i in range(repeats + 1):  # the first is a warm-up (and the memory measurement)
+        if i == 0:
+            memory.start()
+        sync(x.device)
+        t0 = time.perf_counter()
+        y = forward(x)
+        sync(x.device)
+        t1 = time.perf_counter()
+        y.backward(grad_y)
+        after()
+        sync(x.device)
+        t2 = time.perf_counter()
+        if i == 0:
+            peak = memory.peak_mb()
+        else:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+        del y
+        x.grad = None
+    return statistics.median(fwd) * 1e3, statistics.median(bwd) * 1e3, peak
+
+
+def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = None,
+               device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """Every (shape, tokens, dtype, density, backend) of the grid; rows as in the module docstring."""
+    device = torch.device(device)
+    memory = _CudaMemory(device) if device.type == "cuda" else _Memory()
+    rows: list[dict[str, Any]] = []
+    for shape in grid.shapes:
+        for tokens in grid.tokens:
+            group: list[dict[str, Any]] = []
+            for dtype_name in grid.dtypes:
+                dtype = DTYPES[dtype_name]
+                x = torch.randn(tokens, shape[1]).to(device, dtype).requires_grad_()
+                grad_y = torch.randn(tokens, shape[0]).to(device, dtype)
+                dense = None
+                for density in grid.densities:
+                    runs = [("masked_dense", 0), ("torch_csr", 0)]
+                    runs += [("blocks", b) for b in blocks_for(density, shape[1])]
+                    for backend, block in runs:
+                        if backend == "masked_dense" and dense is not None:
+                            # Masked dense does the same work at every density: measured once.
+                            row = {**dense, "density": density}
+                        else:
+                            row = _measure(backend, shape, tokens, density, dtype_name, block, x, grad_y,
+                                           grid.repeats, memory)
+                            if backend == "masked_dense":
+                                dense = row
+                        group.append(row)
+                        if progress:
+                            progress(row)
+            rows += _speedups(group)
+    return rows
+
+
+def _measure(backend: str, shape: tuple[int, int], tokens: int, density: float, dtype_name: str, block: int,
+             x: torch.Tensor, grad_y: torch.Tensor, repeats: int, memory: _Memory | _CudaMemory) -> dict[str, Any]:
+    row: dict[str, Any] = {"shape": list(shape), "tokens": tokens, "density": density, "dtype": dtype_name,
+                           "backend": backend, "block": block if backend == "blocks" else None}
+    try:
+        forward, after, weight_bytes = _layer(backend, shape, density, DTYPES[dtype_name], block, x.device)
+        fwd, bwd, peak = _time_step(forward, after, x, grad_y, repeats, memory)
+    except (RuntimeError, NotImplementedError) as err:  # e.g. a dtype torch's CSR kernels lack
+        return {**row, "fwd_ms": None, "bwd_ms": None, "total_ms": None, "peak_mem_mb": None,
+                "state_mb": None, "error": str(err).splitlines()[0][:160]}
+    return {**row, "fwd_ms": round(fwd, 3), "bwd_ms": round(bwd, 3), "total_ms": round(fwd + bwd, 3),
+            "peak_mem_mb": peak, "state_mb": round(weight_bytes / 2**20, 3)}
+
+
+def _speedups(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add speedups over masked dense (same dtype) and over the fastest dense path, and % of 1/ρ."""
+    dense = {r["dtype"]: r["total_ms"] for r in group if r["backend"] == "masked_dense"}
+    fastest = min(dense.values())
+    for r in group:
+        if r["total_ms"]:
+            same = dense[r["dtype"]] / r["total_ms"]
+            r["speedup_vs_masked_dense"] = round(same, 3)
+            r["speedup_vs_fastest_dense"] = round(fastest / r["total_ms"], 3)
+            r["fraction_of_ideal"] = round(same * r["density"], 3)
+    return group
+
+
+def derive_thresholds(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """{(dtype, block): the highest density at or below which every measured "blocks" row of that
+    dtype and block beat masked dense} (keys without such a density are left out)."""
+    by_key: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["backend"] == "blocks" and r["total_ms"] is not None:
+            by_key.setdefault((r["dtype"], r["block"]), []).append(r)
+    out = {}
+    for key, group in sorted(by_key.items()):
+        best = None
+        for density in sorted({r["density"] for r in group}):
+            if all(r["speedup_vs_masked_dense"] >= 1.0 for r in group if r["density"] <= density):
+                best = density
+        if best is not None:
+            out[key] = best
+    return out
+
+
+def main_table(rows: Iterable[dict[str, Any]]) -> str:
+    """A plain-text table of the layer rows."""
+    head = f"{'shape':>11} {'tokens':>6} {'rho':>7} {'dtype':>5} {'backend':>12} {'b':>3} {'fwd':>8} {'bwd':>8} " \
+           f"{'total':>8} {'mem MB':>7} {'x mdense':>8} {'x best':>7} {'%ideal':>6}"
+    lines = [head]
+    for r in rows:
+        if r.get("total_ms") is None:
+            lines.append(f"{'x'.join(map(str, r['shape'])):>11} {r['tokens']:>6} 1/{round(1 / r['density']):<5} "
+                         f"{r['dtype']:>5} {r['backend']:>12}  unsupported: {r.get('error', '')[:60]}")
+            continue
+        lines.append(
+            f"{'x'.join(map(str, r['shape'])):>11} {r['tokens']:>6} 1/{round(1 / r['density']):<5} {r['dtype']:>5} "
+            f"{r['backend']:>12} {r['block'] or '':>3} {r['fwd_ms']:8.2f} {r['bwd_ms']:8.2f} {r['total_ms']:8.2f} "
+            f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '':>7} {r['speedup_vs_masked_dense']:8.2f} "
+            f"{r['speedup_vs_fastest_dense']:7.2f} {100 * r['fraction_of_ideal']:5.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Training checkpoints: model (with masks), optimizer, scheduler, RNG states, step and config in one file.
+
+State dicts are gathered with ``torch.distributed.checkpoint.state_dict`` as full
+(unsharded) tensors keyed by parameter name, so one format serves one process, DDP and
+FSDP2, and a checkpoint from any of them resumes into any other. Rank 0 writes it to a
+temp file and renames it over the old one: a kill at any moment leaves a loadable file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..core.atomic import write_atomic
+from ..sparse import get_backends
+from .distributed import Context
+from .schema import RESUMABLE_KEYS, Config, ConfigError, flatten, with_defaults
+
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "checkpoint_path", "save", "load", "check_compatible",
+           "restore_model", "restore_training_state", "remove_stale_temps"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = 1
+
+
+def checkpoint_path(path: Path) -> Path:
+    """``path`` itself if it is a file, else ``path/checkpoint.pt``."""
+    path = Path(path)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete temp files left by a save that was killed (SIGKILL skips the cleanup); returns them."""
+    stale = sorted(Path(out).glob(f".{CHECKPOINT_NAME}.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _gather_rng(ctx: Context) -> list[dict[str, torch.Tensor]]:
+    mine = {"torch": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(ctx.device).cpu()
+    if not ctx.distributed:
+        return [mine]
+    out: list[Any] = [None] * ctx.world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, cfg: Config,
+         ctx: Context) -> None:
+    """Gather the full state on every rank (a collective) and write it atomically from rank 0."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = {
+        "format": FORMAT,
+        "step": step,
+        "config": cfg.to_dict(),
+        "world_size": ctx.world,
+        "model": get_model_state_dict(model, options=options),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
+        "scheduler": scheduler.state_dict(),
+        "rng": _gather_rng(ctx),
+        "backends": get_backends(model),  # replayed on resume, so a run keeps its layers' storage
+    }
+    if ctx.main:
+        write_atomic(Path(path), lambda f: torch.save(state, f))
+    if ctx.distributed:
+        dist.barrier()
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU; a missing or unreadable file is a clear error."""
+    file = checkpoint_path(path)
+    if not file.is_file():
+        raise ConfigError(f"no checkpoint at {str(file)!r}; give a run directory that holds {CHECKPOINT_NAME} or "
+                          "the checkpoint file itself")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ConfigError(f"{file} is not a readable sparsemup checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ConfigError(f"{file} is not a sparsemup training checkpoint (format {FORMAT})")
+    return state
+
+
+def check_compatible(saved: dict[str, dict[str, Any]], cfg: Config, file: Path) -> None:
+    """Refuse to resume with settings that change the computation (any key not flagged resumable), naming
+    each differing key; keys the checkpoint predates take their defaults."""
+    new = flatten(cfg.to_dict())
+    old = with_defaults(flatten(saved))
+    diffs = [f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+    if diffs:
+        raise ConfigError(
+            f"cannot resume from {file}: the config differs in " + "; ".join(diffs)
+            + ". Resume with the run's own config (drop --config to use the run directory's) or start a new --out"
+        )
+
+
+def restore_model(model: nn.Module, state: dict[str, Any], file: Path) -> None:
+    """Load weights and masks into the parameterized, not yet wrapped model."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"{file} does not fit this model: {err}") from None
+
+
+def restore_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                           state: dict[str, Any], ctx: Context) -> None:
+    """Load optimizer and scheduler state (after wrapping) and this rank's RNG state."""
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][ctx.rank] if len(state["rng"]) == ctx.world else state["rng"][0]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], ctx.device)

@@ -1,0 +1,266 @@
+"""The training loop: parameterized GPT, scheduled optimizer, logging, validation, checkpoints, divergence.
+
+One process or many (torchrun): the global batch of each step is a function of
+(seed, step) and is split across processes and accumulation micro-steps, so the
+loss curve does not depend on how the work is laid out, and resuming is exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..core import make_optimizer
+from ..core.atomic import write_json_atomic, write_text_atomic
+from ..sparse import get_backends
+from . import checkpoint, distributed
+from .build import build_model
+from .config import to_toml, to_yaml
+from .data import load_corpus, train_batch
+from .evaluate import validation_loss
+from .schema import OPTIMIZERS, Config, ConfigError
+from .validate import validate
+
+__all__ = ["Schedule", "MetricsLog", "Trainer", "train", "METRIC_COLUMNS"]
+
+METRIC_COLUMNS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
+
+
+class Schedule:
+    """LR factor of step k: linear warm-up to 1, then linear decay to ``final`` at the last step; or constant 1."""
+
+    def __init__(self, kind: str, warmup: int, total: int, final: float) -> None:
+        self.kind, self.warmup, self.total, self.final = kind, warmup, total, final
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "constant":
+            return 1.0
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - 1 - self.warmup))
+        return 1.0 - (1.0 - self.final) * progress
+
+
+class MetricsLog:
+    """metrics.csv (one row per step) and, optionally, TensorBoard scalars; rank 0 only."""
+
+    def __init__(self, out: Path, start_step: int, tensorboard: bool) -> None:
+        self.path = out / "metrics.csv"
+        kept: list[dict[str, str]] = []
+        if start_step and self.path.exists():  # rows past the checkpoint are redone after resuming
+            with self.path.open(newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= start_step]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, METRIC_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text_atomic(self.path, buffer.getvalue())
+        self.file = self.path.open("a", newline="")
+        self.writer = csv.DictWriter(self.file, METRIC_COLUMNS, lineterminator="\n")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s"):
+                if row.get(key) is not None:
+                    self.tb.add_scalar(key, row[key], row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    """Sets up (validating everything before any work) and runs one training run writing into ``out``."""
+
+    def __init__(self, cfg: Config, out: Path, resume: bool = False, config_format: str = "toml") -> None:
+        self.ctx = ctx = distributed.init(cfg.train.device)
+        validate(cfg, ctx.world)
+        self.cfg, self.out = cfg, Path(out)
+        ckpt_file = self.out / checkpoint.CHECKPOINT_NAME
+        state = None
+        if resume:
+            state = checkpoint.load(ckpt_file)
+            checkpoint.check_compatible(state["config"], cfg, ckpt_file)
+            if state["step"] > cfg.train.steps:
+                raise ConfigError(f"{ckpt_file} is at step {state['step']}, beyond train.steps = {cfg.train.steps}; "
+                                  f"set train.steps to at least {state['step']}")
+        elif ckpt_file.exists() or (self.out / "metrics.csv").exists():
+            raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        t = cfg.train
+        self.corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, t.seq_len)
+        model = build_model(cfg, ctx.device, backends=state.get("backends") if state is not None else None)
+        if state is not None:
+            checkpoint.restore_model(model, state, ckpt_file)
+        self.mask_digests = distributed.gather_mask_digests(model, ctx)
+        distributed.check_same_masks(self.mask_digests)
+        self.model = distributed.wrap(model, ctx, cfg.dist.fsdp, model.fsdp_units())
+        o = cfg.optim
+        extra = {"betas": (o.beta1, o.beta2), "eps": o.eps} if o.name == "adamw" else {"momentum": o.momentum}
+        self.optimizer = make_optimizer(model, OPTIMIZERS[o.name], o.lr, o.weight_decay,
+                                        o.weight_decay_mode, **extra)
+        self.schedule = Schedule(o.schedule, o.warmup_steps, t.steps, o.final_lr_fraction)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.step = 0
+        torch.manual_seed(t.seed)
+        if state is not None:
+            checkpoint.restore_training_state(self.model, self.optimizer, self.scheduler, state, ctx)
+            self.step = int(state["step"])
+            # Loading the scheduler restores the saved Schedule's fields; train.steps may have been
+            # extended, so put this run's schedule back and set the next step's LRs from it.
+            self.schedule = Schedule(o.schedule, o.warmup_steps, t.steps, o.final_lr_fraction)
+            self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * self.schedule(self.step)
+        self.last_checkpoint = self.step if state is not None else None
+        self.val_loss: float | None = None
+        self.metrics: MetricsLog | None = None
+        self.bar: tqdm | None = None
+        self.tokens_per_s: list[float] = []
+        self.result: dict[str, Any] = {}
+        if ctx.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_stale_temps(self.out)
+            text = to_yaml(cfg) if config_format == "yaml" else to_toml(cfg)
+            write_text_atomic(self.out / f"config.{config_format}", text)
+            self.metrics = MetricsLog(self.out, self.step, t.tensorboard)
+            self.bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                            disable=not t.progress, dynamic_ncols=True)
+
+    def _local_rows(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.cfg.train
+        x, y = train_batch(self.corpus.train, t.batch_size, t.seq_len, t.seed, step)
+        share = t.batch_size // self.ctx.world
+        rows = slice(self.ctx.rank * share, (self.ctx.rank + 1) * share)
+        return x[rows].to(self.ctx.device), y[rows].to(self.ctx.device)
+
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Reduce gradients only on the last micro-step."""
+        if not self.ctx.distributed:
+            return contextlib.nullcontext()
+        if self.cfg.dist.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.model.no_sync()
+
+    def train_step(self) -> bool:
+        """One optimizer step with logging, and validation/checkpoint when due; False when the run diverged."""
+        t, ctx = self.cfg.train, self.ctx
+        start = time.perf_counter()
+        x, y = self._local_rows(self.step)
+        micro = len(x) // t.grad_accum
+        lr = self.cfg.optim.lr * self.schedule(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=ctx.device)
+        for i in range(t.grad_accum):
+            rows = slice(i * micro, (i + 1) * micro)
+            with self._sync(i == t.grad_accum - 1):
+                logits = self.model(x[rows])
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y[rows].flatten()) / t.grad_accum
+                loss.backward()
+            total += loss.detach()
+        train_loss = float(distributed.all_mean(total, ctx))
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+            self._finish_diverged(self.step + 1, train_loss, grad_norm)
+            return False
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        self.tokens_per_s.append(t.batch_size * t.seq_len / elapsed)
+        row: dict[str, Any] = {"step": self.step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                               "tokens_per_s": round(self.tokens_per_s[-1], 1), "elapsed_s": round(elapsed, 4)}
+        last = self.step == t.steps
+        if last or (t.eval_every and self.step % t.eval_every == 0):
+            row["val_loss"] = self.val_loss = self._validate()
+            if not math.isfinite(self.val_loss):
+                self._finish_diverged(self.step, self.val_loss, grad_norm)
+                return False
+        if last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
+            checkpoint.save(self.out / checkpoint.CHECKPOINT_NAME, self.model, self.optimizer, self.scheduler,
+                            self.step, self.cfg, ctx)
+            self.last_checkpoint = self.step
+        if self.metrics is not None:
+            self.metrics.log(row)
+        if self.bar is not None:
+            postfix = {"loss": f"{train_loss:.3f}"}
+            if self.val_loss is not None:
+                postfix["val"] = f"{self.val_loss:.3f}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+        return True
+
+    def _validate(self) -> float:
+        t = self.cfg.train
+        return validation_loss(self.model, self.corpus.val, t.eval_batches * t.batch_size, t.seq_len,
+                               t.batch_size // (self.ctx.world * t.grad_accum), self.ctx)
+
+    def _write_result(self, result: dict[str, Any]) -> None:
+        if self.ctx.main:
+            write_json_atomic(self.out / "result.json", result)
+
+    def _finish_diverged(self, step: int, loss: float, grad_norm: float) -> None:
+        self.result = {"status": "diverged", "diverged_at_step": step, "final_val_loss": None, "steps": self.step,
+                       "loss_at_divergence": repr(loss), "grad_norm_at_divergence": repr(grad_norm),
+                       "last_checkpoint_step": self.last_checkpoint, "world_size": self.ctx.world,
+                       "device": self.ctx.device.type}
+        self._write_result(self.result)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps`` (or divergence), write result.json and return it."""
+        try:
+            while self.step < self.cfg.train.steps:
+                if not self.train_step():
+                    return self.result
+            if self.val_loss is None:  # resumed at the last step: nothing ran, validate the checkpoint
+                self.val_loss = self._validate()
+            self.result = {
+                "status": "completed", "final_val_loss": self.val_loss, "steps": self.step,
+                "final_val_bits_per_byte": self.val_loss / math.log(2) if self.val_loss is not None else None,
+                "mean_tokens_per_s": (sum(self.tokens_per_s) / len(self.tokens_per_s)) if self.tokens_per_s else None,
+                "world_size": self.ctx.world, "device": self.ctx.device.type, "fsdp": self.cfg.dist.fsdp,
+                "mask_sha256": self.mask_digests[0],
+                "backends": dict(Counter(get_backends(self.model).values())),
+            }
+            self._write_result(self.result)
+            return self.result
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the log files and the progress bar."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: Config, out: Path, resume: bool = False, config_format: str = "toml") -> dict[str, Any]:
+    """Run (or resume) a training run in ``out`` on this process or the torchrun group; returns result.json."""
+    try:
+        return Trainer(cfg, out, resume, config_format).fit()
+    finally:
+        distributed.shutdown()

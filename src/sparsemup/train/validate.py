@@ -1,0 +1,68 @@
+"""Validating a training configuration before any work: ranges, choices, divisibility, the corpus."""
+
+from __future__ import annotations
+
+from ..core.masks import nonzeros_per_row
+from .data import corpus_files
+from .schema import Config, ConfigError, field_specs, flatten
+
+__all__ = ["validate"]
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choose(choices: tuple[str, ...]) -> str:
+    return f"choose {choices[0]} or {choices[1]}" if len(choices) == 2 else f"choose one of {', '.join(choices)}"
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Check choices, ranges, divisibility and that the corpus exists; raise ConfigError naming the key and the fix."""
+    values = flatten(cfg.to_dict())
+    for key, spec in field_specs().items():
+        choices = spec.metadata["choices"]
+        _require(not choices or values[key] in choices, f"{key} = {values[key]!r}: {_choose(choices)}")
+    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    for key in ("width", "base_width", "depth", "head_dim"):
+        _require(getattr(m, key) >= 1, f"model.{key} = {getattr(m, key)}: must be at least 1")
+    for key in ("width", "base_width"):
+        _require(getattr(m, key) % m.head_dim == 0,
+                 f"model.{key} = {getattr(m, key)} is not a multiple of model.head_dim = {m.head_dim}; "
+                 "change one of them")
+    for key in ("density", "base_density"):
+        value = getattr(m, key)
+        _require(0.0 < value <= 1.0, f"model.{key} = {value}: must be in (0, 1] (1 is dense; 0.25 keeps a quarter)")
+    for key in ("init_std", "input_alpha", "output_alpha"):
+        _require(getattr(m, key) > 0, f"model.{key} = {getattr(m, key)}: must be positive")
+    _require(m.backend != "blocks" or m.mask_kind == "blocks",
+             "model.backend = 'blocks' runs block masks only; set model.mask_kind = 'blocks'")
+    if m.mask_kind == "blocks":
+        _require(m.block_size >= 1 and m.width % m.block_size == 0
+                 and (m.base_density == 1 or m.base_width % m.block_size == 0),
+                 f"model.block_size = {m.block_size} must divide model.width = {m.width} (and model.base_width = "
+                 f"{m.base_width} when model.base_density < 1); pick a power of two such as 16 or 32")
+        for key, width in (("density", m.width), ("base_density", m.base_width)):
+            rho = getattr(m, key)
+            _require(rho >= 1 or nonzeros_per_row(rho, width // m.block_size) >= 1,
+                     f"model.{key} = {rho:g} keeps no {m.block_size}x{m.block_size} block per row at width "
+                     f"{width}; lower model.block_size to at most {key}·width = {rho * width:g}")
+    _require(o.lr > 0, f"optim.lr = {o.lr}: must be positive")
+    _require(o.weight_decay >= 0, f"optim.weight_decay = {o.weight_decay}: must be non-negative")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+    _require(o.eps > 0 and o.momentum >= 0, "optim.eps must be positive and optim.momentum non-negative")
+    _require(0 <= o.warmup_steps <= t.steps,
+             f"optim.warmup_steps = {o.warmup_steps}: must be between 0 and train.steps = {t.steps}")
+    _require(0.0 <= o.final_lr_fraction <= 1.0, f"optim.final_lr_fraction = {o.final_lr_fraction}: must be in [0, 1]")
+    _require(o.grad_clip >= 0, f"optim.grad_clip = {o.grad_clip}: must be non-negative (0 turns clipping off)")
+    for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
+        _require(getattr(t, key) >= 1, f"train.{key} = {getattr(t, key)}: must be at least 1")
+    for key in ("eval_every", "checkpoint_every", "threads", "seed"):
+        _require(getattr(t, key) >= 0, f"train.{key} = {getattr(t, key)}: must be non-negative")
+    shards = world_size * t.grad_accum
+    _require(t.batch_size % shards == 0,
+             f"train.batch_size = {t.batch_size} does not divide into {world_size} process(es) × "
+             f"train.grad_accum = {t.grad_accum}; make it a multiple of {shards}")
+    _require(0.0 < d.val_fraction <= 0.5, f"data.val_fraction = {d.val_fraction}: must be in (0, 0.5]")
+    corpus_files(d.path)  # raises ConfigError when missing

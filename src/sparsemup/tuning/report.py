@@ -1,0 +1,288 @@
+"""Report of a sweep directory: tables of optima and drift, loss-vs-log2(x) figures and report.md."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.atomic import write_json_atomic, write_text_atomic
+from .analysis import SEED_KEY, analyze, setting_label
+from .store import STORE_NAME, ResultStore, StoreError
+
+__all__ = ["load_records", "merge_records", "preset_values", "tables", "plot_curves", "write_report", "write_preset"]
+
+LINE_KEYS = ("model.density", "model.width")  # a line per value of the first that varies
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    """The records of a sweep directory's store; an error naming the fix when there is none."""
+    path = Path(out) / STORE_NAME
+    if not path.exists():
+        raise StoreError(f"{path} does not exist; run `sparsemup sweep --config FILE --out {out}` first")
+    return list(ResultStore(path).records.values())
+
+
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _opt(row: dict[str, Any]) -> str:
+    if row["best_log2_x"] is None:
+        return "all diverged"
+    edge = {"low": "≤ ", "high": "≥ "}.get(row["edge"] or "", "")
+    return f"{edge}{row['best_log2_x']:.2f}" + (" (edge)" if row["edge"] else "")
+
+
+def best_runs(records: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any]]:
+    """The ``n`` completed runs of lowest final validation loss."""
+    done = [r for r in records if r["status"] == "completed" and r["final_val_loss"] is not None]
+    return sorted(done, key=lambda r: r["final_val_loss"])[:n]
+
+
+def preset_values(records: list[dict[str, Any]], top: int = 1) -> dict[str, Any]:
+    """The swept hyperparameters of the ``top`` best runs, for a preset: their geometric mean (4 significant
+    digits) for floats, the common value for anything else. The seed is left out: it is not a hyperparameter.
+
+    With top > 1 the preset is less exposed to one run's noise when the best runs are within noise of
+    each other but far apart in their settings.
+    """
+    best = best_runs(records, top)
+    if len(best) < top:
+        raise StoreError(f"--top {top} needs {top} completed runs; the store has {len(best)}")
+    keys = [k for k in best[0]["overrides"] if k != SEED_KEY]
+    for r in best[1:]:
+        if set(r["overrides"]) - {SEED_KEY} != set(keys):
+            raise StoreError(f"the {top} best runs swept different keys ({sorted(keys)} vs "
+                             f"{sorted(set(r['overrides']) - {SEED_KEY})}), e.g. from two versions of a sweep file; "
+                             "use --top 1")
+    values: dict[str, Any] = {}
+    for key in keys:
+        seen = [r["overrides"][key] for r in best]
+        if len({repr(v) for v in seen}) == 1:
+            values[key] = seen[0]
+        elif all(type(v) is float and v > 0 for v in seen):
+            values[key] = float(f"{math.exp(sum(map(math.log, seen)) / len(seen)):.4g}")
+        else:
+            raise StoreError(f"the {top} best runs differ in {key} ({', '.join(map(repr, seen))}), which has no "
+                             "geometric mean (only positive floats are averaged); use --top 1 or a sweep that fixes it")
+    return values
+
+
+def write_preset(out: Path, path: Path, top: int = 1) -> dict[str, Any]:
+    """Write the swept hyperparameters of ``out``'s best run (geometric mean of the ``top`` best) as a training
+    config (a sweep's ``preset``); returns {"runs": the runs used, "values": the values written}."""
+    records = load_records(out)
+    best = best_runs(records, top)
+    if not best:
+        raise StoreError(f"{out} has no completed run to take a preset from")
+    values = preset_values(records, top)
+    sections: dict[str, list[str]] = defaultdict(list)
+    for key, value in sorted(values.items()):
+        section, _, name = key.partition(".")
+        sections[section].append(f"{name} = {value!r}" if not isinstance(value, str) else f'{name} = "{value}"')
+    origin = (f"best run {best[0]['id']}" if top == 1 else
+              f"geometric mean of the {top} best runs ({', '.join(r['id'] for r in best)})")
+    losses = ", ".join(f"{r['final_val_loss']:.4f}" for r in best)
+    text = (f"# preset: {origin} of {out} (val loss {losses})\n"
+            f"# written by: sparsemup report {out} --preset {path}" + (f" --top {top}" if top > 1 else "") + "\n")
+    text += "".join(f"\n[{s}]\n" + "\n".join(lines) + "\n" for s, lines in sections.items())
+    write_text_atomic(Path(path), text)
+    return {"runs": best, "values": values}
+
+
+def _along_value(drift: dict[str, Any], row: dict[str, Any]) -> str:
+    """A drift row's density (or width), with the width beside a density when the two are set together."""
+    width = f" (width {row['model.width']})" if drift["along"] != "model.width" and "model.width" in row else ""
+    return f"{row[drift['along']]:g}{width}"
+
+
+def _fixed_tables(result: dict[str, Any]) -> list[str]:
+    """Loss along density (or width) at fixed hyperparameters (one value of the axis per setting), with the
+    spread over seeds: the sweep of paper Fig. 3, where nothing is retuned."""
+    axis = result["axis"].split(".")[-1]
+    lines = [f"Runs: {result['runs']} ({result['diverged']} diverged); one {axis} per setting: losses at fixed "
+             "hyperparameters, averaged over seeds (spread: max − min over seeds, — with one seed)."]
+    for d in result["drifts"]:
+        along = d["along"].split(".")[-1]
+        lines += ["", f"**{d['label'] or 'all'}**, across {along}:", "",
+                  f"| {along} | log2 {axis} | loss | seed spread |", "|---|---|---|---|"]
+        for r in d["rows"]:
+            loss = "diverged" if r["best_loss"] is None else f"{r['best_loss']:.3f}"
+            lines.append(f"| {_along_value(d, r)} | {_num(r['best_log2_x'], '.2f')} | {loss} | "
+                         f"{_num(r['seed_spread'], '.3f')} |")
+    return lines
+
+
+def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) -> str:
+    """Markdown tables: the best runs, every setting's optimum, then one drift table per group of settings."""
+    axis = result["axis"].split(".")[-1]
+    lines = []
+    if records:
+        lines += ["| best runs: val loss | overrides |", "|---|---|"]
+        lines += [f"| {r['final_val_loss']:.4f} | "
+                  + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["overrides"].items())
+                  + " |" for r in best_runs(records)]
+        lines.append("")
+    single = all(len(c["log2_x"]) < 2 for c in result["curves"])  # one x per setting: nothing to fit
+    if single and result["drifts"]:
+        return "\n".join(lines + _fixed_tables(result)) + "\n"
+    if single:
+        return "\n".join(lines + [f"Runs: {result['runs']} ({result['diverged']} diverged); every setting has one "
+                                   f"{axis} (a random search): no optima to fit."]) + "\n"
+    lines += [f"Runs: {result['runs']} ({result['diverged']} diverged). Optima in log2 {axis}; "
+             "an optimum on the edge of the stable grid is marked, not fitted.", "",
+             f"| setting | seeds | best log2 {axis} | best loss |", "|---|---|---|---|"]
+    for c in result["curves"]:
+        o = c["optimum"]
+        best = "all diverged" if o is None else _opt({"best_log2_x": o["log2_x"], "edge": o["edge"]})
+        lines.append(f"| {c['label'] or 'all'} | {c['seeds']} | {best} | {_num(None if o is None else o['loss'])} |")
+    for d in result["drifts"]:
+        along = d["along"].split(".")[-1]
+        drift = _num(d["drift_log2"], ".2f")
+        drift = ("≥ " if d["edge_involved"] and d["drift_log2"] is not None else "") + drift
+        lines += ["", f"**{d['label'] or 'all'}**, across {along}: drift of the optimum {drift} (log2 {axis}); "
+                  f"transferred log2 {axis} {_num(d['transferred_log2_x'], '.2f')} (from the "
+                  f"{'densest' if along == 'density' else 'narrowest'} setting)", "",
+                  f"| {along} | best log2 {axis} | best loss | loss at transferred | gap |", "|---|---|---|---|---|"]
+        for r in d["rows"]:
+            lines.append(f"| {_along_value(d, r)} | {_opt(r)} | {_num(r['best_loss'])} | "
+                         f"{_num(r['loss_at_transferred'])} | {_num(r['transfer_gap'], '+.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
+    """Loss vs log2 x, a panel per scheme and a line per density (or width); one figure per other setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = result["curves"]
+    if all(len(c["log2_x"]) < 2 for c in curves):  # fixed HPs: loss along density, or a random search: nothing
+        return [_plot_fixed(result, along, out, plt) for along in dict.fromkeys(d["along"] for d in result["drifts"])]
+    keys = list(curves[0]["setting"])
+    line_key = next((k for k in LINE_KEYS if k in keys), None)
+    # Keys set together with the line's (width × 1/√ρ in an iso-parameter sweep) share its lines.
+    tied = [k for k in keys if line_key and k not in ("model.scheme", line_key)
+            and len({(c["setting"][line_key], c["setting"][k]) for c in curves})
+            == len({c["setting"][line_key] for c in curves})]
+    figures: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for c in curves:
+        rest = tuple((k, v) for k, v in c["setting"].items() if k not in ("model.scheme", line_key, *tied))
+        figures[rest].append(c)
+    paths = []
+    axis = result["axis"].split(".")[-1]
+    for n, (rest, members) in enumerate(figures.items()):
+        schemes = list(dict.fromkeys(c["setting"].get("model.scheme", "") for c in members))
+        fig, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes), 3.6), sharey=True, squeeze=False)
+        finite = [y for c in members for y in c["loss"] if y is not None]
+        # One colour per density (or width) across every panel, densest / widest first.
+        values = sorted({c["setting"][line_key] for c in members}, reverse=True) if line_key else []
+        colour = {v: plt.cm.viridis(0.85 * i / max(1, len(values) - 1)) for i, v in enumerate(values)}
+        for ax, scheme in zip(axes[0], schemes):
+            for c in members:
+                if c["setting"].get("model.scheme", "") != scheme:
+                    continue
+                pts = [(x, y) for x, y in zip(c["log2_x"], c["loss"]) if y is not None]
+                label = setting_label({k: c["setting"][k] for k in (line_key, *tied)}) if line_key else c["label"]
+                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label,
+                               color=colour.get(c["setting"].get(line_key)) if line_key else None)[0]
+                if c["optimum"] is not None:
+                    ax.plot(c["optimum"]["log2_x"], c["optimum"]["loss"], marker="*", ms=11, color=line.get_color(),
+                            mfc="none" if c["optimum"]["edge"] else line.get_color())
+            ax.set_title(scheme or "all")
+            ax.set_xlabel(f"log2 {axis}")
+            ax.grid(alpha=0.3)
+            if finite:
+                low = min(finite)
+                ax.set_ylim(low - 0.05, min(max(finite), low + 1.5) + 0.05)
+        axes[0][0].set_ylabel("final validation loss (nats/byte)")
+        if len(members) <= 3 * 12:
+            for ax in axes[0]:
+                ax.legend(fontsize=7)
+        title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in rest)
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        path = Path(out) / f"loss-vs-{axis}{'-' + str(n) if len(figures) > 1 else ''}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _plot_fixed(result: dict[str, Any], along: str, out: Path, plt: Any) -> Path:
+    """Loss vs log2 density (or width) at fixed hyperparameters, a line per group (scheme): paper Fig. 3."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for d in result["drifts"]:
+        if d["along"] != along:
+            continue
+        rows = [r for r in d["rows"] if r["best_loss"] is not None]
+        ax.plot([math.log2(r[along]) for r in rows], [r["best_loss"] for r in rows], marker="o", ms=4,
+                label=d["label"] or "all")
+    name = along.split(".")[-1]
+    ax.set_xlabel(f"log2 {name}")
+    ax.set_ylabel("final validation loss (nats/byte)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out) / f"loss-vs-{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def merge_records(dirs: Sequence[Path]) -> tuple[list[dict[str, Any]], str]:
+    """The records of several sweep directories (a run stored twice counts once) and a line saying what was merged.
+
+    The line names the config keys that are constant within each store but differ between them, since
+    those split the curves by store: e.g. merging sweeps of different widths is fine, but a different
+    σ_base is probably a mistake worth seeing.
+    """
+    per_dir = []
+    for n, d in enumerate(dirs):
+        try:
+            per_dir.append(load_records(d))
+        except StoreError as err:
+            raise StoreError(f"--with {d}: {err}" if n else str(err)) from None
+    # A run id hashes only the swept keys, so stores with another base share ids: the same run means
+    # the same id *and* the same full config.
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for records in per_dir:
+        for r in records:
+            merged.setdefault((r["id"], json.dumps(r["config"], sort_keys=True)), r)
+    if len(dirs) == 1:
+        return list(merged.values()), ""
+    constants = [{k: repr(v) for k, v in records[0]["config"].items()
+                  if all(repr(r["config"].get(k)) == repr(v) for r in records)} for records in per_dir if records]
+    differ = sorted({k for c in constants for k in c if any(k in o and o[k] != c[k] for o in constants)})
+    verdict = (f"the stores differ in {', '.join(differ)}." if differ else
+               "their fixed settings agree." if len(constants) > 1 else "only one of them holds runs.")
+    line = ("Merged from " + ", ".join(f"{d} ({len(r)} runs)" for d, r in zip(dirs, per_dir))
+            + f": {len(merged)} distinct runs; {verdict}")
+    return list(merged.values()), line
+
+
+def write_report(out: Path, axis: str = "optim.lr", title: str | None = None,
+                 merge: Sequence[Path] = ()) -> tuple[dict[str, Any], str]:
+    """Analyse ``out``'s store (with the stores of the ``merge`` directories); write report.md, report.json and
+    the figures into ``out``; return (result, text)."""
+    out = Path(out)
+    dirs = [out, *map(Path, merge)]
+    records, merged = merge_records(dirs)
+    result = analyze(records, axis)
+    text = (merged + "\n\n" if merged else "") + tables(result, records)
+    figures = plot_curves(result, out)
+    body = [f"# {title or 'Sweep report: ' + out.name}", "", text, ""]
+    body += [f"![{p.stem}]({p.name})" for p in figures]
+    write_text_atomic(out / "report.md", "\n".join(body) + "\n")
+    if merged:
+        result["merged_from"] = [str(d) for d in dirs]
+    write_json_atomic(out / "report.json", result)
+    result["files"] = [str(out / "report.md"), str(out / "report.json"), *map(str, figures)]
+    return result, text
+

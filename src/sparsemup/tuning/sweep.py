@@ -1,0 +1,286 @@
+"""Sweeps: a base training config plus a grid and/or a random search, run resumably into one results store.
+
+A run's id is a hash of its overrides, so rerunning a sweep skips what is stored, resumes what
+has a checkpoint and never duplicates a result. The file format is documented in docs/SWEEPS.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.atomic import write_json_atomic
+from ..train import Config, ConfigError, load_config, validate
+from ..train.config import tomllib, typed_value
+from ..train.schema import flatten, run_identity, with_defaults
+from .store import STORE_NAME, ResultStore
+
+__all__ = ["Point", "SweepSpec", "SweepError", "load_sweep", "parse_sweep", "run_sweep", "run_id"]
+
+
+class SweepError(ConfigError):
+    """A bad sweep file or output directory; raised before any run starts, naming the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of a sweep: its id and the config keys it sets on top of the base."""
+
+    id: str
+    overrides: dict[str, Any]
+
+
+@dataclass
+class SweepSpec:
+    """A parsed sweep file: base config, the planned points and the sweep options."""
+
+    base: Config
+    points: list[Point]
+    keep_checkpoints: bool = False
+    source: str = "sweep"
+
+
+def run_id(overrides: dict[str, Any]) -> str:
+    """Deterministic 12-hex-digit id of a run: sha256 of its overrides as sorted JSON."""
+    return hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _grid_axes(grid: dict[str, Any], source: str) -> list[tuple[list[str], list[tuple]]]:
+    axes = []
+    for axis, values in flatten(grid).items():
+        keys = [k.strip() for k in axis.split(",")]
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{source}: grid axis {axis!r} is empty or not a list; give a list of at least one "
+                             "value, e.g. \"optim.lr\" = [\"2**-8\", \"2**-7\"]")
+        rows = []
+        for value in values:
+            row = value if len(keys) > 1 else [value]
+            if not isinstance(row, list) or len(row) != len(keys):
+                raise SweepError(f"{source}: grid axis {axis!r} links {len(keys)} keys; each value must be a list "
+                                 f"of {len(keys)}, got {value!r}")
+            rows.append(tuple(typed_value(k, v, source) for k, v in zip(keys, row)))
+        axes.append((keys, rows))
+    return axes
+
+
+def _random_samples(table: dict[str, Any], source: str) -> list[dict[str, Any]]:
+    unknown = set(table) - {"seed", "samples", "log_uniform"}
+    if unknown:
+        raise SweepError(f"{source}: unknown key(s) {sorted(unknown)} in [random]; it takes seed, samples and "
+                         "[random.log_uniform]")
+    samples, seed = table.get("samples"), table.get("seed", 0)
+    if not isinstance(samples, int) or samples < 1 or not isinstance(seed, int):
+        raise SweepError(f"{source}: [random] needs samples = N (N ≥ 1) and an integer seed")
+    ranges = flatten(table.get("log_uniform", {}))
+    if not ranges:
+        raise SweepError(f"{source}: [random.log_uniform] is empty; give ranges such as \"optim.lr\" = "
+                         "[\"2**-10\", \"2**-4\"]")
+    bounds = {}
+    for key, pair in sorted(ranges.items()):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise SweepError(f"{source}: random range {key!r} must be [low, high], got {pair!r}")
+        low, high = (float(typed_value(key, v, source)) for v in pair)
+        if not 0 < low <= high:
+            raise SweepError(f"{source}: random range {key!r} = [{low}, {high}]: need 0 < low ≤ high (log-uniform)")
+        bounds[key] = (math.log(low), math.log(high))
+    rng = random.Random(seed)
+    return [{k: math.exp(rng.uniform(lo, hi)) for k, (lo, hi) in bounds.items()} for _ in range(samples)]
+
+
+def parse_sweep(data: dict[str, Any], source: str = "sweep", root: Path = Path(".")) -> SweepSpec:
+    """Build the plan from a parsed sweep file (``root``: its folder); every point's config is validated."""
+    unknown = set(data) - {"sweep", "base", "grid", "random"}
+    if unknown:
+        raise SweepError(f"{source}: unknown table(s) {sorted(unknown)}; a sweep file has [sweep], [base.*], "
+                         "[grid] and [random]")
+    options = data.get("sweep", {})
+    if set(options) - {"keep_checkpoints", "preset"}:
+        raise SweepError(f"{source}: unknown key(s) {sorted(set(options) - {'keep_checkpoints', 'preset'})} in "
+                         "[sweep]; it takes keep_checkpoints and preset")
+    if not isinstance(options.get("keep_checkpoints", False), bool) or not isinstance(options.get("preset", ""), str):
+        raise SweepError(f"{source}: [sweep] keep_checkpoints must be true or false and preset a file path string")
+    if "grid" not in data and "random" not in data:
+        raise SweepError(f"{source}: nothing to sweep; add a [grid] table (and/or [random])")
+    tables = data.get("base", {})
+    if "preset" in options:  # a tuned config file under the [base] tables, e.g. written by report --preset
+        preset = Path(root, options["preset"])
+        if not preset.is_file():
+            raise SweepError(f"{source}: preset {str(preset)!r} does not exist; write it first with "
+                             "`sparsemup report TUNING_DIR --preset FILE` (see docs/SWEEPS.md)")
+        merged = load_config(preset).to_dict()
+        for section, values in tables.items():
+            merged.setdefault(section, {}).update(values if isinstance(values, dict) else {})
+        tables = merged
+    base = Config.from_dict(tables, f"{source} [base]")
+    if "tensorboard" not in tables.get("train", {}):  # keep run folders small unless asked for
+        base.train.tensorboard = False
+    axes = _grid_axes(data.get("grid", {}), source)
+    if "grid" in data and not axes:
+        raise SweepError(f"{source}: [grid] is empty; give at least one axis, e.g. \"optim.lr\" = [\"2**-8\"]")
+    samples = _random_samples(data["random"], source) if "random" in data else [{}]
+    points, seen = [], set()
+    for combo in itertools.product(*(rows for _, rows in axes)):
+        grid_part = {k: v for (keys, _), row in zip(axes, combo) for k, v in zip(keys, row)}
+        for sample in samples:
+            overrides = {**grid_part, **sample}
+            point = Point(run_id(overrides), overrides)
+            if point.id not in seen:
+                seen.add(point.id)
+                points.append(point)
+    for point in points:
+        validate(resolve(base, point, 1))
+    return SweepSpec(base, points, bool(options.get("keep_checkpoints", False)), source)
+
+
+def load_sweep(path: Path) -> SweepSpec:
+    """Read and plan a TOML sweep file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {str(path)!r} does not exist; check the path given to --config")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise SweepError(f"{path}: invalid TOML: {err}") from None
+    return parse_sweep(data, str(path), path.parent)
+
+
+def resolve(base: Config, point: Point, workers: int) -> Config:
+    """The full config of one run: base, the point's overrides, quiet output and its share of the cores."""
+    cfg = Config.from_dict(base.to_dict())
+    for key, value in point.overrides.items():
+        section, _, name = key.partition(".")
+        setattr(getattr(cfg, section), name, value)
+    cfg.train.progress = False
+    cfg.train.threads = max(1, (os.cpu_count() or 1) // workers)
+    return cfg
+
+
+def _fingerprint(base: Config) -> dict[str, Any]:
+    return run_identity(flatten(base.to_dict()))
+
+
+def _execute(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Train (or resume) one run in a worker; returns result.json plus wall seconds, or the error."""
+    from ..train import train
+    from ..train.checkpoint import CHECKPOINT_NAME
+
+    out = Path(run_dir)
+    start = time.perf_counter()
+    try:
+        resume = (out / CHECKPOINT_NAME).is_file()
+        if not resume and out.exists():  # killed before its first checkpoint: start over
+            shutil.rmtree(out)
+        result = train(Config.from_dict(config), out, resume=resume)
+    except Exception:  # noqa: BLE001 - reported by the parent, the run stays unrecorded and is retried
+        return {"error": traceback.format_exc()}
+    return {**result, "seconds": round(time.perf_counter() - start, 2), "resumed": resume}
+
+
+def _finished_result(run_dir: Path, steps: int) -> dict[str, Any] | None:
+    """result.json of a run that finished but was not yet recorded (the sweep was killed in between)."""
+    path = run_dir / "result.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if result.get("status") == "diverged" or (result.get("status") == "completed" and result.get("steps") == steps):
+        return {**result, "seconds": None, "resumed": False}
+    return None
+
+
+def _record(point: Point, cfg: Config, result: dict[str, Any]) -> dict[str, Any]:
+    return {"id": point.id, "overrides": point.overrides, "status": result["status"],
+            "final_val_loss": result.get("final_val_loss"), "steps": result.get("steps"),
+            "diverged_at_step": result.get("diverged_at_step"), "seconds": result.get("seconds"),
+            "device": result.get("device"),
+            "config": run_identity(flatten(cfg.to_dict()))}
+
+
+def _describe(point: Point) -> str:
+    return " ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                    for k, v in point.overrides.items())
+
+
+def run_sweep(spec: SweepSpec, out: Path, workers: int = 1,
+              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, int]:
+    """Run every point not yet in ``out``'s store (``workers`` in parallel); returns counts by outcome."""
+    if workers < 1:
+        raise SweepError(f"--workers {workers}: must be at least 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "sweep.json"
+    fingerprint = _fingerprint(spec.base)
+    if meta_path.exists():
+        old = run_identity(with_defaults(json.loads(meta_path.read_text())["base"]))
+        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if changed:
+            raise SweepError(f"{out} holds a sweep over another base config (differs in {', '.join(changed)}); "
+                             "use another --out, or restore the base config")
+    else:
+        write_json_atomic(meta_path, {"base": fingerprint, "source": spec.source})
+    store = ResultStore(out / STORE_NAME)
+    if store.repaired:
+        log(f"repaired {store.path}: dropped a torn last line (its run is recorded again)")
+    counts = {"planned": len(spec.points), "stored": 0, "completed": 0, "diverged": 0, "failed": 0}
+    todo = []
+    for point in spec.points:
+        cfg = resolve(spec.base, point, workers)
+        run_dir = out / "runs" / point.id
+        if point.id in store:
+            counts["stored"] += 1
+        elif (result := _finished_result(run_dir, cfg.train.steps)) is not None:
+            _finish(store, point, cfg, result, run_dir, spec.keep_checkpoints, counts)
+        else:
+            todo.append((point, cfg, run_dir))
+    log(f"sweep {spec.source}: {len(spec.points)} runs planned, {counts['stored']} already stored, "
+        f"{len(todo)} to run with {workers} worker(s) × {resolve(spec.base, spec.points[0], workers).train.threads} "
+        f"thread(s); store: {store.path}")
+    done = 0
+
+    def finished(point: Point, cfg: Config, run_dir: Path, result: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        if "error" in result:
+            counts["failed"] += 1
+            log(f"[{done}/{len(todo)}] {point.id} {_describe(point)}: FAILED (not recorded, retried on rerun)\n"
+                + result["error"])
+            return
+        _finish(store, point, cfg, result, run_dir, spec.keep_checkpoints, counts)
+        outcome = (f"val loss {result['final_val_loss']:.4f}" if result["status"] == "completed"
+                   else f"diverged at step {result.get('diverged_at_step')}")
+        log(f"[{done}/{len(todo)}] {point.id} {_describe(point)}: {outcome} ({result['seconds']:.0f} s"
+            + (", resumed" if result.get("resumed") else "") + ")")
+
+    if workers == 1:
+        for point, cfg, run_dir in todo:
+            finished(point, cfg, run_dir, _execute(cfg.to_dict(), str(run_dir)))
+    elif todo:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_execute, cfg.to_dict(), str(run_dir)): (point, cfg, run_dir)
+                       for point, cfg, run_dir in todo}
+            for future in as_completed(futures):
+                finished(*futures[future], future.result())
+    return counts
+
+
+def _finish(store: ResultStore, point: Point, cfg: Config, result: dict[str, Any], run_dir: Path,
+            keep_checkpoints: bool, counts: dict[str, int]) -> None:
+    """Append the run's record, then drop its checkpoint (the record and metrics.csv are what a sweep keeps)."""
+    store.append(_record(point, cfg, result))
+    counts[result["status"]] += 1
+    if not keep_checkpoints:
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
