@@ -22,22 +22,26 @@ def mlp_verdicts():
     return out
 
 
+@pytest.mark.slow
 def test_mlp_supar_passes_both(mlp_verdicts):
     v = mlp_verdicts["supar"]
     assert v["width"]["pass"] and v["density"]["pass"], v
 
 
+@pytest.mark.slow
 def test_mlp_mup_passes_width_fails_density(mlp_verdicts):
     v = mlp_verdicts["mup"]
     assert v["width"]["pass"], v
     assert not v["density"]["pass"] and v["density"]["max_abs_slope"] >= 0.5, v
 
 
+@pytest.mark.slow
 def test_mlp_sp_fails_density_and_width(mlp_verdicts):
     v = mlp_verdicts["sp"]
     assert not v["density"]["pass"] and not v["width"]["pass"], v
 
 
+@pytest.mark.slow
 def test_gpt_small_grid_separates_schemes_at_init():
     """At init, activations are ∝ √ρ under SP and µP and flat under SµPar, at any width."""
     slopes = {}
@@ -51,6 +55,7 @@ def test_gpt_small_grid_separates_schemes_at_init():
     assert all(s > 0.4 for s in slopes["sp"]), slopes
 
 
+@pytest.mark.slow
 def test_gpt_supar_passes_at_large_width():
     """Over training steps the density slopes of a narrow GPT carry a finite width·density
     correction (docs/COORD_CHECK.md); at width 2048 SµPar is within the threshold."""
@@ -80,6 +85,7 @@ def test_fit_slopes_recovers_known_power_laws():
     assert coord.verdict([grad])["density"]["pass"] is False
 
 
+@pytest.mark.slow
 def test_cli_writes_json_figures_and_strict_exit(tmp_path, capsys):
     args = ["coord-check", "--model", "mlp", "--widths", "64,256", "--densities", "1,0.0625", "--steps", "2",
             "--seeds", "1"]

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from helpers import sweep_base
 from sparsemup.tuning.demo import DemoPlan, run_demo
 
 
+@pytest.mark.slow
 def test_tiny_demo_writes_summary_and_resumes(tmp_path, corpus):
     plan = DemoPlan(densities=[1.0, 0.5], log2_lrs=[-8, -6, -4], base=sweep_base(corpus, steps=3),
                     coord_widths=[32, 64], coord_densities=[1.0, 0.25], coord_seeds=1, workers=1)

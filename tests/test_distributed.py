@@ -48,6 +48,7 @@ def assert_masks_exact(out, corpus):
             assert int((model.get_parameter(name).detach()[mask == 0] != 0).sum()) == 0
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process(corpus, reference, tmp_path):
     ref_out, ref = reference
     out = tmp_path / "ddp"
@@ -65,6 +66,7 @@ def test_ddp_on_two_processes_matches_one_process(corpus, reference, tmp_path):
     assert len(after) == 10 and after[:8] == before and float(after[-1]["train_loss"]) < float(before[0]["train_loss"])
 
 
+@pytest.mark.slow
 def test_fsdp2_on_two_processes_matches_one_process_across_a_resume(corpus, reference, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "fsdp"
@@ -90,6 +92,7 @@ def test_a_mask_mismatch_between_ranks_is_an_error(corpus):
         check_same_masks([digest, mask_digest(model)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_block_backend_on_two_processes_matches_one_process(corpus, tmp_path, fsdp):
     blocks = (*COMMON, "model.width=64", "model.base_width=32", "model.mask_kind=blocks", "model.block_size=8",

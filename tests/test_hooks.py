@@ -12,6 +12,7 @@ import sparsemup as smp
 from helpers import lm_loss, masked_zero_violations, tiny_gpt, tiny_mlp, tokens, train_steps
 
 
+@pytest.mark.slow
 def test_zeros_stay_exact_through_200_adamw_steps_with_decay_and_clipping():
     model = tiny_gpt(density=0.25)
     opt = smp.make_optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))

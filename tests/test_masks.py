@@ -38,6 +38,7 @@ def test_masks_depend_on_seed_and_name():
     assert not torch.equal(a, random_mask((64, 64), 0.25, 0, "b.weight"))
 
 
+@pytest.mark.slow
 def test_masks_identical_in_separate_processes():
     code = (
         "import hashlib, sys; from sparsemup.core.masks import random_mask;"

@@ -113,6 +113,7 @@ def test_diverged_run_is_an_outcome(corpus, tmp_path):
     assert record["device"] == "cpu"  # where it ran: train.device=auto is not recorded in the config
 
 
+@pytest.mark.slow
 def test_parallel_workers_write_one_consistent_store(corpus, tmp_path):
     spec = _spec(corpus, {"optim.lr": ["2**-7", "2**-5"], "train.seed": [0, 1]})
     assert run_sweep(spec, tmp_path / "p", workers=2, log=lambda s: None)["completed"] == 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,13 @@ from .measurement import Case
 __all__ = ["COORD_DEFAULTS", "MLP_DEFAULTS", "GPT_DEFAULTS", "mlp_cases", "gpt_cases", "teacher_batch", "markov_tokens"]
 
 # Sizes of the reference models and their fixed batches; see docs/COORD_CHECK.md.
-MLP_DEFAULTS = {"batch_size": 256, "in_features": 32, "classes": 10, "depth": 2}
-GPT_DEFAULTS = {"batch_size": 2, "seq_len": 64, "vocab_size": 256, "depth": 2, "head_dim": 16, "init_std": 0.02}
+MLP_DEFAULTS: dict[str, int] = {"batch_size": 256, "in_features": 32, "classes": 10, "depth": 2}
+GPT_DEFAULTS: dict[str, Any] = {"batch_size": 2, "seq_len": 64, "vocab_size": 256, "depth": 2, "head_dim": 16,
+                                "init_std": 0.02}
 
 # CLI defaults per model. The GPT grid reaches width 2048 because its density slopes carry a
 # finite weights-per-neuron correction that only fades at large width·density (docs/COORD_CHECK.md).
-COORD_DEFAULTS = {
+COORD_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {
         "widths": [64, 128, 256, 512], "densities": [1.0, 0.25, 0.0625, 0.015625], "lr": 2**-7, "base_width": 64,
         "batch": "{} samples, one fixed batch",
@@ -71,7 +73,7 @@ def _built(build: Callable[[], tuple[nn.Module, object]], block: int | None, bac
     return model
 
 
-def _mask_options(block: int | None) -> dict[str, object]:
+def _mask_options(block: int | None) -> dict[str, Any]:
     return {"mask_kind": "blocks", "block_size": block} if block else {}
 
 

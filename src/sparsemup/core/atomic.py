@@ -12,7 +12,7 @@ from typing import IO, Any
 __all__ = ["write_atomic", "write_json_atomic", "write_text_atomic"]
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ that scales groups proportionally, and sharded optimizers work unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,4 +159,5 @@ def make_optimizer(
         opt = sparsemup.make_optimizer(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
     """
     groups = param_groups(model, optimizer_class, lr, weight_decay, weight_decay_mode, decay_vectors)
-    return optimizer_class(groups, lr=lr, **kwargs)
+    build: Callable[..., torch.optim.Optimizer] = optimizer_class  # every torch optimizer takes lr
+    return build(groups, lr=lr, **kwargs)

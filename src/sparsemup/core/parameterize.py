@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import hooks
+from .attention import DotProductAttention
 from .masks import DEFAULT_BLOCK, stable_seed
 from .plan import Options, Plan, UsagePlan, make_plan
 from .record import RECORD_ATTR, Parameterization
@@ -114,9 +115,11 @@ def apply_plan(plan: Plan) -> Parameterization:
     device = plan.params[0].tied.param.device if plan.params else torch.device("cpu")
     target.register_buffer(hooks.SIGNATURE, plan.signature().to(device))
     masked = [(u.name, int(p.mask.sum())) for p in plan.params if p.mask is not None for u in p.tied.usages]
-    target.register_load_state_dict_pre_hook(hooks.CheckStateOnLoad(masked))
+    target.register_load_state_dict_pre_hook(hooks.CheckStateOnLoad(masked))  # type: ignore[no-untyped-call]
     for name, scale in plan.attention_scales.items():
-        modules[name].scale = scale
+        attention = modules[name]
+        assert isinstance(attention, DotProductAttention)  # the plan found it so
+        attention.scale = scale
     record = plan.record()
     target.__dict__[RECORD_ATTR] = record
     return record

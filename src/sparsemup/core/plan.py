@@ -170,8 +170,8 @@ def _densities(
         _check_patterns_used(density, [t.names for t in hidden.values()], "density (hidden weights only)")
         out = {}
         for name, tied in hidden.items():
-            pattern = match(density, tied.names)
-            out[name] = float(density[pattern]) if pattern is not None else 1.0
+            found = match(density, tied.names)
+            out[name] = float(density[found]) if found is not None else 1.0
     else:
         _check_unit_interval(density, "density")
         out = {name: float(density) for name in hidden}
@@ -339,6 +339,7 @@ def _attention_scales(model: nn.Module, base: nn.Module, scheme: Scheme) -> dict
         if isinstance(module, nn.MultiheadAttention) and scheme.width:
             head_dim = module.embed_dim // module.num_heads
             base_mha = base_modules[name]
+            assert isinstance(base_mha, nn.MultiheadAttention)  # the structures matched
             base_head_dim = base_mha.embed_dim // base_mha.num_heads
             if head_dim != base_head_dim:
                 raise ValueError(

@@ -83,8 +83,8 @@ def is_parameterized(model: nn.Module) -> bool:
 def get_parameterization(model: nn.Module) -> Parameterization:
     """The ``Parameterization`` recorded on ``model`` (wrappers such as DDP are looked through)."""
     inner = unwrap(model)
-    record = getattr(inner, RECORD_ATTR, None)
-    if record is None:
+    record = inner.__dict__.get(RECORD_ATTR)
+    if not isinstance(record, Parameterization):
         raise ValueError("this model is not parameterized; call sparsemup.parameterize(model, base, ...) first")
     return record
 

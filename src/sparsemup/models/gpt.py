@@ -60,6 +60,8 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
+    alibi: torch.Tensor
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim

@@ -57,7 +57,7 @@ def choose_backend(density: float, block: int, dtype: torch.dtype, device: torch
     if torch.device(device).type != "cpu" or shape[0] * shape[1] < MIN_AUTO_NUMEL:
         return "masked_dense"
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
-    limit = CPU_THRESHOLDS.get((name, block))
+    limit = CPU_THRESHOLDS.get((name, block)) if name is not None else None
     return "blocks" if limit is not None and density <= limit else "masked_dense"
 
 
@@ -114,13 +114,14 @@ def sparsify(
             raise ValueError(f"backend map: unknown backends {wrong} or weights {sorted(unknown)}; it must map "
                              f"masked weights to {' or '.join(BACKENDS)}")
 
-    plan: dict[str, tuple[str, Any]] = {}
+    plan: dict[str, tuple[Backend, Any]] = {}
     for info in masked:
         place = _convertible(target, info.name) if len(info.names) == 1 else None
         layout = None
         if place is not None:
             layout = block_layout(getattr(place[2], info.name.rpartition(".")[2] + hooks.MASK_SUFFIX) != 0,
                                   record.block_size)
+        wanted: Backend
         if isinstance(backend, Mapping):
             wanted = backend.get(info.name, "masked_dense")
         elif backend == "auto":
@@ -128,15 +129,16 @@ def sparsify(
             wanted = "masked_dense" if layout is None else choose_backend(
                 info.density, record.block_size, dtype or weight.dtype, weight.device, info.shape)
         else:
-            wanted = backend
-        if wanted == "blocks" and layout is None:
-            why = ("its owner is not a plain nn.Linear called by its parent" if place is None
-                   else f"its mask is not made of whole {record.block_size}x{record.block_size} blocks")
-            raise ValueError(f"{info.name}: cannot run block-sparse: {why}; parameterize with "
-                             "mask_kind='blocks' (and a block_size dividing the layer), or use backend='auto'")
-        if wanted == "blocks" and any(getattr(place[2], attr) for attr in _STATE_HOOKS):
-            raise ValueError(f"{info.name}: its module has state_dict hooks, written for a dense weight; remove "
-                             "them before sparsify (or keep this layer masked dense)")
+            wanted = backend  # "masked_dense" or "blocks": "auto" was handled above
+        if wanted == "blocks":
+            if place is None or layout is None:
+                why = ("its owner is not a plain nn.Linear called by its parent" if place is None
+                       else f"its mask is not made of whole {record.block_size}x{record.block_size} blocks")
+                raise ValueError(f"{info.name}: cannot run block-sparse: {why}; parameterize with "
+                                 "mask_kind='blocks' (and a block_size dividing the layer), or use backend='auto'")
+            if any(getattr(place[2], attr) for attr in _STATE_HOOKS):
+                raise ValueError(f"{info.name}: its module has state_dict hooks, written for a dense weight; "
+                                 "remove them before sparsify (or keep this layer masked dense)")
         plan[info.name] = (wanted, (place, layout))
 
     # Validated everything; now swap modules.

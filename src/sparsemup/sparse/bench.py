@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.masks import block_layout, random_mask
+from ..core.vocab import MaskKind
 from .blocksparse import block_sparse_linear, to_blocks
 
 __all__ = ["Grid", "FULL", "QUICK", "GPU", "DTYPES", "run_layers", "block_for", "blocks_for", "main_table",
@@ -163,7 +164,7 @@ def _csr_layer(weight: torch.Tensor, mask: torch.Tensor) -> Callable[[torch.Tens
 def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dtype, block: int,
            device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], None], int]:
     """(forward, after-backward, bytes of weights + AdamW state + mask or indices) of one layer."""
-    kind = "blocks" if backend == "blocks" else "rows"
+    kind: MaskKind = "blocks" if backend == "blocks" else "rows"
     mask = random_mask(shape, density, 0, "bench", kind, block) if density < 1 else torch.ones(shape, dtype=torch.bool)
     mask = mask.to(device)
     weight = (torch.randn(shape) / math.sqrt(shape[1])).to(device, dtype) * mask
@@ -171,11 +172,17 @@ def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dt
         param = weight.requires_grad_()
         mask_t = mask.to(dtype)
         state = 4 * param.numel() * param.element_size()  # weight, mask, exp_avg, exp_avg_sq
-        return (lambda x: F.linear(x, param)), (lambda: param.grad.mul_(mask_t)), state
+
+        def mask_grad() -> None:
+            assert param.grad is not None
+            param.grad.mul_(mask_t)
+
+        return (lambda x: F.linear(x, param)), mask_grad, state
     if backend == "torch_csr":
         forward = _csr_layer(weight, mask)
         return forward, lambda: None, int(mask.sum()) * (3 * weight.element_size() + 8) + 8 * (shape[0] + 1)
     index = block_layout(mask, block)
+    assert index is not None  # a blocks mask
     values = to_blocks(weight, index, block).requires_grad_()
     return (lambda x: block_sparse_linear(x, values, index)), lambda: None, \
         3 * values.numel() * values.element_size() + index.numel() * 8

@@ -195,8 +195,13 @@ class BlockSparseLinear(SparseStorage):
 
     ``weight`` holds the kept blocks, (out/b, k, b, b); the ``weight_index`` buffer their
     block-columns and ``weight_shape`` the logical (out, in), so a state_dict converts back to a
-    dense weight without the model (``sparsemup.backend.to_masked_dense``).
+    dense weight without the model (``sparsemup.sparse.to_masked_dense``).
     """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_index: torch.Tensor
+    weight_shape: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, index: torch.Tensor, block: int,
                  bias: bool = True, device: torch.device | str | None = None,
@@ -220,10 +225,10 @@ class BlockSparseLinear(SparseStorage):
                      weight.device, weight.dtype)
         with torch.no_grad():
             module.weight.copy_(to_blocks(weight, module.weight_index, block))
-            if linear.bias is not None:
-                module.bias.copy_(linear.bias)
         module.weight.requires_grad_(linear.weight.requires_grad)
-        if linear.bias is not None:
+        if linear.bias is not None and module.bias is not None:
+            with torch.no_grad():
+                module.bias.copy_(linear.bias)
             module.bias.requires_grad_(linear.bias.requires_grad)
         return module.train(linear.training)
 
@@ -271,12 +276,14 @@ class BlockStorage(StorageFormat):
             state_dict.pop(key), state_dict.pop(key + "_index"), shape[1])
 
     def from_masked_dense(self, state_dict: dict[str, Any], key: str, owner: nn.Module, name: str) -> None:
+        assert isinstance(owner, BlockSparseLinear)  # only its weights are declared stored as "blocks"
         mask = state_dict.pop(key + MASK_SUFFIX)
         state_dict[key] = from_masked_dense(state_dict[key], mask, owner.weight_index, owner.block, name)
         state_dict[key + "_index"] = owner.weight_index.clone()
         state_dict[key + "_shape"] = owner.weight_shape.clone()
 
     def check_layout(self, state_dict: Mapping[str, Any], key: str, owner: nn.Module, name: str) -> None:
+        assert isinstance(owner, BlockSparseLinear)
         if not torch.equal(state_dict[key + "_index"].cpu(), owner.weight_index.cpu()):
             raise ValueError(f"{name}: the state_dict's blocks sit elsewhere than this layer's (another seed, "
                              "density or block_size?); load a checkpoint of the same model")

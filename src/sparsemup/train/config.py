@@ -10,11 +10,12 @@ import ast
 import json
 import operator
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .schema import Config, ConfigError, check_type, field_type, section_of
+from .schema import Config, ConfigError, check_type, field_specs, field_type, section_of
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,8 +25,10 @@ else:  # pragma: no cover - exercised only on Python 3.10
 __all__ = ["load_config", "apply_overrides", "typed_value", "to_toml", "to_yaml", "describe", "tomllib"]
 
 
-_ARITH = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-          ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+_ARITH: dict[type[ast.AST], Callable[..., Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
 
 
 def _arith(text: str) -> int | float:
@@ -88,7 +91,7 @@ def typed_value(key: str, value: Any, source: str) -> Any:
     return check_type(value, kind, key, source)
 
 
-def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: Path | None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the TOML/YAML file (if any), then ``--set`` overrides; not yet validated."""
     if path is None:
         return apply_overrides(Config(), list(overrides))
@@ -141,8 +144,4 @@ def to_yaml(cfg: Config) -> str:
 
 def describe() -> str:
     """Every key with its default and documentation (``sparsemup train --help-config``)."""
-    out = []
-    for section_field in fields(Config):
-        for f in fields(section_field.default_factory()):  # type: ignore[misc]
-            out.append(f"{section_field.name}.{f.name} = {_toml_value(f.default)}\n    {f.metadata['doc']}")
-    return "\n".join(out)
+    return "\n".join(f"{key} = {_toml_value(f.default)}\n    {f.metadata['doc']}" for key, f in field_specs().items())

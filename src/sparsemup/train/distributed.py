@@ -12,6 +12,7 @@ import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,7 @@ def mask_digest(model: nn.Module) -> str:
     for name, info in sorted(record.params.items()):
         if info.masked:
             mask = get_mask(model, name)
+            assert mask is not None  # info.masked
             digest.update(name.encode())
             digest.update(mask.detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
     backends = get_backends(model)
@@ -122,7 +124,7 @@ def wrap(model: nn.Module, ctx: Context, fsdp: bool, units: Sequence[nn.Module] 
     # Masks are fixed buffers checked identical at start: no need to sync them every forward
     # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers).
     ddp = nn.parallel.DistributedDataParallel
-    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+    no_sync: dict[str, Any] = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
                else "broadcast_buffers": False}
     return ddp(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **no_sync)
 

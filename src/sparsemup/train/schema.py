@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import Field, asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
 
 import torch
 
-from ..core.vocab import BACKEND_CHOICES, SCHEME_NAMES, WEIGHT_DECAY_MODES
+from ..core.vocab import BACKEND_CHOICES, SCHEME_NAMES, WEIGHT_DECAY_MODES, BackendChoice, SchemeName, WeightDecayMode
 
 __all__ = [
     "ModelConfig", "OptimConfig", "TrainConfig", "DataConfig", "DistConfig", "Config", "ConfigError",
-    "OPTIMIZERS", "TRAINED_MASK_KINDS", "RESUMABLE_KEYS", "LAYOUT_KEYS", "flatten", "flat_defaults",
+    "OPTIMIZERS", "OptimizerName", "TRAINED_MASK_KINDS", "TrainedMaskKind", "ScheduleName", "DeviceName",
+    "RESUMABLE_KEYS", "LAYOUT_KEYS", "flatten", "flat_defaults",
     "with_defaults", "run_identity", "field_specs",
 ]
 
 # The optimizers the trainer builds, by config name (each gets the scheme's groups from its class's rule).
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+OptimizerName = Literal["adamw", "sgd"]
+OPTIMIZERS: dict[OptimizerName, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 # The trainer draws exact-count masks only: Bernoulli masks (density in expectation) are a library option.
-TRAINED_MASK_KINDS = ("rows", "blocks")
+TrainedMaskKind = Literal["rows", "blocks"]
+TRAINED_MASK_KINDS: tuple[TrainedMaskKind, ...] = get_args(TrainedMaskKind)
+ScheduleName = Literal["linear", "constant"]
+DeviceName = Literal["auto", "cpu", "cuda"]
 
 
 class ConfigError(ValueError):
@@ -48,8 +53,8 @@ def _f(default: Any, doc: str, *, choices: tuple[str, ...] = (), resumable: bool
 class ModelConfig:
     """The reference GPT and its parameterization (sparsemup.models.build_gpt)."""
 
-    scheme: str = _f("supar", "parameterization: sp, mup, supar (or an ablation: mup+density_init, mup+density_lr)",
-                     choices=SCHEME_NAMES)
+    scheme: SchemeName = _f("supar", "parameterization: sp, mup, supar (or an ablation: mup+density_init, "
+                            "mup+density_lr)", choices=SCHEME_NAMES)
     width: int = _f(256, "d_model of the trained model (a multiple of head_dim)")
     base_width: int = _f(64, "d_model of the base (proxy) model whose η_base and σ_base transfer")
     depth: int = _f(2, "number of transformer blocks")
@@ -59,10 +64,10 @@ class ModelConfig:
     init_std: float = _f(0.02, "σ_base: the scheme derives each layer's init std from it")
     input_alpha: float = _f(1.0, "α_input: multiplier on the embedding output")
     output_alpha: float = _f(1.0, "α_output: multiplier on the readout input (divided by m_d under µP/SµPar)")
-    mask_kind: str = _f("rows", "rows (exactly round(ρ·fan_in) weights per neuron) or blocks (random "
+    mask_kind: TrainedMaskKind = _f("rows", "rows (exactly round(ρ·fan_in) weights per neuron) or blocks (random "
                         "block_size² tiles, what the blocks backend runs fast)", choices=TRAINED_MASK_KINDS)
     block_size: int = _f(32, "b of blocks masks; it must divide width, and density·width/b must be ≥ 1")
-    backend: str = _f("masked_dense", "how masked layers run: masked_dense, blocks (block-sparse storage and "
+    backend: BackendChoice = _f("masked_dense", "how masked layers run: masked_dense, blocks (block-sparse storage and "
                       "compute, needs mask_kind = blocks) or auto (per layer, by measured thresholds)",
                       choices=BACKEND_CHOICES)
 
@@ -71,18 +76,18 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer, learning-rate schedule and gradient clipping."""
 
-    name: str = _f("adamw", "adamw or sgd; either gets the scheme's per-layer LR through parameter groups",
-                   choices=tuple(OPTIMIZERS))
+    name: OptimizerName = _f("adamw", "adamw or sgd; either gets the scheme's per-layer LR through parameter groups",
+                   choices=get_args(OptimizerName))
     lr: float = _f(2**-7, "η_base: peak base learning rate; each layer's is η_base times its scheme multiplier")
     weight_decay: float = _f(0.1, "base weight decay wd_base")
-    weight_decay_mode: str = _f("independent", "independent (lr·wd per layer kept at the base's) or coupled",
-                                choices=WEIGHT_DECAY_MODES)
+    weight_decay_mode: WeightDecayMode = _f("independent", "independent (lr·wd per layer kept at the base's) or "
+                                            "coupled", choices=WEIGHT_DECAY_MODES)
     beta1: float = _f(0.9, "AdamW β1")
     beta2: float = _f(0.95, "AdamW β2")
     eps: float = _f(1e-8, "AdamW ε")
     momentum: float = _f(0.9, "SGD momentum (0 for plain SGD)")
-    schedule: str = _f("linear", "linear: warm-up then linear decay to final_lr_fraction of peak; constant: peak",
-                       choices=("linear", "constant"))
+    schedule: ScheduleName = _f("linear", "linear: warm-up then linear decay to final_lr_fraction of peak; "
+                                "constant: peak", choices=get_args(ScheduleName))
     warmup_steps: int = _f(30, "linear warm-up steps (linear schedule)")
     final_lr_fraction: float = _f(0.1, "LR at the last step as a fraction of peak (linear schedule)")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value; 0 turns clipping off")
@@ -101,7 +106,7 @@ class TrainConfig:
     eval_every: int = _f(50, "validation every N steps (0: only at the end)", resumable=True)
     eval_batches: int = _f(4, "validation batches (of batch_size sequences) per evaluation")
     checkpoint_every: int = _f(100, "checkpoint every N steps (0: only at the end)", layout=True)
-    device: str = _f("auto", "auto (cuda if available, else cpu), cpu or cuda", choices=("auto", "cpu", "cuda"),
+    device: DeviceName = _f("auto", "auto (cuda if available, else cpu), cpu or cuda", choices=get_args(DeviceName),
                      layout=True)
     threads: int = _f(0, "torch CPU threads per process (0: torch's default)", layout=True)
     tensorboard: bool = _f(True, "also log scalars to DIR/tensorboard", layout=True)
@@ -167,8 +172,10 @@ def section_of(cfg: Config, name: str, source: str) -> Any:
 
 
 def _field_types(section: Any) -> dict[str, type]:
+    """Each field's value type; a field with choices (a Literal of names) holds a str."""
     types = {"str": str, "int": int, "float": float, "bool": bool}
-    return {f.name: types[f.type] if isinstance(f.type, str) else f.type for f in fields(section)}
+    return {f.name: str if f.metadata["choices"] else types[f.type] if isinstance(f.type, str) else f.type
+            for f in fields(section)}
 
 
 def field_type(section: Any, section_name: str, key: str, source: str) -> type:
@@ -204,9 +211,10 @@ def check_type(value: Any, kind: type, key: str, source: str) -> Any:
     return float(value) if kind is float else value
 
 
-def field_specs() -> dict[str, Any]:
+def field_specs() -> dict[str, Field[Any]]:
     """Every field as ``{"section.key": dataclasses.Field}``, in schema order."""
-    return {f"{s.name}.{f.name}": f for s in fields(Config) for f in fields(s.default_factory())}  # type: ignore[misc]
+    cfg = Config()
+    return {f"{s.name}.{f.name}": f for s in fields(cfg) for f in fields(getattr(cfg, s.name))}
 
 
 RESUMABLE_KEYS = frozenset(k for k, f in field_specs().items() if f.metadata["resumable"])

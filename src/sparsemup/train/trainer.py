@@ -158,10 +158,11 @@ class Trainer:
         """Reduce gradients only on the last micro-step."""
         if not self.ctx.distributed:
             return contextlib.nullcontext()
+        wrapped: Any = self.model  # an FSDP2 module or a DistributedDataParallel
         if self.cfg.dist.fsdp:
-            self.model.set_requires_gradient_sync(last)
+            wrapped.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
-        return contextlib.nullcontext() if last else self.model.no_sync()
+        return contextlib.nullcontext() if last else wrapped.no_sync()
 
     def train_step(self) -> bool:
         """One optimizer step with logging, and validation/checkpoint when due; False when the run diverged."""

@@ -32,12 +32,13 @@ def fit_optimum(xs: Sequence[float], losses: Sequence[float | None]) -> dict[str
     finite = [y is not None and math.isfinite(y) for y in losses]
     if not any(finite):
         return None
-    i = min((k for k in range(len(xs)) if finite[k]), key=lambda k: losses[k])
+    ys = [y if ok and y is not None else math.inf for y, ok in zip(losses, finite)]  # a diverged point is never best
+    i = min((k for k in range(len(xs)) if finite[k]), key=lambda k: ys[k])
     if i == 0 or not finite[i - 1]:  # first grid point, or next to a diverged one: the optimum may lie beyond
-        return {"log2_x": xs[i], "loss": losses[i], "edge": "low"}
+        return {"log2_x": xs[i], "loss": ys[i], "edge": "low"}
     if i == len(xs) - 1 or not finite[i + 1]:
-        return {"log2_x": xs[i], "loss": losses[i], "edge": "high"}
-    (x0, y0), (x1, y1), (x2, y2) = ((xs[k], losses[k]) for k in (i - 1, i, i + 1))
+        return {"log2_x": xs[i], "loss": ys[i], "edge": "high"}
+    (x0, y0), (x1, y1), (x2, y2) = ((xs[k], ys[k]) for k in (i - 1, i, i + 1))
     if not 0.5 <= (x2 - x1) / (x1 - x0) <= 2:  # very uneven grid: no fit
         return {"log2_x": x1, "loss": y1, "edge": None}
     # Parabola through three points (Lagrange form); the vertex lies between x0 and x2 when y1 is the minimum.
@@ -72,10 +73,11 @@ def curves(records: Sequence[dict[str, Any]], axis: str = "optim.lr") -> list[di
     out = []
     for setting, by_x in sorted(groups.items(), key=lambda kv: tuple(map(repr, kv[0]))):
         xs = sorted(by_x)
-        losses, spreads = [], []
+        losses: list[float | None] = []
+        spreads: list[float | None] = []
         for x in xs:
-            runs = by_x[x]
-            ok = all(v is not None and math.isfinite(v) for v in runs)
+            runs = [v for v in by_x[x] if v is not None and math.isfinite(v)]
+            ok = len(runs) == len(by_x[x])
             losses.append(sum(runs) / len(runs) if ok else None)
             spreads.append(max(runs) - min(runs) if ok and len(runs) > 1 else None)  # across seeds: a point's noise
         labelled = dict(zip(varying, setting))

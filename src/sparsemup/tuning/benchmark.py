@@ -37,7 +37,7 @@ def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3,
     device = torch.device(device)
     tokens = torch.randint(0, cfg.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(device)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for backend in ("masked_dense", "blocks"):
         model, _ = build_gpt(cfg, base_width=cfg.head_dim, scheme="supar", density=density, mask_kind="blocks",
                              block_size=block)

@@ -1,0 +1,144 @@
+"""The package layout: subpackages import one way, nothing imports in a cycle, heavy optional
+dependencies stay out of module level. Read from the source with ``ast``, nothing is imported."""
+
+import ast
+import shutil
+from pathlib import Path
+
+import pytest
+
+import sparsemup
+
+ROOT = Path(sparsemup.__file__).parent
+
+# Who may import whom. "api" is the package's face (sparsemup/__init__.py and the sparsemup.rules facade).
+ALLOWED = {
+    "core": {"core"},
+    "sparse": {"core", "sparse"},
+    "models": {"core", "models"},
+    "coord": {"core", "sparse", "models", "coord"},
+    "train": {"core", "sparse", "models", "train"},
+    "tuning": {"core", "sparse", "models", "coord", "train", "tuning"},
+    "api": {"core", "sparse", "api"},
+    "cli": {"core", "sparse", "models", "coord", "train", "tuning", "api", "cli"},
+}
+TOP_LEVEL = {"__init__": "api", "rules": "api", "cli": "cli", "__main__": "cli"}
+# Heavy optional dependencies: the only subpackages that may import them at module level (an extra's own
+# subpackage, e.g. a future hf/ for transformers); everywhere else they are imported inside functions.
+OPTIONAL = {"transformers": {"hf"}, "ray": set(), "optuna": set(), "triton": set()}
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(["sparsemup", *parts])
+
+
+def layer(module: str, root: Path) -> str:
+    parts = module.split(".")[1:]
+    if not parts:
+        return "api"
+    if (root / parts[0]).is_dir():
+        return parts[0]
+    return TOP_LEVEL.get(parts[0], parts[0])
+
+
+def imports(path: Path, root: Path) -> list[tuple[str, int, bool]]:
+    """(imported module, line, at module level) for every import in the file, relative ones resolved."""
+    module = module_name(path, root)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno, id(node) in top) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            # ``from . import x`` may name a submodule: count it as importing that module.
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                exists = (root / Path(*sub.split(".")[1:])).with_suffix(".py").is_file() or \
+                    (root / Path(*sub.split(".")[1:])).is_dir()
+                found.append((sub if sub.startswith("sparsemup.") and exists else target, node.lineno,
+                              id(node) in top))
+    return found
+
+
+def violations(root: Path) -> list[str]:
+    """Every forbidden edge, module-level optional import and import cycle in the package at ``root``."""
+    problems = []
+    graph: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        module = module_name(path, root)
+        graph[module] = set()
+        for target, line, module_level in imports(path, root):
+            where = f"{path.relative_to(root)}:{line}"
+            head = target.split(".")[0]
+            if head in OPTIONAL and module_level and layer(module, root) not in OPTIONAL[head]:
+                problems.append(f"{where}: module-level import of the optional dependency {head!r}")
+            if head != "sparsemup":
+                continue
+            graph[module].add(target)
+            source, dest = layer(module, root), layer(target, root)
+            if dest not in ALLOWED.get(source, set()):
+                problems.append(f"{where}: {source} may not import {dest} ({module} imports {target})")
+    # Cycles among modules (imports inside functions included: they hide cycles, they do not break them).
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt]
+                problems.append("import cycle: " + " -> ".join(cycle))
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return problems
+
+
+def test_the_package_imports_one_way_without_cycles():
+    assert violations(ROOT) == []
+
+
+def test_every_subpackage_has_a_place_in_the_table():
+    for path in ROOT.iterdir():
+        if path.is_dir() and (path / "__init__.py").exists():
+            assert path.name in ALLOWED, f"new subpackage {path.name}: add its allowed imports to ALLOWED"
+        elif path.suffix == ".py":
+            assert path.stem in TOP_LEVEL, f"new top-level module {path.name}: give it a layer in TOP_LEVEL"
+
+
+@pytest.mark.parametrize("file, line, expected", [
+    ("core/rules.py", "from ..train import schema", "core may not import train"),
+    ("sparse/backend.py", "from ..models import GPT", "sparse may not import models"),
+    ("train/data.py", "from . import validate", "import cycle"),
+    ("coord/figures.py", "import transformers", "module-level import of the optional dependency 'transformers'"),
+])
+def test_a_forbidden_import_is_reported(tmp_path, file, line, expected):
+    copy = tmp_path / "sparsemup"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / file
+    target.write_text(target.read_text() + f"\n{line}\n")
+    found = violations(copy)
+    assert any(expected in p for p in found), found
+
+
+def test_an_optional_dependency_imported_inside_a_function_is_allowed(tmp_path):
+    copy = tmp_path / "sparsemup"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / "tuning" / "sweep.py"
+    target.write_text(target.read_text() + "\n\ndef _engine():\n    import ray\n\n    return ray\n")
+    assert violations(copy) == []
