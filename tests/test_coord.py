@@ -66,6 +66,15 @@ def test_gpt_supar_passes_at_large_width():
     assert by_width["2048"] < by_width["512"]
 
 
+def test_a_coordinate_check_repeats_exactly():
+    # The MLP's biases keep nn.Linear's own init, drawn from torch's global generator: seeded per case.
+    torch.manual_seed(123)
+    first = coord.run(mlp_cases("supar", [32, 64], [1.0, 0.25], 1, 32), torch.optim.Adam, 2**-7, 2)
+    torch.manual_seed(456)
+    again = coord.run(mlp_cases("supar", [32, 64], [1.0, 0.25], 1, 32), torch.optim.Adam, 2**-7, 2)
+    assert first == again
+
+
 def test_fit_slopes_recovers_known_power_laws():
     rows = [
         {"width": w, "density": d, "seed": s, "step": 1, "layer": "h", "role": "hidden", "quantity": "act",
