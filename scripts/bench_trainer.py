@@ -1,7 +1,7 @@
 """Step time of the sparsemup trainer against minimal hand-written PyTorch loops on the same masked GPT.
 
 Three loops, interleaved round by round in one process so they see the same machine state:
-  trainer   sparsemup.trainer.Trainer.train_step (batching, scheduler, clipping, divergence check,
+  trainer   sparsemup.train.Trainer.train_step (batching, scheduler, clipping, divergence check,
             CSV + TensorBoard logging, progress bar)
   hand      a nanoGPT-style loop on the same parameterized model (sparsemup hooks and param groups)
   plain     the same loop on ``sparsemup.export(model)`` (plain modules, no hooks), masking the

@@ -18,6 +18,8 @@ from .models import GPTConfig, build_gpt
 
 __all__ = ["main"]
 
+EXPLAIN_OPTIMIZERS = {"adam": torch.optim.AdamW, "sgd": torch.optim.SGD}  # explain --optimizer
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -83,7 +85,7 @@ def _print_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, fi
 def _explain(args: argparse.Namespace) -> int:
     cfg = GPTConfig(width=args.width, depth=args.depth, head_dim=args.head_dim)
     model, _ = build_gpt(cfg, args.base_width, scheme=args.scheme, density=args.density)
-    print(explain(model, {"adam": torch.optim.AdamW, "sgd": torch.optim.SGD}[args.optimizer]))
+    print(explain(model, EXPLAIN_OPTIMIZERS[args.optimizer]))
     return 0
 
 
@@ -250,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "values (default 1: the best run's), steadier when the best runs tie within noise")
     rp.set_defaults(func=_report)
 
-    dm = sub.add_parser("demo", help="coordinate check + LR × density sweep for SP and SµPar (≈ 10 min, 2 cores)")
+    dm = sub.add_parser("demo", help="coordinate check + LR × density sweep for SP and SµPar (minutes on 2 cores)")
     dm.add_argument("--out", type=Path, default=Path("sparsemup-demo"), help="output directory "
                     "(default ./sparsemup-demo); rerun to resume")
     dm.set_defaults(func=_demo)
@@ -273,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--depth", type=int, default=2)
     ex.add_argument("--head-dim", type=int, default=64)
     ex.add_argument("--density", type=float, default=0.25)
-    ex.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    ex.add_argument("--optimizer", choices=tuple(EXPLAIN_OPTIMIZERS), default="adam",
+                    help="the optimizer whose rule the LR/WD columns show (adam: AdamW's; sgd: SGD's)")
     ex.set_defaults(func=_explain)
     return parser
 

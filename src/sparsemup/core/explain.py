@@ -64,6 +64,11 @@ def explain(
 ) -> str:
     """The ``explain_rows`` table as aligned text, with the scheme and attention scales on top.
 
+    Args:
+        model: a parameterized model.
+        optimizer: the optimizer class (or family name, "adam" or "sgd") whose LR rule the table shows.
+        weight_decay_mode, decay_vectors: as for ``param_groups``.
+
     Example: ``print(sparsemup.explain(model, torch.optim.AdamW))``.
     """
     record = get_parameterization(model)

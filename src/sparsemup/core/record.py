@@ -81,7 +81,10 @@ def is_parameterized(model: nn.Module) -> bool:
 
 
 def get_parameterization(model: nn.Module) -> Parameterization:
-    """The ``Parameterization`` recorded on ``model`` (wrappers such as DDP are looked through)."""
+    """The ``Parameterization`` recorded on ``model`` (wrappers such as DDP are looked through).
+
+    Example: ``get_parameterization(model).info("blocks.0.mlp.fc.weight").multipliers.density`` is m_ρ.
+    """
     inner = unwrap(model)
     record = inner.__dict__.get(RECORD_ATTR)
     if not isinstance(record, Parameterization):

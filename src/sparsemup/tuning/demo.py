@@ -1,4 +1,4 @@
-"""``sparsemup demo``: a coordinate check and a small LR × density sweep for SP and SµPar (5.6 min on 2 idle cores).
+"""``sparsemup demo``: a coordinate check and a small LR × density sweep for SP and SµPar (its time: the README).
 
 It shows the library's claim at a size two CPU cores can afford: under SµPar the best learning
 rate stays put as the model gets sparser, under SP it moves. Everything is a sweep, so an
