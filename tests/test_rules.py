@@ -1,4 +1,4 @@
-"""The rule table (SUPAR.md §3) as exact identities."""
+"""The rule table (paper Table 1; SGD: App. D.3.1; docs/THEORY.md) as exact identities."""
 
 import math
 

@@ -123,6 +123,25 @@ def test_parallel_workers_write_one_consistent_store(corpus, tmp_path):
     assert {r["device"] for r in records} == {"cpu"}
 
 
+def test_a_store_from_before_the_block_keys_existed_resumes(corpus, tmp_path):
+    # Stores written before model.mask_kind/block_size/backend existed lack them in sweep.json and the records.
+    spec = _spec(corpus, {"optim.lr": ["2**-7", "2**-5"]})
+    out = tmp_path / "sweep"
+    run_sweep(spec, out, log=lambda s: None)
+    old = ("model.mask_kind", "model.block_size", "model.backend")
+    meta = json.loads((out / "sweep.json").read_text())
+    meta["base"] = {k: v for k, v in meta["base"].items() if k not in old}
+    (out / "sweep.json").write_text(json.dumps(meta))
+    records = _records(out)
+    kept = records[:1]
+    for r in kept:
+        r["config"] = {k: v for k, v in r["config"].items() if k not in old}
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    counts = run_sweep(spec, out, log=lambda s: None)
+    assert counts["stored"] == 1 and counts["completed"] == 1 and counts["failed"] == 0
+    assert sorted(r["id"] for r in _records(out)) == sorted(r["id"] for r in records)
+
+
 def test_store_refuses_a_corrupt_middle_line(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')

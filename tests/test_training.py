@@ -139,6 +139,23 @@ def test_resume_refuses_a_different_config_and_a_fresh_run_refuses_a_used_direct
     assert train(tiny_config(corpus, "train.steps=5"), out, resume=True)["steps"] == 5
 
 
+def test_a_checkpoint_from_before_the_block_keys_existed_resumes_to_the_same_curve(corpus, tmp_path):
+    # Checkpoints written before model.mask_kind/block_size/backend existed lack them: their defaults apply.
+    whole = train(tiny_config(corpus, "train.steps=6"), tmp_path / "whole")
+    out = tmp_path / "old"
+    train(tiny_config(corpus, "train.steps=3"), out)
+    state = checkpoint.load(out)
+    for key in ("mask_kind", "block_size", "backend"):
+        del state["config"]["model"][key]
+    torch.save(state, out / checkpoint.CHECKPOINT_NAME)
+    resumed = train(tiny_config(corpus, "train.steps=6"), out, resume=True)
+    assert resumed["final_val_loss"] == whole["final_val_loss"]
+    # A key that is missing is taken at its default, so a non-default setting is still refused.
+    torch.save(state, out / checkpoint.CHECKPOINT_NAME)
+    with pytest.raises(ConfigError, match="model.mask_kind: checkpoint 'rows', config 'blocks'"):
+        train(tiny_config(corpus, "train.steps=6", *BLOCKS), out, resume=True)
+
+
 def test_loading_a_checkpoint_into_another_density_is_refused(corpus, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(corpus, "train.steps=2"), out)
