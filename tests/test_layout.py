@@ -44,29 +44,44 @@ def layer(module: str, root: Path) -> str:
     return TOP_LEVEL.get(parts[0], parts[0])
 
 
+def _resolve(module: str, is_package: bool, level: int, name: str | None, where: str) -> str:
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    if level > len(package):
+        raise AssertionError(f"{where}: relative import beyond the top-level package")
+    return ".".join(package[: len(package) - level + 1] + ([name] if name else []))
+
+
 def imports(path: Path, root: Path) -> list[tuple[str, int, bool]]:
-    """(imported module, line, at module level) for every import in the file, relative ones resolved."""
+    """(imported module, line, at module level) for every import in the file: relative ones resolved,
+    ``importlib.import_module`` / ``__import__`` of a literal name included. An import is at module level
+    unless a function (or lambda) encloses it; ``try``/``if``/``class`` bodies do not make it lazy."""
     module = module_name(path, root)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    tree = ast.parse(path.read_text())
-    top = {id(node) for node in tree.body}
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, node.lineno, id(node) in top) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            # ``from . import x`` may name a submodule: count it as importing that module.
-            for alias in node.names:
-                sub = f"{target}.{alias.name}"
-                exists = (root / Path(*sub.split(".")[1:])).with_suffix(".py").is_file() or \
-                    (root / Path(*sub.split(".")[1:])).is_dir()
-                found.append((sub if sub.startswith("sparsemup.") and exists else target, node.lineno,
-                              id(node) in top))
+    is_package = path.name == "__init__.py"
+    found: list[tuple[str, int, bool]] = []
+
+    def walk(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            lazy = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            where = f"{path.relative_to(root)}:{getattr(child, 'lineno', 0)}"
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, child.lineno, not in_function) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                target = _resolve(module, is_package, child.level, child.module, where) if child.level \
+                    else child.module or ""
+                for alias in child.names:  # ``from . import x`` may name a submodule: count it as that module
+                    sub = f"{target}.{alias.name}"
+                    inner = root.joinpath(*sub.split(".")[1:])
+                    is_module = sub.startswith("sparsemup.") and (inner.with_suffix(".py").is_file() or inner.is_dir())
+                    found.append((sub if is_module else target, child.lineno, not in_function))
+            elif isinstance(child, ast.Call) and child.args and isinstance(child.args[0], ast.Constant) \
+                    and isinstance(child.args[0].value, str):
+                func = child.func
+                called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+                if called in ("import_module", "__import__"):
+                    found.append((child.args[0].value, child.lineno, not in_function))
+            walk(child, lazy)
+
+    walk(ast.parse(path.read_text()), False)
     return found
 
 
@@ -126,6 +141,13 @@ def test_every_subpackage_has_a_place_in_the_table():
     ("sparse/backend.py", "from ..models import GPT", "sparse may not import models"),
     ("train/data.py", "from . import validate", "import cycle"),
     ("coord/figures.py", "import transformers", "module-level import of the optional dependency 'transformers'"),
+    ("train/data.py", "try:\n    import optuna\nexcept ImportError:\n    optuna = None",
+     "module-level import of the optional dependency 'optuna'"),
+    ("tuning/store.py", "if True:\n    import ray", "module-level import of the optional dependency 'ray'"),
+    ("core/masks.py", "def _later():\n    import importlib\n\n    return importlib.import_module('sparsemup.train')",
+     "core may not import train"),
+    ("models/gpt.py", "def _later():\n    import sparsemup.sparse\n\n    return sparsemup.sparse",
+     "models may not import sparse"),
 ])
 def test_a_forbidden_import_is_reported(tmp_path, file, line, expected):
     copy = tmp_path / "sparsemup"
@@ -142,3 +164,13 @@ def test_an_optional_dependency_imported_inside_a_function_is_allowed(tmp_path):
     target = copy / "tuning" / "sweep.py"
     target.write_text(target.read_text() + "\n\ndef _engine():\n    import ray\n\n    return ray\n")
     assert violations(copy) == []
+
+
+def test_the_vocabulary_matches_what_implements_it():
+    from sparsemup.core.rules import SCHEMES
+    from sparsemup.core.storage import storage_formats
+    from sparsemup.core.vocab import BACKEND_CHOICES, BACKENDS, SCHEME_NAMES
+
+    assert tuple(SCHEMES) == SCHEME_NAMES
+    assert set(storage_formats()) | {"masked_dense"} == set(BACKENDS)  # every backend but the core's own is a storage
+    assert set(BACKEND_CHOICES) == {"auto", *BACKENDS}

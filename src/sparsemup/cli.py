@@ -12,13 +12,15 @@ import torch
 from tqdm import tqdm
 
 from .coord import QUANTITIES, Case, CheckSettings, run_check, write_check
+from .coord.check import MODEL_NAMES
 from .core import explain
+from .core.rules import Family
 from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES
 from .models import GPTConfig, build_gpt
+from .train import evaluate_checkpoint, load_config, train
+from .train.config import describe
 
 __all__ = ["main"]
-
-EXPLAIN_OPTIMIZERS = {"adam": torch.optim.AdamW, "sgd": torch.optim.SGD}  # explain --optimizer
 
 
 def _ints(text: str) -> list[int]:
@@ -44,6 +46,7 @@ def _densities(text: str) -> list[float]:
 def _coord_check(args: argparse.Namespace) -> int:
     settings = CheckSettings.resolve(args.model, args.scheme, args.widths, args.densities, args.steps, args.seeds,
                                      args.base_width, args.lr, args.batch_size, args.blocks, args.backend)
+    args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the measurements
     bar = tqdm(total=settings.total, desc=f"coord-check {args.model}/{args.scheme}", unit="model", file=sys.stderr)
 
     def progress(case: Case) -> None:
@@ -85,13 +88,11 @@ def _print_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, fi
 def _explain(args: argparse.Namespace) -> int:
     cfg = GPTConfig(width=args.width, depth=args.depth, head_dim=args.head_dim)
     model, _ = build_gpt(cfg, args.base_width, scheme=args.scheme, density=args.density)
-    print(explain(model, EXPLAIN_OPTIMIZERS[args.optimizer]))
+    print(explain(model, args.optimizer))
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import load_config, train
-
     config_file = args.config
     if config_file is None and args.resume:  # continue with the run's own resolved config
         config_file = next((p for p in (args.out / "config.toml", args.out / "config.yaml") if p.is_file()), None)
@@ -111,8 +112,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_checkpoint
-
     result = evaluate_checkpoint(args.checkpoint, windows=args.windows, batch=args.batch)
     if args.json:
         print(json.dumps(result))
@@ -186,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train each (width, density, seed) a few Adam steps on one fixed synthetic "
                         "batch and fit log-log slopes of layer RMS against width and density. "
                         "See docs/COORD_CHECK.md.")
-    cc.add_argument("--model", choices=("mlp", "gpt"), default="gpt")
+    cc.add_argument("--model", choices=MODEL_NAMES, default="gpt")
     cc.add_argument("--scheme", choices=SCHEME_NAMES, default="supar")
     cc.add_argument("--widths", type=_ints, help="comma-separated widths (default: per model)")
     cc.add_argument("--densities", type=_densities, help="comma-separated densities in (0, 1] (default: per model)")
@@ -204,8 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --blocks: how masked layers run (default blocks; auto: by measured thresholds)")
     cc.add_argument("--strict", action="store_true", help="exit with status 1 when a verdict fails")
     cc.set_defaults(func=_coord_check)
-
-    from .train.config import describe
 
     tr = sub.add_parser("train", help="train the reference GPT (one process, or many under torchrun)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -275,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--depth", type=int, default=2)
     ex.add_argument("--head-dim", type=int, default=64)
     ex.add_argument("--density", type=float, default=0.25)
-    ex.add_argument("--optimizer", choices=tuple(EXPLAIN_OPTIMIZERS), default="adam",
-                    help="the optimizer whose rule the LR/WD columns show (adam: AdamW's; sgd: SGD's)")
+    ex.add_argument("--optimizer", choices=tuple(f.value for f in Family), default="adam",
+                    help="the optimizer family whose rule the LR/WD columns show")
     ex.set_defaults(func=_explain)
     return parser
 

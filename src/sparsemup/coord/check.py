@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -18,9 +18,10 @@ from ..core.vocab import BackendChoice
 from .cases import COORD_DEFAULTS, GPT_DEFAULTS, MLP_DEFAULTS, gpt_cases, mlp_cases
 from .measurement import THRESHOLD, Case, fit_slopes, run, verdict
 
-__all__ = ["CheckSettings", "run_check", "write_check", "verdict_summary"]
+__all__ = ["CheckSettings", "ModelName", "MODEL_NAMES", "run_check", "write_check", "verdict_summary"]
 
-ModelName = Literal["mlp", "gpt"]
+ModelName = Literal["mlp", "gpt"]  # the reference models a check can build
+MODEL_NAMES: tuple[ModelName, ...] = get_args(ModelName)
 
 
 @dataclass(frozen=True)

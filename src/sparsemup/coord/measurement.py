@@ -135,17 +135,19 @@ def run(
     steps: int,
     progress: Callable[[Case], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """``measure`` every case with a fresh optimizer from ``sparsemup.make_optimizer``, torch's global
-    generator seeded with the case's seed before the model is built.
+    """``measure`` every case with a fresh optimizer from ``sparsemup.make_optimizer``, each model built
+    with torch's global generator seeded from its case.
 
     ``progress`` is called with each case once it is measured.
     """
     rows = []
     for case in cases:
         # Parameters sparsemup leaves to the module's own init (biases, norm gains) draw from torch's global
-        # generator: seed it from the case, so a coordinate check gives the same numbers every time it runs.
-        torch.manual_seed(case.seed)
-        model = case.build()
+        # generator: seed it from the case (leaving the caller's state as it was), so a coordinate check
+        # gives the same numbers every time it runs.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(case.seed)
+            model = case.build()
         optimizer = make_optimizer(model, optimizer_class, lr=lr)
         for row in measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps):
             rows.append({"width": case.width, "density": case.density, "seed": case.seed, **row})

@@ -198,6 +198,10 @@ def move_hooks(source: nn.Module, target: nn.Module) -> None:
 def declare_storage(model: nn.Module, stored: Mapping[str, str]) -> None:
     """Tell the root's hooks that the masked weights ``stored`` ({name: storage format}) were swapped into
     modules that are sparse by storage: their masked-dense hooks are forgotten, their loads converted."""
+    unknown = sorted(set(stored.values()) - set(storage_formats()))
+    if unknown:
+        raise ValueError(f"storage format(s) {unknown} are not registered; register them with "
+                         "sparsemup.core.storage.register_storage before declaring weights stored in them")
     modules = {id(m) for m in model.modules()}
     for hook in model._forward_pre_hooks.values():
         if isinstance(hook, EnsureAllGradMasks):

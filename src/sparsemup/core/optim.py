@@ -41,7 +41,8 @@ _RULES: dict[type[torch.optim.Optimizer], OptimizerRule] = {
     torch.optim.Adam: OptimizerRule(Family.ADAM, lr_wd_decay=False),
     torch.optim.AdamW: OptimizerRule(Family.ADAM, lr_wd_decay=True),
     torch.optim.Adamax: OptimizerRule(Family.ADAM, lr_wd_decay=False),
-    # NAdam and RAdam decouple their decay only with decoupled_weight_decay=True, which groups cannot see.
+    # NAdam and RAdam decouple their decay only with decoupled_weight_decay=True, a constructor flag that
+    # parameter groups cannot see: they are taken as decoupled (pass that flag, or use weight_decay_mode="coupled").
     torch.optim.NAdam: OptimizerRule(Family.ADAM, lr_wd_decay=True),
     torch.optim.RAdam: OptimizerRule(Family.ADAM, lr_wd_decay=True),
     torch.optim.RMSprop: OptimizerRule(Family.ADAM, lr_wd_decay=False),
@@ -57,7 +58,11 @@ def register_optimizer(optimizer_class: type[torch.optim.Optimizer], family: Fam
     Example: ``register_optimizer(Lion, "adam", lr_wd_decay=True)`` for a sign-based optimizer
     with decoupled weight decay.
     """
-    _RULES[optimizer_class] = OptimizerRule(Family(family), lr_wd_decay)
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise ValueError(f"register_optimizer takes a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+    name = family.value if isinstance(family, Family) else family.lower()
+    check_choice(name, tuple(f.value for f in Family), "optimizer family")
+    _RULES[optimizer_class] = OptimizerRule(Family(name), lr_wd_decay)
 
 
 def optimizer_rule(optimizer_class: type[torch.optim.Optimizer]) -> OptimizerRule:

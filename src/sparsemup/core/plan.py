@@ -190,8 +190,6 @@ def _realised_base_density(base_density: float, base_shape: tuple[int, ...], kin
     return row_nonzeros(base_density, fan_in, f"{name} (in the base model)") / fan_in
 
 
-
-
 def _decide(inferred: list[Inferred], name: str) -> tuple[UsagePlan, tuple[UsagePlan, ...]]:
     """The parameter's role and multipliers for init/LR, from those of its usages (ties: input + output)."""
     roles = {i.role for i in inferred}
@@ -220,13 +218,12 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
         )
     _check_unit_interval(o.base_density, "base_density")
     check_choice(o.mask_kind, MASK_KINDS, "mask_kind")
-    if o.forward_multipliers not in FORWARD_MULTIPLIERS:
-        raise ValueError(f"forward_multipliers must be 'hooks' or 'manual', got {o.forward_multipliers!r}")
+    check_choice(o.forward_multipliers, FORWARD_MULTIPLIERS, "forward_multipliers")
     if o.init_std <= 0:
         raise ValueError(f"init_std must be positive, got {o.init_std!r}")
     stds = {Role.INPUT: o.init_std, Role.HIDDEN: o.init_std, Role.OUTPUT: o.init_std}
     for key, value in (o.role_init_std or {}).items():
-        if key not in ("input", "hidden", "output") or not value >= 0:
+        if key not in {r.value for r in stds} or not value >= 0:
             raise ValueError(f"role_init_std[{key!r}] = {value!r}: give a non-negative std for input, hidden or output")
         stds[Role(key)] = float(value)
 
@@ -339,7 +336,9 @@ def _attention_scales(model: nn.Module, base: nn.Module, scheme: Scheme) -> dict
         if isinstance(module, nn.MultiheadAttention) and scheme.width:
             head_dim = module.embed_dim // module.num_heads
             base_mha = base_modules[name]
-            assert isinstance(base_mha, nn.MultiheadAttention)  # the structures matched
+            if not isinstance(base_mha, nn.MultiheadAttention):
+                raise ValueError(f"{name}: an nn.MultiheadAttention in the model but a {type(base_mha).__name__} in "
+                                 "the base; build the base with the same code as the model")
             base_head_dim = base_mha.embed_dim // base_mha.num_heads
             if head_dim != base_head_dim:
                 raise ValueError(

@@ -26,6 +26,7 @@ class MLP(nn.Module):
             x = F.relu(layer(x))
         return self.readout(x)
 
+
 def build_mlp(
     in_features: int,
     width: int,

@@ -104,7 +104,7 @@ def gather_mask_digests(model: nn.Module, ctx: Context) -> list[str]:
     return out
 
 
-def wrap(model: nn.Module, ctx: Context, fsdp: bool, units: Sequence[nn.Module] = ()) -> nn.Module:
+def wrap(model: nn.Module, ctx: Context, fsdp: bool, units: Sequence[nn.Module]) -> nn.Module:
     """DDP, or FSDP2 with one shard group per unit of ``units`` (the model's policy, e.g. ``GPT.fsdp_units()``)
     plus the root; the model itself for one process."""
     if not ctx.distributed:

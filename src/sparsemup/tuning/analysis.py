@@ -32,7 +32,7 @@ def fit_optimum(xs: Sequence[float], losses: Sequence[float | None]) -> dict[str
     finite = [y is not None and math.isfinite(y) for y in losses]
     if not any(finite):
         return None
-    ys = [y if ok and y is not None else math.inf for y, ok in zip(losses, finite)]  # a diverged point is never best
+    ys = [y if ok and y is not None else math.inf for y, ok in zip(losses, finite)]  # floats: read only where finite
     i = min((k for k in range(len(xs)) if finite[k]), key=lambda k: ys[k])
     if i == 0 or not finite[i - 1]:  # first grid point, or next to a diverged one: the optimum may lie beyond
         return {"log2_x": xs[i], "loss": ys[i], "edge": "low"}

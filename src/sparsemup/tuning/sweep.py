@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import write_json_atomic
-from ..train import Config, ConfigError, load_config, validate
+from ..train import Config, ConfigError, load_config, train, validate
+from ..train.checkpoint import CHECKPOINT_NAME
 from ..train.config import tomllib, typed_value
 from ..train.schema import flatten, run_identity, with_defaults
 from .store import STORE_NAME, ResultStore
@@ -175,9 +176,6 @@ def _fingerprint(base: Config) -> dict[str, Any]:
 
 def _execute(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Train (or resume) one run in a worker; returns result.json plus wall seconds, or the error."""
-    from ..train import train
-    from ..train.checkpoint import CHECKPOINT_NAME
-
     out = Path(run_dir)
     start = time.perf_counter()
     try:
