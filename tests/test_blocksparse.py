@@ -262,6 +262,37 @@ def test_bench_quick_writes_the_documented_rows(tmp_path, capsys):
     assert all(r["state_mb"] < dense[(r["dtype"], r["density"])]["state_mb"] * 2 * r["density"] for r in blocks)
     assert {r["backend"] for r in result["gpt_step"]} == {"masked_dense", "blocks"}
     assert "GPT step" in capsys.readouterr().out
+    # Each row names its mask; masked dense stands beside both kinds; the file names the CPU.
+    assert {(r["mask"], r["backend"]) for r in result["layers"]} == {
+        ("rows", "masked_dense"), ("rows", "torch_csr"), ("blocks", "masked_dense"), ("blocks", "blocks")}
+    assert result["cpu"]["model"] and isinstance(result["cpu"]["flags"], list) and result["cpu"]["cores"] >= 1
+
+
+def test_bench_filters_measure_only_the_rows_asked_for_and_skip_the_gpt_step(tmp_path, capsys):
+    from sparsemup.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--shapes", "64x128", "--tokens", "32", "--densities", "1/4,1/8", "--dtypes", "fp32",
+            "--masks", "rows", "--threads", "1", "--json", str(out)]
+    assert main(args) == 0
+    result = __import__("json").loads(out.read_text())
+    rows = result["layers"]
+    assert {(tuple(r["shape"]), r["tokens"], r["dtype"], r["mask"]) for r in rows} == {((64, 128), 32, "fp32", "rows")}
+    assert sorted({r["density"] for r in rows}) == [1 / 8, 1 / 4]
+    assert {r["backend"] for r in rows} == {"masked_dense", "torch_csr"}
+    assert result["gpt_step"] == [] and "GPT step" not in capsys.readouterr().out
+    assert result["grid"]["masks"] == ["rows"] and result["grid"]["gpt_step"] is False
+
+
+@pytest.mark.parametrize("bad", [["--shapes", "64by64"], ["--densities", "0"], ["--densities", "1/0"],
+                                 ["--masks", "rows,csr"], ["--dtypes", "fp16"], ["--tokens", "0"]])
+def test_bench_rejects_bad_filters(bad, capsys):
+    from sparsemup.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", *bad])
+    err = capsys.readouterr().err
+    assert f"argument {bad[0]}:" in err and ("expected" in err or "must be" in err)
 
 
 def test_swapped_layers_and_models_are_freed():

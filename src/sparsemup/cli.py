@@ -6,7 +6,11 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -17,6 +21,7 @@ from .core import explain
 from .core.rules import Family
 from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES
 from .models import GPTConfig, build_gpt
+from .sparse.bench import BENCH_MASKS, DTYPES
 from .train import evaluate_checkpoint, load_config, train
 from .train.config import describe
 
@@ -35,12 +40,36 @@ def _ints(text: str) -> list[int]:
 
 def _densities(text: str) -> list[float]:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated densities, got {text!r}") from None
+        values = [float(Fraction(v.strip())) for v in text.split(",") if v.strip()]
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected comma-separated densities such as 1/16,0.25, got {text!r}") \
+            from None
     if not values or any(not (0.0 < v <= 1.0) for v in values):
         raise argparse.ArgumentTypeError(f"densities must be in (0, 1], got {text!r}")
     return values
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        out, sep, inp = item.lower().partition("x")
+        if not (sep and out.isdigit() and inp.isdigit() and int(out) > 0 and int(inp) > 0):
+            raise argparse.ArgumentTypeError(f"expected comma-separated OUTxIN shapes such as 2048x2048, got {item!r}")
+        shapes.append((int(out), int(inp)))
+    if not shapes:
+        raise argparse.ArgumentTypeError(f"expected at least one OUTxIN shape, got {text!r}")
+    return shapes
+
+
+def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        wrong = [v for v in values if v not in choices]
+        if not values or wrong:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}")
+        return values
+
+    return parse
 
 
 def _coord_check(args: argparse.Namespace) -> int:
@@ -172,8 +201,12 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("sparsemup bench --device cuda: no CUDA device is visible; use --device cpu")
-    run(QUICK if args.quick else GPU if args.device == "cuda" else FULL, args.json, args.threads,
-        device=args.device)
+    grid = QUICK if args.quick else GPU if args.device == "cuda" else FULL
+    keys = ("shapes", "tokens", "densities", "dtypes", "masks")
+    filters: dict[str, Any] = {key: tuple(getattr(args, key)) for key in keys if getattr(args, key) is not None}
+    if filters:  # only the rows asked for: the GPT step is skipped
+        grid = replace(grid, **filters, gpt_step=False)
+    run(grid, args.json, args.threads, device=args.device)
     return 0
 
 
@@ -257,10 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="time sparse layers on every backend and a GPT training step",
                         description="Forward + backward of one layer for masked dense, torch CSR and sparsemup's "
                         "block-sparse backend over shapes, tokens, densities and dtypes, then one GPT training "
-                        "step. See docs/PERFORMANCE.md.")
+                        "step. Any of --shapes, --tokens, --densities, --dtypes, --masks replaces that part of "
+                        "the grid and skips the GPT step. See docs/PERFORMANCE.md.")
     bn.add_argument("--json", type=Path, help="also write every row to this JSON file")
     bn.add_argument("--quick", action="store_true", help="a tiny grid (seconds), to check the setup")
     bn.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    bn.add_argument("--shapes", type=_shapes, help="layer shapes OUTxIN, e.g. 2048x2048,4096x1024 (a filter)")
+    bn.add_argument("--tokens", type=_ints, help="token counts, e.g. 4096 (a filter)")
+    bn.add_argument("--densities", type=_densities, help="densities, e.g. 1/16,1/128 (a filter)")
+    bn.add_argument("--dtypes", type=_names(tuple(DTYPES)), help="fp32 and/or bf16 (a filter)")
+    bn.add_argument("--masks", type=_names(BENCH_MASKS), help="rows (unstructured) and/or blocks (a filter)")
     bn.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where to run; cuda measures bigger layers (default cpu)")
     bn.set_defaults(func=_bench)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import platform
 import statistics
 import time
@@ -29,15 +30,19 @@ from ..core.masks import block_layout, random_mask
 from ..core.vocab import MaskKind
 from .blocksparse import block_sparse_linear, to_blocks
 
-__all__ = ["Grid", "FULL", "QUICK", "GPU", "DTYPES", "run_layers", "block_for", "blocks_for", "main_table",
-           "derive_thresholds", "sync"]
+__all__ = ["Grid", "FULL", "QUICK", "GPU", "DTYPES", "BENCH_MASKS", "cpu_facts", "run_layers", "block_for",
+           "blocks_for", "main_table", "derive_thresholds", "sync"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+BENCH_MASKS = ("rows", "blocks")  # unstructured row-exact masks; b×b block masks
+
+
 @dataclass(frozen=True)
 class Grid:
-    """What to measure: layer shapes (out, in), token counts, densities, dtypes, repetitions."""
+    """What to measure: layer shapes (out, in), token counts, densities, dtypes, mask kinds, repetitions,
+    and the GPT step (skipped when ``gpt_step`` is False, as with any ``sparsemup bench`` filter)."""
 
     shapes: tuple[tuple[int, int], ...]
     tokens: tuple[int, ...]
@@ -46,6 +51,8 @@ class Grid:
     repeats: int
     gpt_width: int
     gpt_tokens: tuple[int, int]  # (batch, context)
+    masks: tuple[str, ...] = BENCH_MASKS
+    gpt_step: bool = True
 
 
 FULL = Grid(shapes=((512, 512), (1024, 1024), (2048, 2048), (4096, 1024)), tokens=(512, 4096),
@@ -214,6 +221,23 @@ def _time_step(forward: Callable, after: Callable, x: torch.Tensor, grad_y: torc
     return statistics.median(fwd) * 1e3, statistics.median(bwd) * 1e3, peak
 
 
+def cpu_facts() -> dict[str, Any]:
+    """The CPU's model name, core count and flags (from /proc/cpuinfo on Linux), recorded beside every
+    benchmark: machines differ between sessions, and a number means little without them."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = value.split()
+                break
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "flags": flags}
+
+
 def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = None,
                device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """Every (shape, tokens, dtype, density, backend) of the grid; rows as in the module docstring."""
@@ -229,15 +253,20 @@ def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = N
                 grad_y = torch.randn(tokens, shape[0]).to(device, dtype)
                 dense = None
                 for density in grid.densities:
-                    runs = [("masked_dense", 0), ("torch_csr", 0)]
-                    runs += [("blocks", b) for b in blocks_for(density, shape[1])]
-                    for backend, block in runs:
+                    runs: list[tuple[str, str, int]] = []  # (mask, backend, block)
+                    if "rows" in grid.masks:
+                        runs += [("rows", "masked_dense", 0), ("rows", "torch_csr", 0)]
+                    if "blocks" in grid.masks:
+                        runs += [("blocks", "masked_dense", 0)]
+                        runs += [("blocks", "blocks", b) for b in blocks_for(density, shape[1])]
+                    for mask, backend, block in runs:
                         if backend == "masked_dense" and dense is not None:
-                            # Masked dense does the same work at every density: measured once.
-                            row = {**dense, "density": density}
+                            # Masked dense does the same work for every mask and density: measured once
+                            # per shape, tokens and dtype, and reported beside each mask kind.
+                            row = {**dense, "density": density, "mask": mask}
                         else:
-                            row = _measure(backend, shape, tokens, density, dtype_name, block, x, grad_y,
-                                           grid.repeats, memory)
+                            row = {"mask": mask, **_measure(backend, shape, tokens, density, dtype_name, block, x,
+                                                            grad_y, grid.repeats, memory)}
                             if backend == "masked_dense":
                                 dense = row
                         group.append(row)
@@ -294,17 +323,19 @@ def derive_thresholds(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int], f
 
 def main_table(rows: Iterable[dict[str, Any]]) -> str:
     """A plain-text table of the layer rows."""
-    head = f"{'shape':>11} {'tokens':>6} {'rho':>7} {'dtype':>5} {'backend':>12} {'b':>3} {'fwd':>8} {'bwd':>8} " \
-           f"{'total':>8} {'mem MB':>7} {'x mdense':>8} {'x best':>7} {'%ideal':>6}"
+    head = f"{'shape':>11} {'tokens':>6} {'rho':>7} {'dtype':>5} {'mask':>6} {'backend':>12} {'b':>3} {'fwd':>8} " \
+           f"{'bwd':>8} {'total':>8} {'mem MB':>7} {'x mdense':>8} {'x best':>7} {'%ideal':>6}"
     lines = [head]
     for r in rows:
         if r.get("total_ms") is None:
             lines.append(f"{'x'.join(map(str, r['shape'])):>11} {r['tokens']:>6} 1/{round(1 / r['density']):<5} "
-                         f"{r['dtype']:>5} {r['backend']:>12}  unsupported: {r.get('error', '')[:60]}")
+                         f"{r['dtype']:>5} {r.get('mask', ''):>6} {r['backend']:>12}  unsupported: "
+                         f"{r.get('error', '')[:60]}")
             continue
         lines.append(
             f"{'x'.join(map(str, r['shape'])):>11} {r['tokens']:>6} 1/{round(1 / r['density']):<5} {r['dtype']:>5} "
-            f"{r['backend']:>12} {r['block'] or '':>3} {r['fwd_ms']:8.2f} {r['bwd_ms']:8.2f} {r['total_ms']:8.2f} "
+            f"{r.get('mask', ''):>6} {r['backend']:>12} {r['block'] or '':>3} {r['fwd_ms']:8.2f} {r['bwd_ms']:8.2f} "
+            f"{r['total_ms']:8.2f} "
             f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '':>7} {r['speedup_vs_masked_dense']:8.2f} "
             f"{r['speedup_vs_fastest_dense']:7.2f} {100 * r['fraction_of_ideal']:5.1f}%")
     return "\n".join(lines)

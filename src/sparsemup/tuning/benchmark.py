@@ -11,6 +11,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..core import make_optimizer
 from ..core.atomic import write_text_atomic
 from ..models import GPTConfig, build_gpt
 from ..sparse import sparsify
-from ..sparse.bench import Grid, block_for, derive_thresholds, main_table, run_layers, sync
+from ..sparse.bench import Grid, block_for, cpu_facts, derive_thresholds, main_table, run_layers, sync
 
 __all__ = ["run_gpt_step", "run"]
 
@@ -75,20 +76,21 @@ def run(grid: Grid, json_path: Path | None, threads: int, show: Callable[[str], 
     if threads:
         torch.set_num_threads(threads)
     gpu = torch.cuda.get_device_name(device) if device == "cuda" else None
-    show(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    cpu = cpu_facts()
+    show(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu['model']} ({cpu['cores']} cores)"
          + (f", {gpu}" if gpu else ""))
     layers = run_layers(grid, device=device, progress=lambda r: show(
-        f"  {r['shape']} tokens {r['tokens']} 1/{round(1 / r['density'])} {r['dtype']} {r['backend']}: "
-        f"{r['total_ms'] if r['total_ms'] is not None else 'unsupported'} ms"))
+        f"  {r['shape']} tokens {r['tokens']} 1/{round(1 / r['density'])} {r['dtype']} {r['mask']} mask "
+        f"{r['backend']}: {r['total_ms'] if r['total_ms'] is not None else 'unsupported'} ms"))
     show(main_table(layers))
     show(f"auto thresholds (dtype, block) -> highest density: {derive_thresholds(layers)}")
-    gpt = run_gpt_step(grid, device=device)
+    gpt = run_gpt_step(grid, device=device) if grid.gpt_step else []
     for r in gpt:
         show(f"GPT step ({r['model']}, {r['tokens']} tokens, density 1/{round(1 / r['density'])}, "
              f"block {r['block']}) {r['dtype']} {r['backend']}: {r['step_ms']} ms "
              f"({r['speedup_vs_fastest_dense']}x the fastest dense), parameters {r['param_mb']} MB")
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "device": device, "gpu": gpu,
+              "cpu": cpu, "device": device, "gpu": gpu, "grid": asdict(grid),
               "layers": layers, "gpt_step": gpt}
     if json_path is not None:
         write_text_atomic(Path(json_path), json.dumps(result, indent=1) + "\n")
