@@ -127,3 +127,54 @@ def test_cli_explain(capsys):
     assert cli.main(["explain", "--width", "128", "--density", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "blocks.0.attn.qkv.weight" in out and "hidden" in out
+
+
+def test_check_on_a_users_model_family_equals_the_reference_path():
+    # The one-call entry for a model of your own gives the same measurements as the reference MLP's cases.
+    from sparsemup.coord.cases import MLP_DEFAULTS, teacher_batch
+    from sparsemup.models import build_mlp
+
+    d = MLP_DEFAULTS
+
+    def build(width, density, seed):
+        return build_mlp(d["in_features"], width, d["classes"], 32, depth=d["depth"], scheme="supar", density=density,
+                         seed=seed, init_std=(2 / 32) ** 0.5)[0]
+
+    def batch(seed):
+        return teacher_batch(seed, 64, d["in_features"], d["classes"])
+
+    result = coord.check(build, [32, 64], [1.0, 0.25], batch, torch.nn.functional.cross_entropy, seeds=2, steps=2)
+    reference = coord.run(mlp_cases("supar", [32, 64], [1.0, 0.25], 2, 32, batch_size=64), torch.optim.Adam,
+                          2**-7, 2)
+    assert result["measurements"] == reference
+    assert result["verdict"] == coord.verdict(coord.fit_slopes(reference))
+    assert set(result) == {"verdict", "slopes", "measurements", "seconds"}
+
+
+def test_a_layer_whose_role_changes_across_the_grid_is_a_clear_error():
+    import sparsemup as smp
+
+    class Net(torch.nn.Module):  # like a fixed number of KV heads: `mid` stops growing below width 128
+        def __init__(self, width):
+            super().__init__()
+            self.kv = 32 if width < 128 else width // 2
+            self.inp = torch.nn.Linear(8, width)
+            self.mid = torch.nn.Linear(width, self.kv)
+            self.back = torch.nn.Linear(self.kv, width)
+            self.out = torch.nn.Linear(width, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.inp(x))
+            return self.out(h + self.back(torch.relu(self.mid(h))))
+
+    def build(width, density, seed):
+        with torch.device("meta"):
+            base = Net(32)
+        model = Net(width)
+        smp.parameterize(model, base, scheme="supar", seed=seed)  # roles read against the base at each width
+        return model
+
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    with pytest.raises(ValueError, match=r"layer 'mid' changes role across the grid \(hidden at widths \[128\]; "
+                                         r"output at widths \[64\]\).*roles="):
+        coord.check(build, [64, 128], [1.0], (x, y), torch.nn.functional.cross_entropy, steps=1)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .coord import QUANTITIES, Case, CheckSettings, run_check, write_check
-from .coord.check import MODEL_NAMES
+from .coord.reference import MODEL_NAMES
 from .core import explain
 from .core.rules import Family
 from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES

@@ -11,9 +11,11 @@ that batch. The log-log slopes of the seed-averaged RMS against width and densit
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,7 @@ from torch import nn
 from ..core import Role, get_parameterization, make_optimizer
 from ..core.structure import named_modules
 
-__all__ = ["QUANTITIES", "THRESHOLD", "Case", "measure", "run", "fit_slopes", "verdict"]
+__all__ = ["QUANTITIES", "THRESHOLD", "Case", "measure", "run", "fit_slopes", "verdict", "evaluate", "check"]
 
 QUANTITIES = ("act", "grad", "delta")
 # Failing slopes are ≥ 0.5 (activations ∝ √ρ under SP/µP); passing ones are ≈ 0.
@@ -154,7 +156,82 @@ def run(
         del model, optimizer
         if progress is not None:
             progress(case)
+    _check_roles(rows)
     return rows
+
+
+def _check_roles(rows: Sequence[dict[str, Any]]) -> None:
+    """A layer must have one role across the grid: slopes across widths compare like with like."""
+    seen: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for r in rows:
+        seen[r["layer"]][r["role"]].add(r["width"])
+    for layer, roles in seen.items():
+        if len(roles) > 1:
+            found = "; ".join(f"{role} at widths {sorted(widths)}" for role, widths in sorted(roles.items()))
+            raise ValueError(
+                f"layer {layer!r} changes role across the grid ({found}): its dims do not grow the same way at "
+                "every width (e.g. a fixed number of KV heads). Give its role explicitly when parameterizing "
+                f"(roles={{'{layer}.weight': 'hidden'}}) or keep its shape scaling the same way at every width"
+            )
+
+
+def evaluate(cases: Iterable[Case], optimizer_class: type[torch.optim.Optimizer], lr: float, steps: int,
+             progress: Callable[[Case], None] | None = None) -> dict[str, Any]:
+    """``run`` the cases, fit the slopes and judge them: {verdict, slopes, measurements, seconds}."""
+    start = time.perf_counter()
+    rows = run(cases, optimizer_class, lr, steps, progress)
+    fits = fit_slopes(rows)
+    return {"verdict": verdict(fits), "slopes": fits, "measurements": rows,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def check(
+    build: Callable[[int, float, int], nn.Module],
+    widths: Sequence[int],
+    densities: Sequence[float],
+    batch: tuple[torch.Tensor, torch.Tensor] | Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    seeds: int = 1,
+    lr: float = 2**-7,
+    steps: int = 5,
+    optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
+    progress: Callable[[Case], None] | None = None,
+) -> dict[str, Any]:
+    """The coordinate check of your own model family, in one call; the same result as ``sparsemup coord-check``.
+
+    Args:
+        build: ``build(width, density, seed)`` returns the model at that grid point, already parameterized
+            (``sparsemup.parameterize`` with that density and seed) against one fixed base.
+        widths, densities: the grid (at least two of either to fit a slope along it).
+        batch: (inputs, targets), or ``batch(seed)`` returning them; one fixed batch per seed.
+        loss: ``loss(model(inputs), targets)``, a scalar.
+        seeds: seeds 0..N-1; RMS is averaged over seeds. lr, steps, optimizer_class: the training.
+
+    Returns {"verdict", "slopes", "measurements", "seconds"}; ``verdict[axis]["pass"]`` is True, False,
+    or None where that axis has a single value.
+
+    Example::
+
+        def build(width, density, seed):
+            model = Net(width)
+            sparsemup.parameterize(model, base, scheme="supar", density=density, seed=seed)
+            return model
+
+        result = sparsemup.coord.check(build, [64, 128, 256], [1, 1 / 4, 1 / 16], (x, y), F.cross_entropy)
+        assert result["verdict"]["density"]["pass"]
+    """
+    if seeds < 1 or steps < 1 or not widths or not densities:
+        raise ValueError("check needs at least one width, one density, one seed and one step")
+
+    def cases() -> Iterable[Case]:
+        for seed in range(seeds):
+            inputs, targets = batch(seed) if callable(batch) else batch
+            for width in widths:
+                for density in densities:
+                    yield Case(width, density, seed, partial(build, width, density, seed), inputs, targets, loss)
+
+    return evaluate(cases(), optimizer_class, lr, steps, progress)
 
 
 def averaged(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str, int], dict[tuple[int, float], float]]:

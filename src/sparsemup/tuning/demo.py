@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..coord import THRESHOLD, CheckSettings, run_check, write_check
-from ..coord.check import verdict_summary
+from ..coord.reference import verdict_summary
 from ..core.atomic import write_json_atomic, write_text_atomic
 from .report import write_report
 from .sweep import parse_sweep, run_sweep

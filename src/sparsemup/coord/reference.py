@@ -1,11 +1,11 @@
-"""A whole coordinate check of a reference model: settings, measurement, verdict and files.
+"""A whole coordinate check of a reference model (MLP or GPT): settings, measurement, verdict and files.
 
-The one sequence behind ``sparsemup coord-check`` and the demo's first part.
+The one sequence behind ``sparsemup coord-check`` and the demo's first part; ``measurement.check``
+is the same for a model family of your own.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch
 from ..core.atomic import write_json_atomic
 from ..core.vocab import BackendChoice
 from .cases import COORD_DEFAULTS, GPT_DEFAULTS, MLP_DEFAULTS, gpt_cases, mlp_cases
-from .measurement import THRESHOLD, Case, fit_slopes, run, verdict
+from .measurement import THRESHOLD, Case, evaluate
 
 __all__ = ["CheckSettings", "ModelName", "MODEL_NAMES", "run_check", "write_check", "verdict_summary"]
 
@@ -71,14 +71,11 @@ class CheckSettings:
 
 def run_check(settings: CheckSettings, progress: Callable[[Case], None] | None = None) -> dict[str, Any]:
     """Measure every case with Adam; returns {scheme, settings, verdict, slopes, measurements, seconds}."""
-    start = time.perf_counter()
     make = gpt_cases if settings.model == "gpt" else mlp_cases
     cases = make(settings.scheme, settings.widths, settings.densities, settings.seeds, settings.base_width,
                  settings.batch_size, settings.block, settings.backend)
-    rows = run(cases, torch.optim.Adam, settings.lr, settings.steps, progress)
-    fits = fit_slopes(rows)
-    return {"scheme": settings.scheme, "settings": settings.describe(), "verdict": verdict(fits), "slopes": fits,
-            "measurements": rows, "seconds": round(time.perf_counter() - start, 1)}
+    found = evaluate(cases, torch.optim.Adam, settings.lr, settings.steps, progress)
+    return {"scheme": settings.scheme, "settings": settings.describe(), **found}
 
 
 def write_check(result: dict[str, Any], out: Path) -> list[Path]:
