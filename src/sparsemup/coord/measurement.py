@@ -211,7 +211,7 @@ def check(
     Returns {"verdict", "slopes", "measurements", "seconds"}; ``verdict[axis]["pass"]`` is True, False,
     or None where that axis has a single value.
 
-    Example::
+    Example (after ``import sparsemup.coord``)::
 
         def build(width, density, seed):
             model = Net(width)
