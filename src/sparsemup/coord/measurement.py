@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -143,6 +143,7 @@ def run(
     ``progress`` is called with each case once it is measured.
     """
     rows = []
+    roles: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))  # layer -> role -> widths
     for case in cases:
         # Parameters sparsemup leaves to the module's own init (biases, norm gains) draw from torch's global
         # generator: seed it from the case (leaving the caller's state as it was), so a coordinate check
@@ -153,18 +154,16 @@ def run(
         optimizer = make_optimizer(model, optimizer_class, lr=lr)
         for row in measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps):
             rows.append({"width": case.width, "density": case.density, "seed": case.seed, **row})
+            roles[row["layer"]][row["role"]].add(case.width)
         del model, optimizer
+        _check_roles(roles)  # after each case: a conflict stops the check before more models are trained
         if progress is not None:
             progress(case)
-    _check_roles(rows)
     return rows
 
 
-def _check_roles(rows: Sequence[dict[str, Any]]) -> None:
+def _check_roles(seen: Mapping[str, Mapping[str, set[int]]]) -> None:
     """A layer must have one role across the grid: slopes across widths compare like with like."""
-    seen: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
-    for r in rows:
-        seen[r["layer"]][r["role"]].add(r["width"])
     for layer, roles in seen.items():
         if len(roles) > 1:
             found = "; ".join(f"{role} at widths {sorted(widths)}" for role, widths in sorted(roles.items()))
