@@ -22,7 +22,7 @@ from ..core.masks import block_layout
 from ..core.record import RECORD_PREFIX, get_parameterization
 from ..core.structure import unwrap
 from ..core.vocab import BACKEND_CHOICES, BACKENDS, Backend, BackendChoice
-from .blocksparse import BlockSparseLinear, masked_dense_entries
+from .blocksparse import BlockSparseLinear, BlockStorage, masked_dense_entries
 
 __all__ = ["choose_backend", "sparsify", "get_backends", "to_masked_dense"]
 
@@ -153,7 +153,7 @@ def sparsify(
             del sparse._forward_pre_hooks[key]
         setattr(parent, child, sparse)
         converted.add(name)
-    hooks.declare_storage(target, {name: "blocks" for name in converted})
+    hooks.declare_storage(target, {name: BlockStorage.name for name in converted})
     choice = {name: wanted for name, (wanted, _) in plan.items()}
     target.__dict__[_ATTR] = choice
     return dict(choice)

@@ -170,8 +170,9 @@ def resolve(base: Config, point: Point, workers: int) -> Config:
     return cfg
 
 
-def _fingerprint(base: Config) -> dict[str, Any]:
-    return run_identity(flatten(base.to_dict()))
+def _identity(cfg: Config) -> dict[str, Any]:
+    """The flat config without its layout keys: a sweep's base in sweep.json, a run's config in its record."""
+    return run_identity(flatten(cfg.to_dict()))
 
 
 def _execute(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
@@ -205,7 +206,7 @@ def _record(point: Point, cfg: Config, result: dict[str, Any]) -> dict[str, Any]
             "final_val_loss": result.get("final_val_loss"), "steps": result.get("steps"),
             "diverged_at_step": result.get("diverged_at_step"), "seconds": result.get("seconds"),
             "device": result.get("device"),
-            "config": run_identity(flatten(cfg.to_dict()))}
+            "config": _identity(cfg)}
 
 
 def _describe(point: Point) -> str:
@@ -221,7 +222,7 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "sweep.json"
-    fingerprint = _fingerprint(spec.base)
+    fingerprint = _identity(spec.base)
     if meta_path.exists():
         old = run_identity(with_defaults(json.loads(meta_path.read_text())["base"]))
         changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
