@@ -16,16 +16,19 @@ ALLOWED = {
     "core": {"core"},
     "sparse": {"core", "sparse"},
     "models": {"core", "models"},
-    "coord": {"core", "sparse", "models", "coord"},
-    "train": {"core", "sparse", "models", "train"},
-    "tuning": {"core", "sparse", "models", "coord", "train", "tuning"},
+    "hf": {"core", "hf"},
+    "coord": {"core", "sparse", "models", "hf", "coord"},
+    "train": {"core", "sparse", "models", "hf", "train"},
+    "tuning": {"core", "sparse", "models", "hf", "coord", "train", "tuning"},
     "api": {"core", "sparse", "api"},
-    "cli": {"core", "sparse", "models", "coord", "train", "tuning", "api", "cli"},
+    "cli": {"core", "sparse", "models", "hf", "coord", "train", "tuning", "api", "cli"},
 }
 TOP_LEVEL = {"__init__": "api", "rules": "api", "cli": "cli", "__main__": "cli"}
 # Heavy optional dependencies: the only subpackages that may import them at module level (an extra's own
-# subpackage, e.g. a future hf/ for transformers); everywhere else they are imported inside functions.
-OPTIONAL = {"transformers": {"hf"}, "ray": set(), "optuna": set(), "triton": set()}
+# subpackage: hf/ for transformers); everywhere else they are imported inside functions.
+OPTIONAL = {"transformers": {"hf"}, "safetensors": {"hf"}, "ray": set(), "optuna": set(), "triton": set()}
+# Subpackages that import an optional dependency at module level: others import them inside functions too.
+EXTRAS = {"sparsemup.hf": "hf"}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -99,6 +102,10 @@ def violations(root: Path) -> list[str]:
                 problems.append(f"{where}: module-level import of the optional dependency {head!r}")
             if head != "sparsemup":
                 continue
+            extra = next((layer_ for pkg, layer_ in EXTRAS.items() if target == pkg or target.startswith(pkg + ".")),
+                         None)
+            if extra is not None and module_level and layer(module, root) != extra:
+                problems.append(f"{where}: module-level import of {target}, which needs an optional dependency")
             graph[module].add(target)
             source, dest = layer(module, root), layer(target, root)
             if dest not in ALLOWED.get(source, set()):
@@ -144,6 +151,7 @@ def test_every_subpackage_has_a_place_in_the_table():
     ("train/data.py", "try:\n    import optuna\nexcept ImportError:\n    optuna = None",
      "module-level import of the optional dependency 'optuna'"),
     ("tuning/store.py", "if True:\n    import ray", "module-level import of the optional dependency 'ray'"),
+    ("train/build.py", "from ..hf import build", "module-level import of sparsemup.hf"),
     ("core/masks.py", "def _later():\n    import importlib\n\n    return importlib.import_module('sparsemup.train')",
      "core may not import train"),
     ("models/gpt.py", "def _later():\n    import sparsemup.sparse\n\n    return sparsemup.sparse",

@@ -54,15 +54,34 @@ def test_unclassifiable_parameter_names_it_and_the_fix():
     class WithTable(TwoLayer):
         def __init__(self, width):
             super().__init__(width)
-            self.table = nn.Parameter(torch.zeros(10, 10))
+            self.table = nn.Linear(10, 10)
 
     with torch.device("meta"):
         base = WithTable(16)
-    with pytest.raises(ValueError, match=r"cannot classify parameter 'table'.*roles=\{'table': 'hidden'\}"):
+    with pytest.raises(ValueError, match=r"cannot classify 'table.weight'.*roles=\{'table.weight': 'hidden'\}"):
         smp.parameterize(WithTable(32), base)
     model = WithTable(32)
-    rec = smp.parameterize(model, base, roles={"table": "input"})
-    assert rec.params["table"].role is smp.Role.INPUT
+    rec = smp.parameterize(model, base, roles={"table.weight": "input"})
+    assert rec.params["table.weight"].role is smp.Role.INPUT
+
+
+def test_unregistered_layout_names_register_layout_and_roles():
+    class WithTable(TwoLayer):
+        def __init__(self, width):
+            super().__init__(width)
+            self.table = nn.Parameter(torch.zeros(width, width))
+
+    with torch.device("meta"):
+        base = WithTable(16)
+    # Both dims grow: it used to be read silently as (out, in); now its layout must be given.
+    with pytest.raises(ValueError, match=r"'table' \(2-D\) belongs to a WithTable, whose weight layout sparsemup "
+                                         r"does not know.*register_layout\(WithTable.*roles=\{'table': 'input'\}"):
+        smp.parameterize(WithTable(32), base)
+    with pytest.raises(ValueError, match="a hidden weight needs its layout"):
+        smp.parameterize(WithTable(32), base, roles={"table": "hidden"})
+    smp.register_layout(WithTable, fan_in=(1,), fan_out=(0,))
+    rec = smp.parameterize(WithTable(32), base, density=0.5)
+    assert rec.params["table"].role is smp.Role.HIDDEN and rec.params["table"].masked
 
 
 def test_same_shapes_need_delta():
@@ -85,7 +104,7 @@ def test_bare_parameter_with_one_growing_dim_needs_a_role():
 
     with torch.device("meta"):
         base = WithPositions(16)
-    with pytest.raises(ValueError, match="'pos'.*could be an input or an output weight"):
+    with pytest.raises(ValueError, match="'pos'.*layout sparsemup does not know"):
         smp.parameterize(WithPositions(32), base)
     rec = smp.parameterize(WithPositions(32), base, roles={"pos": "input"})
     assert rec.params["pos"].role is smp.Role.INPUT

@@ -30,6 +30,7 @@ from .core import (
     make_optimizer,
     param_groups,
     parameterize,
+    register_layout,
 )
 from .sparse import sparsify
 
@@ -48,6 +49,7 @@ __all__ = [
     "make_optimizer",
     "param_groups",
     "parameterize",
+    "register_layout",
     "rules",
     "sparsify",
 ]

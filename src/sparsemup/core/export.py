@@ -13,7 +13,34 @@ from .rules import Role
 from .storage import SparseStorage
 from .structure import named_modules, unwrap
 
-__all__ = ["export"]
+__all__ = ["export", "SaveGuard", "guard_own_savers"]
+
+# Serializers of model libraries that write a model's weights as they are: for a parameterized model
+# they would drop its forward multipliers (and write masks and the signature as weights).
+_OWN_SAVERS = ("save_pretrained",)
+
+
+class SaveGuard:
+    """Stands in for a parameterized model's own ``save_pretrained``, which would drop its forward
+    multipliers: it refuses, naming the helper that folds them in first."""
+
+    def __init__(self, owner: str, method: str) -> None:
+        self.owner, self.method = owner, method
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            f"{self.owner}.{self.method} would save this parameterized model without sparsemup's forward "
+            "multipliers (and with its masks as weights), so the saved model would compute something else. "
+            "For a transformers model use sparsemup.hf.save_pretrained(model, directory), which folds them in "
+            f"and records how to continue SµPar training; otherwise call {self.method} on sparsemup.export(model)"
+        )
+
+
+def guard_own_savers(model: nn.Module) -> None:
+    """Replace ``model``'s own serializers (``save_pretrained``) by a ``SaveGuard`` on this instance."""
+    for method in _OWN_SAVERS:
+        if callable(getattr(model, method, None)):
+            model.__dict__[method] = SaveGuard(type(model).__name__, method)
 
 
 def _strip_hooks(module: nn.Module) -> None:
@@ -69,7 +96,8 @@ def export(model: nn.Module) -> nn.Module:
     for module in plain.modules():
         _strip_hooks(module)
     delattr(plain, hooks.SIGNATURE)
-    for key in [k for k in plain.__dict__ if k.startswith(RECORD_PREFIX)]:  # the record, backend choices, ...
-        del plain.__dict__[key]
+    for key, value in list(plain.__dict__.items()):  # the record, backend choices, save guards, ...
+        if key.startswith(RECORD_PREFIX) or isinstance(value, SaveGuard):
+            del plain.__dict__[key]
     return plain
 

@@ -1,7 +1,7 @@
 """Static random sparsity masks, deterministic from (seed, parameter name).
 
-A mask has the weight's shape; "rows" are output neurons (dim 0) and a row's
-fan-in is the product of the remaining dims. Masks are drawn on the CPU with a
+Masks are drawn as (output neurons, fan-in) matrices, "rows" being output neurons;
+``sparsemup.core.layout`` maps them to and from a weight's own shape. Masks are drawn on the CPU with a
 generator seeded from a stable hash, so every process of a distributed job (and
 every rebuild of a model) gets bit-identical masks without communicating.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -116,15 +116,24 @@ def random_mask(
     return flat.reshape(tuple(int(s) for s in shape))
 
 
-def validate_mask(mask: torch.Tensor, shape: Sequence[int], name: str) -> torch.Tensor:
-    """Check a user-supplied mask (shape, values 0/1, no empty row) and return it as bool."""
+def validate_mask(
+    mask: torch.Tensor,
+    shape: Sequence[int],
+    name: str,
+    neurons: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Check a user-supplied mask (shape, values 0/1, no output neuron without inputs) and return it as bool.
+
+    ``neurons`` views a weight as (output neurons, fan-in); by default dim 0 indexes neurons.
+    """
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name}: mask shape {tuple(mask.shape)} does not match the weight's {tuple(shape)}")
     if mask.dtype != torch.bool:
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError(f"{name}: a mask must hold only 0 and 1 (or be a bool tensor)")
         mask = mask != 0
-    empty = int((mask.reshape(mask.shape[0], -1).sum(dim=1) == 0).sum())
+    rows = neurons(mask) if neurons is not None else mask.reshape(mask.shape[0], -1)
+    empty = int((rows.sum(dim=1) == 0).sum())
     if empty:
         raise ValueError(f"{name}: the mask leaves {empty} row(s) with no weights; every neuron needs a nonzero fan-in")
     return mask.detach().to("cpu")

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import hooks
 from .attention import DotProductAttention
+from .export import guard_own_savers
 from .masks import DEFAULT_BLOCK, stable_seed
 from .plan import Options, Plan, UsagePlan, make_plan
 from .record import RECORD_ATTR, Parameterization
@@ -122,6 +123,7 @@ def apply_plan(plan: Plan) -> Parameterization:
         attention.scale = scale
     record = plan.record()
     target.__dict__[RECORD_ATTR] = record
+    guard_own_savers(target)
     return record
 
 

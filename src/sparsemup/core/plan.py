@@ -8,8 +8,9 @@ any inconsistent input, naming the parameter and the fix, and changes nothing; a
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,8 +19,9 @@ from torch import nn
 
 from .attention import DotProductAttention
 from .hooks import MASK_SUFFIX
-from .masks import DEFAULT_BLOCK, blocks_per_row, nonzeros_per_row, random_mask, row_nonzeros, validate_mask
-from .record import Parameterization, ParamInfo, is_parameterized
+from .layout import Layout, from_neurons, group_count, layout_of, neurons_shape, neurons_view
+from .masks import blocks_per_row, random_mask, row_nonzeros, validate_mask
+from .record import Options, Parameterization, ParamInfo, is_parameterized
 from .rules import Multipliers, Role, Scheme, attention_scale, forward_multiplier, get_scheme
 from .rules import init_std as rule_init_std
 from .structure import (
@@ -27,41 +29,17 @@ from .structure import (
     TiedParam,
     check_same_structure,
     collect,
+    growing_groups,
     infer_roles,
     match,
     named_modules,
     strip_wrappers,
     unwrap,
+    weight_layout,
 )
-from .vocab import FORWARD_MULTIPLIERS, MASK_KINDS, ForwardMultipliers, MaskKind, check_choice
+from .vocab import FORWARD_MULTIPLIERS, MASK_KINDS, MaskKind, check_choice
 
 __all__ = ["Options", "UsagePlan", "ParamPlan", "Plan", "make_plan"]
-
-# Modules whose weight a forward-multiplier hook can scale (input side for a readout, output for an embedding).
-_MULTIPLIER_OWNERS = (nn.Linear, nn.Embedding, nn.EmbeddingBag)
-
-
-@dataclass(frozen=True)
-class Options:
-    """The arguments of ``sparsemup.parameterize`` after the model and base (documented there)."""
-
-    scheme: str | Scheme = "supar"
-    density: float | Mapping[str, float] = 1.0
-    base_density: float = 1.0
-    init_std: float = 0.02
-    role_init_std: Mapping[str, float] | None = None
-    init_scale: Mapping[str, float] | None = None
-    input_alpha: float = 1.0
-    output_alpha: float = 1.0
-    zero_readout: bool = False
-    roles: Mapping[str, Role | str] | None = None
-    delta: nn.Module | None = None
-    masks: Mapping[str, torch.Tensor] | None = None
-    mask_kind: MaskKind = "rows"
-    block_size: int = DEFAULT_BLOCK
-    seed: int = 0
-    forward_multipliers: ForwardMultipliers = "hooks"
-
 
 @dataclass(frozen=True)
 class UsagePlan:
@@ -104,6 +82,7 @@ class Plan:
             block_size=o.block_size,
             input_alpha=o.input_alpha,
             output_alpha=o.output_alpha,
+            options=dataclasses.replace(o, delta=None, masks=None),
         )
 
     def signature(self) -> torch.Tensor:
@@ -180,14 +159,24 @@ def _densities(
     return out
 
 
-def _realised_base_density(base_density: float, base_shape: tuple[int, ...], kind: MaskKind, block: int,
-                            name: str) -> float:
-    fan_in = math.prod(base_shape[1:])
-    if kind == "bernoulli" or base_density == 1.0:
-        return base_density
+def _realised_density(density: float, shape: tuple[int, ...], neurons: tuple[int, int], kind: MaskKind, block: int,
+                      name: str) -> float:
+    """The density a random mask of ``kind`` realises: nonzeros per neuron / fan-in (requested for bernoulli)."""
+    fan_in = neurons[1]
+    if kind == "bernoulli" or density == 1.0:
+        return density
     if kind == "blocks":
-        return blocks_per_row(base_density, base_shape, block, f"{name} (in the base model)") / (fan_in // block)
-    return row_nonzeros(base_density, fan_in, f"{name} (in the base model)") / fan_in
+        if len(shape) != 2:
+            blocks_per_row(density, shape, block, name)  # the error for a weight that is not 2-D
+        return blocks_per_row(density, neurons, block, name) / (fan_in // block)
+    return row_nonzeros(density, fan_in, name) / fan_in
+
+
+def _draw_mask(shape: tuple[int, ...], layout: Layout, groups: int, density: float, o: Options,
+               name: str) -> torch.Tensor:
+    """A random mask of ``shape`` with the same fan-in for every output neuron of the layout."""
+    rows = random_mask(neurons_shape(shape, layout, groups), density, o.seed, name, o.mask_kind, o.block_size)
+    return from_neurons(rows, shape, layout, groups)
 
 
 def _decide(inferred: list[Inferred], name: str) -> tuple[UsagePlan, tuple[UsagePlan, ...]]:
@@ -238,7 +227,8 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
     role_overrides = _resolve_roles(o.roles)
     _check_patterns_used(role_overrides, [t.names for t in params.values()], "roles")
     scaling = _scaling_dims(params, base_shapes, o.delta)
-    inferred = infer_roles(target, params, base_shapes, scaling, role_overrides)
+    grouped = growing_groups(target, base, o.delta)
+    inferred = infer_roles(target, params, base_shapes, scaling, role_overrides, grouped)
 
     decided = {name: _decide(inferred[name], name) for name in params}
     hidden = {n: t for n, t in params.items() if decided[n][0].role is Role.HIDDEN}
@@ -261,18 +251,21 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
         mask: torch.Tensor | None = None
         rho, rho_base = 1.0, 1.0
         if role is Role.HIDDEN:
-            rho_base = _realised_base_density(o.base_density, base_shapes[name], o.mask_kind, o.block_size, name)
+            owner = modules[tied.usages[0].module_name]
+            layout = weight_layout(owner, name, len(shape))
+            groups = group_count(owner, layout)
+            neurons = neurons_shape(shape, layout, groups)
+            rho_base = _realised_density(o.base_density, base_shapes[name],
+                                         neurons_shape(base_shapes[name], layout, groups), o.mask_kind,
+                                         o.block_size, f"{name} (in the base model)")
             if name in user_masks:
-                mask = validate_mask(user_masks[name], shape, name)
+                mask = validate_mask(user_masks[name], shape, name,
+                                     neurons=functools.partial(neurons_view, layout=layout, groups=groups))
                 rho = float(mask.sum()) / mask.numel()
             elif requested[name] < 1.0:
-                mask = random_mask(shape, requested[name], o.seed, name, o.mask_kind, o.block_size)
-                fan_in = math.prod(shape[1:])
-                if o.mask_kind == "rows":
-                    rho = nonzeros_per_row(requested[name], fan_in) / fan_in
-                elif o.mask_kind == "blocks":
-                    rho = blocks_per_row(requested[name], shape, o.block_size, name) / (fan_in // o.block_size)
-                else:
+                rho = _realised_density(requested[name], shape, neurons, o.mask_kind, o.block_size, name)
+                mask = _draw_mask(shape, layout, groups, requested[name], o, name)
+                if o.mask_kind == "bernoulli":
                     rho = float(mask.sum()) / mask.numel()
             mults = Multipliers(width=mults.width, fan_out=mults.fan_out, density=rho / rho_base)
         std: float | None = None
@@ -287,13 +280,15 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
             if plan.role in (Role.INPUT, Role.OUTPUT):
                 fwd[usage.name] = forward_multiplier(plan.role, scheme, plan.multipliers, o.input_alpha,
                                                      o.output_alpha)
-                owner = modules[usage.module_name]
+                owner_layout = layout_of(modules[usage.module_name])
                 needs_hook = o.forward_multipliers == "hooks" and fwd[usage.name] != 1.0
-                if needs_hook and not isinstance(owner, _MULTIPLIER_OWNERS):
+                if needs_hook and not (owner_layout is not None and owner_layout.hookable):
                     raise ValueError(
-                        f"parameter {usage.name!r} ({plan.role.value}) belongs to a {type(owner).__name__}, where "
-                        "sparsemup cannot insert its forward multiplier; keep embeddings and readouts in "
-                        "nn.Embedding/nn.Linear modules, or pass forward_multipliers='manual' and multiply by "
+                        f"parameter {usage.name!r} ({plan.role.value}) belongs to a "
+                        f"{type(modules[usage.module_name]).__name__}, where sparsemup cannot insert its forward "
+                        "multiplier; keep embeddings and readouts in layers with a registered layout (nn.Linear, "
+                        "nn.Embedding, convs, or sparsemup.register_layout), or pass forward_multipliers='manual' "
+                        "and multiply by "
                         f"get_parameterization(model).info({usage.name!r}).forward_multipliers yourself"
                     )
         if o.zero_readout and role is Role.INPUT and any(u.role is Role.OUTPUT for u in usages):

@@ -15,17 +15,40 @@ import torch
 from torch import nn
 
 from .hooks import MASK_SUFFIX
+from .masks import DEFAULT_BLOCK
 from .rules import Multipliers, Role, Scheme
 from .storage import SparseStorage
 from .structure import canonical_name, strip_wrappers, unwrap
-from .vocab import MaskKind
+from .vocab import ForwardMultipliers, MaskKind
 
-__all__ = ["ParamInfo", "Parameterization", "RECORD_PREFIX", "RECORD_ATTR", "is_parameterized", "get_parameterization",
-           "get_mask", "apply_masks"]
+__all__ = ["Options", "ParamInfo", "Parameterization", "RECORD_PREFIX", "RECORD_ATTR", "is_parameterized",
+           "get_parameterization", "get_mask", "apply_masks"]
 
 # Attributes sparsemup keeps in a module's __dict__ start with this (``export`` drops them all).
 RECORD_PREFIX = "_sparsemup_"
 RECORD_ATTR = RECORD_PREFIX + "parameterization"  # where a model keeps its Parameterization
+
+
+@dataclass(frozen=True)
+class Options:
+    """The arguments of ``sparsemup.parameterize`` after the model and base (documented there)."""
+
+    scheme: str | Scheme = "supar"
+    density: float | Mapping[str, float] = 1.0
+    base_density: float = 1.0
+    init_std: float = 0.02
+    role_init_std: Mapping[str, float] | None = None
+    init_scale: Mapping[str, float] | None = None
+    input_alpha: float = 1.0
+    output_alpha: float = 1.0
+    zero_readout: bool = False
+    roles: Mapping[str, Role | str] | None = None
+    delta: nn.Module | None = None
+    masks: Mapping[str, torch.Tensor] | None = None
+    mask_kind: MaskKind = "rows"
+    block_size: int = DEFAULT_BLOCK
+    seed: int = 0
+    forward_multipliers: ForwardMultipliers = "hooks"
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,8 @@ class Parameterization:
     block_size: int  # b of "blocks" masks (recorded for every kind; used only by "blocks")
     input_alpha: float
     output_alpha: float
+    # The arguments it was called with (delta and user masks dropped: the masks are in the model).
+    options: Options = field(default_factory=lambda: Options())
 
     def info(self, name: str) -> ParamInfo:
         """The entry for a parameter, by any of its (canonical or wrapped) names."""

@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
+from .layout import Layout, group_count, layout_of
 from .rules import Multipliers, Role
 
 __all__ = ["canonical_name", "strip_wrappers", "named_modules", "unwrap", "Usage", "TiedParam", "collect",
-           "infer_roles", "match", "check_same_structure"]
+           "infer_roles", "match", "check_same_structure", "growing_groups", "weight_layout"]
 
 # Wrappers inside a model (torch.compile'd submodules, FSDP1, activation checkpointing) insert
 # these components into parameter names; masks and metadata are keyed by names without them.
 _WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
-
-# Modules whose weight is laid out (num_inputs, out_features): an embedding table.
-_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
-# Modules whose weight is laid out (out_features, in_features, ...).
-_OUT_IN_TYPES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 
 
 def strip_wrappers(name: str) -> str:
@@ -104,11 +100,39 @@ def named_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {strip_wrappers(n): m for n, m in unwrap(model).named_modules(remove_duplicate=False)}
 
 
-def _fan_dims(module: nn.Module, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(fan-out dims, fan-in dims) of a weight of ``ndim`` dims owned by ``module``."""
-    if isinstance(module, _EMBEDDING_TYPES):
-        return (1,), (0,)
-    return (0,), tuple(range(1, ndim))
+def weight_layout(module: nn.Module, name: str, ndim: int) -> Layout:
+    """The layout of the ``ndim``-dim weight ``name`` owned by ``module``; a clear error if it has none."""
+    layout = layout_of(module)
+    if layout is None:
+        kind = type(module).__name__
+        hint = (" (import sparsemup.hf, which registers transformers' layers)"
+                if type(module).__module__.startswith("transformers") else "")
+        raise ValueError(
+            f"parameter {name!r} ({ndim}-D) belongs to a {kind}, whose weight layout sparsemup does not know{hint}. "
+            f"Register it: sparsemup.register_layout({kind}, fan_in=(1,), fan_out=(0,)) with the dims of its "
+            f"weight that are fan-in and fan-out, or give its role, e.g. roles={{{name!r}: 'input'}} "
+            "(input, output or vector; a hidden weight needs its layout)"
+        )
+    if layout.ndim != ndim:
+        raise ValueError(
+            f"parameter {name!r} has {ndim} dims but the layout registered for {type(module).__name__} has "
+            f"{layout.ndim} (fan_out {layout.fan_out}, fan_in {layout.fan_in}); register the right layout or "
+            f"give its role with roles={{{name!r}: ...}}"
+        )
+    return layout
+
+
+def growing_groups(model: nn.Module, base: nn.Module, delta: nn.Module | None) -> set[str]:
+    """Names of modules whose group count grows with width (depthwise convs): it differs between the
+    base and the delta (or the model, when there is no delta)."""
+    other = named_modules(delta if delta is not None else model)
+    grown = set()
+    for name, module in named_modules(base).items():
+        layout = layout_of(module)
+        if layout is not None and layout.groups and name in other:
+            if group_count(other[name], layout) != group_count(module, layout):
+                grown.add(name)
+    return grown
 
 
 def _ratio(shape: tuple[int, ...], base: tuple[int, ...], dims: tuple[int, ...]) -> float:
@@ -138,28 +162,26 @@ def _infer_usage(
     base_shape: tuple[int, ...],
     scaling: tuple[bool, ...],
     override: Role | None,
+    groups_grow: bool,
 ) -> Inferred:
     ndim = len(shape)
+    every_dim = _ratio(shape, base_shape, tuple(range(ndim)))
     if ndim <= 1:
         role = override or Role.VECTOR
         if role is not Role.VECTOR:
             raise ValueError(
                 f"parameter {usage.name!r} has {ndim} dim(s) and can only have role 'vector', not {role.value!r}"
             )
-        width = _ratio(shape, base_shape, tuple(range(ndim)))
-        return Inferred(Role.VECTOR, Multipliers(width=width))
-    fan_out, fan_in = _fan_dims(module, ndim)
-    m_out, m_in = _ratio(shape, base_shape, fan_out), _ratio(shape, base_shape, fan_in)
+        return Inferred(Role.VECTOR, Multipliers(width=every_dim))
+    if override in (Role.INPUT, Role.OUTPUT, Role.VECTOR) and layout_of(module) is None:
+        return Inferred(override, Multipliers(width=every_dim))  # one width dim: its layout does not matter
+    layout = weight_layout(module, usage.name, ndim)
+    m_out, m_in = _ratio(shape, base_shape, layout.fan_out), _ratio(shape, base_shape, layout.fan_in)
+    if override is None and groups_grow:
+        override = Role.VECTOR  # depthwise: one filter per channel, its fan-in fixed as channels grow
     if override is None:
-        grows_out = any(scaling[d] for d in fan_out)
-        grows_in = any(scaling[d] for d in fan_in)
-        known_layout = isinstance(module, _EMBEDDING_TYPES + _OUT_IN_TYPES)
-        if grows_out != grows_in and not known_layout:
-            raise ValueError(
-                f"parameter {usage.name!r} (shape {shape}, base {base_shape}) belongs to a {type(module).__name__}, "
-                "whose weight layout sparsemup does not know, and only some of its dims grow with width, so it "
-                f"could be an input or an output weight. Give its role, e.g. roles={{{usage.name!r}: 'input'}}"
-            )
+        grows_out = any(scaling[d] for d in layout.fan_out)
+        grows_in = any(scaling[d] for d in layout.fan_in)
         if grows_out and grows_in:
             override = Role.HIDDEN
         elif grows_out:
@@ -168,7 +190,7 @@ def _infer_usage(
             override = Role.OUTPUT
         else:
             raise ValueError(
-                f"cannot classify parameter {usage.name!r} (shape {shape}): none of its dims scale "
+                f"cannot classify {usage.name!r} (shape {shape}): none of its dims scale "
                 f"with width (base shape {base_shape}). Give its role explicitly, e.g. "
                 f"roles={{{usage.name!r}: 'hidden'}} (roles: input, hidden, output, vector)"
             )
@@ -178,7 +200,7 @@ def _infer_usage(
         return Inferred(Role.INPUT, Multipliers(width=m_out))
     if override is Role.OUTPUT:
         return Inferred(Role.OUTPUT, Multipliers(width=m_in))
-    return Inferred(Role.VECTOR, Multipliers(width=1.0))
+    return Inferred(Role.VECTOR, Multipliers(width=every_dim))
 
 
 def infer_roles(
@@ -187,11 +209,13 @@ def infer_roles(
     base_shapes: Mapping[str, tuple[int, ...]],
     scaling: Mapping[str, tuple[bool, ...]],
     roles: Mapping[str, Role],
+    grouped: Collection[str] = (),
 ) -> dict[str, list[Inferred]]:
     """Role and multipliers of every usage of every parameter, by shape comparison.
 
     ``scaling[name][d]`` says whether dim d grows with width; ``roles`` maps name
-    patterns to explicit roles, which win over inference.
+    patterns to explicit roles, which win over inference; ``grouped`` names the modules
+    whose group count grows with width (their weights are vector-like).
     """
     modules = named_modules(model)
     out: dict[str, list[Inferred]] = {}
@@ -200,7 +224,8 @@ def infer_roles(
         override = roles[pattern] if pattern is not None else None
         shape = tuple(tied.param.shape)
         out[name] = [
-            _infer_usage(u, modules[u.module_name], shape, base_shapes[name], scaling[name], override)
+            _infer_usage(u, modules[u.module_name], shape, base_shapes[name], scaling[name], override,
+                         u.module_name in grouped)
             for u in tied.usages
         ]
     return out

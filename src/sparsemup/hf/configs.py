@@ -1,0 +1,101 @@
+"""Causal-LM configs at any width: the common transformers field names, scaled at a fixed head dim."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+__all__ = ["causal_lm_types", "load_config", "scale_config", "head_dim_of"]
+
+# FFN sizes: Llama-style configs call it intermediate_size, GPT-2-style ones n_inner (None: 4 x hidden).
+_FFN_FIELDS = ("intermediate_size", "n_inner")
+
+
+def causal_lm_types() -> list[str]:
+    """Every transformers ``model_type`` with a causal-LM class."""
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def load_config(config: PretrainedConfig | str | Path, **overrides: object) -> PretrainedConfig:
+    """A config from an instance, a ``model_type`` (``llama``, ``gpt2``, ...) or a local config.json
+    (or a directory holding one), with ``overrides`` set on it. Nothing is downloaded."""
+    if isinstance(config, PretrainedConfig):
+        loaded = copy.deepcopy(config)
+    else:
+        path = Path(config)
+        if path.is_dir():
+            path = path / "config.json"
+        if path.suffix == ".json" or path.exists():
+            if not path.is_file():
+                raise ValueError(f"config file {str(path)!r} does not exist")
+            fields = json.loads(path.read_text())
+            kind = fields.pop("model_type", None)
+            if kind is None:
+                raise ValueError(f"{path} has no 'model_type'; write the transformers model type into it")
+            _check_type(kind)
+            loaded = AutoConfig.for_model(kind, **fields)
+        else:
+            _check_type(str(config))
+            loaded = AutoConfig.for_model(str(config))
+    for key, value in overrides.items():
+        setattr(loaded, key, value)
+    return loaded
+
+
+def _check_type(kind: str) -> None:
+    if kind not in CONFIG_MAPPING or kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"{kind!r} is not a transformers model type with a causal LM; valid types: {', '.join(causal_lm_types())}"
+        )
+
+
+def _field(config: PretrainedConfig, name: str) -> int:
+    value = getattr(config, name, None)
+    if not isinstance(value, int):
+        raise ValueError(
+            f"a {type(config).__name__} has no integer {name!r} (got {value!r}); sparsemup.hf scales configs with "
+            "the common field names hidden_size, num_attention_heads, intermediate_size, num_key_value_heads, "
+            "head_dim. Build such a model yourself and call sparsemup.parameterize(model, base)"
+        )
+    return value
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    """The attention head dim: ``head_dim`` where the config has one, else hidden_size / num_attention_heads."""
+    head_dim = getattr(config, "head_dim", None)
+    if isinstance(head_dim, int):
+        return head_dim
+    return _field(config, "hidden_size") // _field(config, "num_attention_heads")
+
+
+def scale_config(config: PretrainedConfig, width: int, head_dim: int | None = None) -> PretrainedConfig:
+    """``config`` at hidden size ``width``: heads = width / head_dim (head dim fixed), KV heads in the
+    config's proportion, FFN size at the config's ratio to the hidden size."""
+    hidden, heads = _field(config, "hidden_size"), _field(config, "num_attention_heads")
+    head_dim = head_dim or head_dim_of(config)
+    if width <= 0 or width % head_dim:
+        raise ValueError(f"width {width} must be a positive multiple of the head dim {head_dim}")
+    new_heads = width // head_dim
+    scaled = copy.deepcopy(config)
+    scaled.hidden_size, scaled.num_attention_heads = width, new_heads
+    if isinstance(getattr(config, "head_dim", None), int):
+        scaled.head_dim = head_dim
+    kv = getattr(config, "num_key_value_heads", None)
+    if isinstance(kv, int):
+        if (kv * new_heads) % heads or kv * new_heads // heads < 1:
+            raise ValueError(
+                f"num_key_value_heads {kv} of {heads} heads does not scale in proportion to {new_heads} heads "
+                f"(width {width}); pick widths whose head count is a multiple of {heads // math.gcd(kv, heads)}"
+            )
+        scaled.num_key_value_heads = kv * new_heads // heads
+    for name in _FFN_FIELDS:
+        ffn = getattr(config, name, None)
+        if isinstance(ffn, int):
+            setattr(scaled, name, round(ffn * width / hidden))
+    return scaled

@@ -1,0 +1,217 @@
+"""Save a parameterized causal LM for plain transformers, and restore it for more SµPar training.
+
+``save_pretrained`` writes ``sparsemup.export(model)`` (forward multipliers folded into the weights,
+masks and hooks gone, tied weights untied when their factors differ) with transformers' own
+``save_pretrained``, plus ``sparsemup.json`` (how it was parameterized, its base config) and
+``sparsemup_masks.safetensors``. ``from_pretrained`` rebuilds and re-parameterizes the model from
+those, then loads the weights with the multipliers divided out again, so they are applied once.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from ..core import export, get_mask, get_parameterization, parameterize
+from ..core.record import Options, Parameterization
+from ..core.rules import SCHEMES, Role, Scheme
+from ..core.structure import unwrap
+from .build import HF_RECORD, from_config
+
+__all__ = ["save_pretrained", "from_pretrained", "SPARSEMUP_JSON", "MASKS_FILE"]
+
+SPARSEMUP_JSON = "sparsemup.json"
+MASKS_FILE = "sparsemup_masks.safetensors"
+FORMAT = 1
+
+
+def _options_json(options: Options) -> dict[str, Any]:
+    """The JSON form of ``parameterize``'s arguments (delta and masks travel separately)."""
+    out = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name not in ("delta", "masks")}
+    scheme = options.scheme
+    out["scheme"] = scheme if isinstance(scheme, str) else (
+        scheme.name if SCHEMES.get(scheme.name) == scheme else dataclasses.asdict(scheme))  # type: ignore[call-overload]
+    for key in ("density", "role_init_std", "init_scale"):
+        if isinstance(out[key], Mapping):
+            out[key] = dict(out[key])
+    if out["roles"] is not None:
+        out["roles"] = {k: (v.value if isinstance(v, Role) else str(v)) for k, v in out["roles"].items()}
+    return out
+
+
+def _options_from_json(fields: dict[str, Any]) -> dict[str, Any]:
+    scheme = fields["scheme"]
+    return {**fields, "scheme": Scheme(**scheme) if isinstance(scheme, dict) else scheme}
+
+
+def _tied(model: PreTrainedModel) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
+
+
+def save_pretrained(
+    model: torch.nn.Module,
+    directory: str | Path,
+    *,
+    base_config: PretrainedConfig | None = None,
+    delta_config: PretrainedConfig | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads to the same
+    function, and that ``sparsemup.hf.from_pretrained`` restores for more SµPar training.
+
+    ``base_config`` (and ``delta_config``, when the model has the base's shapes) are needed only
+    for a model not made by ``sparsemup.hf.build``. The directory is written beside its final
+    place and moved there whole: an error or a kill leaves the old directory as it was.
+    """
+    target = unwrap(model)
+    if not isinstance(target, PreTrainedModel):
+        raise ValueError(
+            f"sparsemup.hf.save_pretrained takes a transformers PreTrainedModel, got a {type(target).__name__}; "
+            "save sparsemup.export(model) with torch.save instead"
+        )
+    record = get_parameterization(target)  # a clear error when it is not parameterized
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+        raise ValueError(f"{directory} exists and is not an empty directory; pass overwrite=True to replace it")
+    configs = dict(target.__dict__.get(HF_RECORD) or {})
+    if base_config is not None:
+        configs["base_config"] = base_config.to_dict()
+    if delta_config is not None:
+        configs["delta_config"] = delta_config.to_dict()
+    if "base_config" not in configs:
+        raise ValueError(
+            "this model was not built by sparsemup.hf.build, so its base is unknown; pass base_config=<the base "
+            "model's config> (and delta_config=, if it has the base's width)"
+        )
+    plain = export(target)
+    assert isinstance(plain, PreTrainedModel)  # export keeps the class
+    if not _tied(plain):
+        plain.config.tie_word_embeddings = False  # export untied them to give each its own multiplier
+    masks = {name: (mask != 0).to(torch.uint8).contiguous() for name, mask in _masks(target, record).items()}
+    meta = {
+        "format": FORMAT,
+        "sparsemup_version": importlib.metadata.version("sparsemup"),
+        "scheme": record.scheme.name,
+        "options": _options_json(record.options),
+        "base_config": configs["base_config"],
+        "delta_config": configs.get("delta_config"),
+        "tie_word_embeddings": _tied(target),
+        "params": {
+            name: {"role": info.role.value, "shape": list(info.shape), "base_shape": list(info.base_shape),
+                   "density": info.density, "base_density": info.base_density, "masked": info.masked,
+                   "forward_multipliers": dict(info.forward_multipliers)}
+            for name, info in record.params.items()
+        },
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        plain.save_pretrained(staging)
+        save_file(masks, str(staging / MASKS_FILE))
+        (staging / SPARSEMUP_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        _replace_dir(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _masks(model: torch.nn.Module, record: Parameterization) -> dict[str, torch.Tensor]:
+    return {name: mask.detach().cpu() for name in record.params if (mask := get_mask(model, name)) is not None}
+
+
+def _replace_dir(staging: Path, directory: Path) -> None:
+    """Move ``staging`` to ``directory``; an existing ``directory`` is removed only once the new one is in place."""
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
+    os.replace(directory, old)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        os.replace(old, directory)
+        raise
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def from_pretrained(directory: str | Path, *, device: torch.device | str | None = None) -> PreTrainedModel:
+    """The parameterized model saved by ``sparsemup.hf.save_pretrained`` in ``directory``: same
+    parameterization, masks and weights, forward multipliers applied once (by sparsemup's hooks)."""
+    directory = Path(directory)
+    meta_path = directory / SPARSEMUP_JSON
+    if not meta_path.is_file():
+        raise ValueError(
+            f"{directory} has no {SPARSEMUP_JSON}: it was not written by sparsemup.hf.save_pretrained. "
+            "Load it with transformers.AutoModelForCausalLM.from_pretrained (its weights are plain)"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT}, the one this sparsemup reads")
+    plain_config = AutoConfig.from_pretrained(directory)
+    config_class = type(plain_config)
+    config = copy.deepcopy(plain_config)
+    config.tie_word_embeddings = meta["tie_word_embeddings"]
+    base = from_config(config_class.from_dict(meta["base_config"]), "meta")
+    delta = from_config(config_class.from_dict(meta["delta_config"]), "meta") if meta["delta_config"] else None
+    masks = {name: mask.bool() for name, mask in load_file(str(directory / MASKS_FILE)).items()}
+    model = from_config(config, device)
+    record = parameterize(model, base, delta=delta, masks=masks or None, **_options_from_json(meta["options"]))
+    saved = _load_weights(directory, plain_config)
+    _check_same_record(record, meta, meta_path)
+    _load_unfolded(model, record, saved, meta_path)
+    model.__dict__[HF_RECORD] = {"base_config": meta["base_config"], "delta_config": meta["delta_config"]}
+    return model
+
+
+def _load_weights(directory: Path, config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32)
+    return {name: p.detach() for name, p in plain.named_parameters(remove_duplicate=False)}
+
+
+def _check_same_record(record: Parameterization, meta: dict[str, Any], path: Path) -> None:
+    for name, saved in meta["params"].items():
+        info = record.params.get(name)
+        if info is None or info.role.value != saved["role"] or info.density != saved["density"] or \
+                dict(info.forward_multipliers) != saved["forward_multipliers"]:
+            raise ValueError(f"{path}: parameter {name!r} does not re-parameterize as it was saved; the directory "
+                             "was edited or written by another sparsemup version")
+
+
+@torch.no_grad()
+def _load_unfolded(model: PreTrainedModel, record: Parameterization, saved: Mapping[str, torch.Tensor],
+                   path: Path) -> None:
+    """Copy the saved weights in, dividing out the multipliers ``export`` folded into them."""
+    divisor: dict[str, float] = {}
+    source: dict[str, str] = {}
+    for info in record.params.values():
+        for usage, factor in info.forward_multipliers.items():
+            if info.usage_roles[usage] is Role.INPUT or len(info.forward_multipliers) == 1:
+                source[info.name], divisor[info.name] = usage, factor  # a tied weight: read the embedding
+            if info.usage_roles[usage] is Role.INPUT and f"{usage.rpartition('.')[0]}.bias" in saved:
+                divisor[f"{usage.rpartition('.')[0]}.bias"] = factor  # export scaled the embedding's bias too
+    for name, info in record.params.items():
+        value = saved[source.get(name, name)] / divisor.get(name, 1.0)
+        param = model.get_parameter(name)
+        if info.masked:
+            mask = get_mask(model, name)
+            assert mask is not None  # the record says it is masked
+            if bool((value[~mask.detach().cpu().bool()] != 0).any()):
+                raise ValueError(f"{path}: {name} has nonzero weights outside its mask; the directory was edited")
+        param.copy_(value.to(param.dtype))
+

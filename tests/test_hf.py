@@ -1,0 +1,177 @@
+"""sparsemup.hf: transformers causal LMs built, parameterized, saved for plain transformers and restored."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers", reason="transformers is not installed: pip install 'sparsemup[hf]'")
+
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+import sparsemup as smp  # noqa: E402
+import sparsemup.hf as hf  # noqa: E402
+from sparsemup.core import explain_rows, get_mask  # noqa: E402
+
+
+def llama_template(tied: bool = False):
+    return AutoConfig.for_model("llama", vocab_size=256, num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=32, intermediate_size=172, max_position_embeddings=64,
+                                tie_word_embeddings=tied)
+
+
+def gpt2_template():
+    return AutoConfig.for_model("gpt2", vocab_size=256, n_layer=2, n_embd=64, n_head=2, n_positions=64,
+                                bos_token_id=0, eos_token_id=0)
+
+
+def tokens(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+OPTIONS = dict(scheme="supar", density=0.25, input_alpha=2.0, output_alpha=0.5)
+
+
+def test_config_scaling_keeps_head_dim_and_ratios():
+    cfg = hf.scale_config(llama_template(), 256)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (256, 8, 4, 32)
+    assert cfg.intermediate_size == 688 and cfg.vocab_size == 256
+    gpt2 = hf.scale_config(gpt2_template(), 128)
+    assert (gpt2.n_embd, gpt2.n_head, gpt2.n_inner) == (128, 4, None)
+    with pytest.raises(ValueError, match="multiple of the head dim 32"):
+        hf.scale_config(llama_template(), 80)
+    with pytest.raises(ValueError, match="does not scale in proportion"):
+        hf.scale_config(llama_template(), 96)  # 3 heads: half a KV head
+    with pytest.raises(ValueError, match=r"'nope' is not a transformers model type.*llama"):
+        hf.load_config("nope")
+    with pytest.raises(ValueError, match="no integer 'hidden_size'"):
+        hf.scale_config(PretrainedConfig(), 128)
+
+
+def test_llama_build_roles_and_masks():
+    model = hf.build(llama_template(), 128, 64, density=0.25)
+    rec = smp.get_parameterization(model)
+    k = rec.info("model.layers.0.self_attn.k_proj.weight")
+    assert k.role is smp.Role.HIDDEN and k.multipliers.width == 2 and k.masked
+    assert rec.info("model.embed_tokens.weight").role is smp.Role.INPUT
+    assert rec.info("lm_head.weight").role is smp.Role.OUTPUT
+    mask = get_mask(model, "model.layers.0.mlp.down_proj.weight")
+    assert (mask.sum(dim=1) == round(0.25 * 344)).all()  # exact fan-in per output neuron
+
+
+def linear_twin(model: nn.Module) -> nn.Module:
+    """``model`` with every Conv1D replaced by the nn.Linear that computes the same thing."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            parent, _, child = name.rpartition(".")
+            in_features, out_features = module.weight.shape
+            linear = nn.Linear(in_features, out_features, device=module.weight.device)
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
+def test_gpt2_conv1d_matches_the_equivalent_linear_model():
+    template = gpt2_template()
+    base_cfg, model_cfg = hf.scale_config(template, 64), hf.scale_config(template, 128)
+    conv = hf.build(template, 128, 64, density=0.25)
+    with torch.device("meta"):
+        base = linear_twin(AutoModelForCausalLM.from_config(base_cfg))
+    linear = linear_twin(AutoModelForCausalLM.from_config(model_cfg))
+    smp.parameterize(linear, base, density=0.25)
+    rec_c, rec_l = smp.get_parameterization(conv), smp.get_parameterization(linear)
+    conv1d = [n for n, m in conv.named_modules() if isinstance(m, Conv1D)]
+    assert len(conv1d) == 8
+    for module_name in conv1d:
+        name = module_name + ".weight"
+        c, ln = rec_c.info(name), rec_l.info(name)
+        assert c.role is ln.role is smp.Role.HIDDEN
+        assert c.multipliers == ln.multipliers and c.density == ln.density
+        mask_c, mask_l = get_mask(conv, name), get_mask(linear, name)
+        assert torch.equal(mask_c.T, mask_l)  # (in, out) vs (out, in): the same mask, transposed
+        fan_in = mask_c.shape[0]
+        assert (mask_c.sum(dim=0) == round(0.25 * fan_in)).all()
+    for family in ("sgd", "adam"):
+        rows_c = {r["name"]: r["lr_mult"] for r in explain_rows(conv, family)}
+        rows_l = {r["name"]: r["lr_mult"] for r in explain_rows(linear, family)}
+        assert rows_c == rows_l
+
+
+@pytest.mark.parametrize("kind", ["llama-untied", "llama-tied", "gpt2"])
+def test_save_pretrained_loads_in_plain_transformers(tmp_path, kind):
+    template = gpt2_template() if kind == "gpt2" else llama_template(tied=kind == "llama-tied")
+    model = hf.build(template, 128, 64, **OPTIONS).eval()  # eval: GPT-2's dropout is on in training mode
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x).logits
+    out = hf.save_pretrained(model, tmp_path / "saved")
+    assert {"config.json", "sparsemup.json", "sparsemup_masks.safetensors"} <= {p.name for p in out.iterdir()}
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert plain.config.tie_word_embeddings is False
+    keys = set(plain.state_dict())
+    assert not any(k.endswith("_mask") or "sparsemup" in k for k in keys)
+    with torch.no_grad():
+        got = plain(x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def adam_steps(model: nn.Module, steps: int, seed: int) -> float:
+    model.eval()  # no dropout: the two models must see the same function
+    opt = smp.make_optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.0)
+    loss = torch.tensor(0.0)
+    for step in range(steps):
+        x = tokens(seed=seed + step)
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+@pytest.mark.parametrize("kind", ["llama-tied", "gpt2"])
+def test_from_pretrained_continues_training_like_the_unsaved_model(tmp_path, kind):
+    template = gpt2_template() if kind == "gpt2" else llama_template(tied=True)
+    model = hf.build(template, 128, 64, **OPTIONS)
+    adam_steps(model, 3, seed=0)
+    hf.save_pretrained(model, tmp_path / "saved")
+    restored = hf.from_pretrained(tmp_path / "saved")
+    rec, rec2 = smp.get_parameterization(model), smp.get_parameterization(restored)
+    assert rec2.params == rec.params and rec2.scheme == rec.scheme
+    assert torch.equal(model.get_buffer("_sparsemup_signature"), restored.get_buffer("_sparsemup_signature"))
+    for name in rec.params:
+        torch.testing.assert_close(restored.get_parameter(name), model.get_parameter(name), rtol=1e-6, atol=1e-7)
+    if kind == "llama-tied":
+        assert restored.lm_head.weight is restored.model.embed_tokens.weight
+    continued, unsaved = adam_steps(restored, 3, seed=10), adam_steps(model, 3, seed=10)
+    assert continued == pytest.approx(unsaved, rel=1e-5)
+
+
+def test_save_refusals_and_the_own_save_trap(tmp_path):
+    model = hf.build(llama_template(), 128, 64, density=0.5)
+    with pytest.raises(RuntimeError, match=r"sparsemup\.hf\.save_pretrained\(model, directory\)"):
+        model.save_pretrained(tmp_path / "own")
+    assert not (tmp_path / "own").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="overwrite=True"):
+        hf.save_pretrained(model, tmp_path / "busy")
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
+    hf.save_pretrained(model, tmp_path / "busy", overwrite=True)
+    assert (tmp_path / "busy" / "sparsemup.json").exists() and not (tmp_path / "busy" / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    plain = AutoModelForCausalLM.from_config(hf.scale_config(llama_template(), 128))
+    with pytest.raises(ValueError, match="not parameterized"):
+        hf.save_pretrained(plain, tmp_path / "plain")
+    with pytest.raises(ValueError, match="takes a transformers PreTrainedModel"):
+        hf.save_pretrained(nn.Linear(2, 2), tmp_path / "linear")
+    with pytest.raises(ValueError, match="no sparsemup.json"):
+        hf.from_pretrained(tmp_path / "nothing")
+
+
+def test_missing_transformers_names_the_extra():
+    code = "import sys; sys.modules['transformers'] = None\nimport sparsemup.hf"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "pip install 'sparsemup[hf]'" in result.stderr
