@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .coord import QUANTITIES, Case, CheckSettings, run_check, write_check
-from .coord.reference import MODEL_NAMES
+from .coord import QUANTITIES, UNSTABLE, Case, CheckSettings, run_check, write_check
+from .coord.reference import parse_model
 from .core import explain
 from .core.rules import Family
 from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES
@@ -61,6 +61,13 @@ def _shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def _model(text: str) -> str:
+    try:
+        return parse_model(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         values = [v.strip() for v in text.split(",") if v.strip()]
@@ -74,7 +81,8 @@ def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
 
 def _coord_check(args: argparse.Namespace) -> int:
     settings = CheckSettings.resolve(args.model, args.scheme, args.widths, args.densities, args.steps, args.seeds,
-                                     args.base_width, args.lr, args.batch_size, args.blocks, args.backend)
+                                     args.base_width, args.lr, args.batch_size, args.blocks, args.backend,
+                                     args.depth, args.head_dim)
     args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the measurements
     bar = tqdm(total=settings.total, desc=f"coord-check {args.model}/{args.scheme}", unit="model", file=sys.stderr)
 
@@ -86,7 +94,7 @@ def _coord_check(args: argparse.Namespace) -> int:
     bar.close()
     figures = write_check(result, args.out)
     _print_summary(args, result["slopes"], result["verdict"], figures)
-    failed = any(v["pass"] is False for v in result["verdict"].values())
+    failed = any(v["pass"] is False or v.get("reason") == UNSTABLE for v in result["verdict"].values())
     return 1 if (args.strict and failed) else 0
 
 
@@ -101,6 +109,12 @@ def _print_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, fi
             cells.append(f"{max(values):.3f}" if values else "-")
         print(f"{quantity:10s} {cells[0]:>9s} {cells[1]:>11s}")
     for axis, v in verdict.items():
+        if v.get("reason") == UNSTABLE:
+            cases = ", ".join(f"width {c['width']} density {c['density']:g} seed {c['seed']}: loss "
+                              f"{c['first']:.3g} -> {c['last']:.3g}" for c in v["unstable"][:3])
+            more = f" (+{len(v['unstable']) - 3} more)" if len(v["unstable"]) > 3 else ""
+            print(f"{axis:8s} verdict: none, {UNSTABLE} ({cases}{more})")
+            continue
         if v["pass"] is None:
             print(f"{axis:8s} verdict: not measured (one {axis} only)")
             continue
@@ -218,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train each (width, density, seed) a few Adam steps on one fixed synthetic "
                         "batch and fit log-log slopes of layer RMS against width and density. "
                         "See docs/COORD_CHECK.md.")
-    cc.add_argument("--model", choices=MODEL_NAMES, default="gpt")
+    cc.add_argument("--model", type=_model, default="gpt",
+                    help="mlp, gpt (the reference models) or hf:TYPE, a transformers causal LM: a model type "
+                    "(hf:llama, hf:gpt2, hf:qwen2, ...) or hf:path/to/config.json (needs sparsemup[hf])")
+    cc.add_argument("--depth", type=int, help="hf: num_hidden_layers (default 2)")
+    cc.add_argument("--head-dim", type=int, help="hf: the head dim, fixed as heads grow with width (default 64)")
     cc.add_argument("--scheme", choices=SCHEME_NAMES, default="supar")
     cc.add_argument("--widths", type=_ints, help="comma-separated widths (default: per model)")
     cc.add_argument("--densities", type=_densities, help="comma-separated densities in (0, 1] (default: per model)")
@@ -319,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("steps", "seeds", "batch_size", "base_width", "workers", "top"):
+    for flag in ("steps", "seeds", "batch_size", "base_width", "workers", "top", "depth", "head_dim"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             build_parser().error(f"--{flag.replace('_', '-')} must be at least 1")

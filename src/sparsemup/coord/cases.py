@@ -20,12 +20,16 @@ from ..models import GPTConfig, build_gpt, build_mlp
 from ..sparse import sparsify
 from .measurement import Case
 
-__all__ = ["COORD_DEFAULTS", "MLP_DEFAULTS", "GPT_DEFAULTS", "mlp_cases", "gpt_cases", "teacher_batch", "markov_tokens"]
+__all__ = ["COORD_DEFAULTS", "MLP_DEFAULTS", "GPT_DEFAULTS", "HF_DEFAULTS", "mlp_cases", "gpt_cases", "hf_cases",
+           "teacher_batch", "markov_tokens"]
 
 # Sizes of the reference models and their fixed batches; see docs/COORD_CHECK.md.
 MLP_DEFAULTS: dict[str, int] = {"batch_size": 256, "in_features": 32, "classes": 10, "depth": 2}
 GPT_DEFAULTS: dict[str, Any] = {"batch_size": 2, "seq_len": 64, "vocab_size": 256, "depth": 2, "head_dim": 16,
                                 "init_std": 0.02}
+# A transformers causal LM (``--model hf:TYPE``): the GPT's batch, its config's own fields but these.
+HF_DEFAULTS: dict[str, Any] = {"batch_size": 2, "seq_len": 64, "vocab_size": 256, "depth": 2, "head_dim": 64,
+                               "init_std": 0.02}
 
 # CLI defaults per model. The GPT grid reaches width 2048 because its density slopes carry a
 # finite weights-per-neuron correction that only fades at large width·density (docs/COORD_CHECK.md).
@@ -37,6 +41,12 @@ COORD_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "gpt": {
         "widths": [256, 512, 1024, 2048], "densities": [1.0, 0.25, 0.0625], "lr": 2**-7, "base_width": 64,
+        "batch": "{} sequences x 64 tokens, one fixed batch",
+        "data": "tokens of a random first-order Markov chain over 256 symbols",
+    },
+    # An untuned transformers model diverges at the reference GPT's 2^-7 (loss up by step 3); 2^-10 is stable.
+    "hf": {
+        "widths": [256, 512, 1024], "densities": [1.0, 0.25, 0.0625], "lr": 2**-10, "base_width": 256,
         "batch": "{} sequences x 64 tokens, one fixed batch",
         "data": "tokens of a random first-order Markov chain over 256 symbols",
     },
@@ -115,3 +125,27 @@ def gpt_cases(
                                 init_std=d["init_std"], **_mask_options(block))
                 yield Case(width, density, seed, partial(_built, build, block, backend), tokens[:, :-1],
                            tokens[:, 1:], _lm_loss)
+
+
+def _logits_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
+    return _lm_loss(output.logits, targets)
+
+
+def hf_cases(
+    spec: str, scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
+    batch_size: int | None = None, depth: int | None = None, head_dim: int | None = None,
+) -> Iterator[Case]:
+    """Cases for a transformers causal LM: ``spec`` is a model type (``llama``) or a config.json, built by
+    ``sparsemup.hf.build`` at every width with vocab 256, ``depth`` layers and a fixed head dim, on the
+    reference GPT's Markov-chain batch."""
+    from .. import hf  # needs sparsemup[hf]; its error names the extra
+
+    d = HF_DEFAULTS
+    template = hf.small_config(spec, d["vocab_size"], depth or d["depth"])
+    for seed in range(seeds):
+        tokens = markov_tokens(seed, batch_size or d["batch_size"], d["seq_len"] + 1, d["vocab_size"])
+        for width in widths:
+            for density in densities:
+                build = partial(hf.build, template, width, base_width, head_dim=head_dim or d["head_dim"],
+                                scheme=scheme, density=density, seed=seed, init_std=d["init_std"])
+                yield Case(width, density, seed, build, tokens[:, :-1], tokens[:, 1:], _logits_loss)

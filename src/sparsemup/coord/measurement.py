@@ -25,7 +25,8 @@ from torch import nn
 from ..core import Role, get_parameterization, make_optimizer
 from ..core.structure import named_modules
 
-__all__ = ["QUANTITIES", "THRESHOLD", "Case", "measure", "run", "fit_slopes", "verdict", "evaluate", "check"]
+__all__ = ["QUANTITIES", "THRESHOLD", "UNSTABLE", "Case", "measure", "run", "fit_slopes", "unstable_cases", "verdict",
+           "evaluate", "check"]
 
 QUANTITIES = ("act", "grad", "delta")
 # Failing slopes are ≥ 0.5 (activations ∝ √ρ under SP/µP); passing ones are ≈ 0.
@@ -33,6 +34,7 @@ THRESHOLD = 0.25
 # Quantities judged per axis. Activation gradients scale as 1/m_d by design (Adam
 # normalises this away), so they do not count against width (docs/THEORY.md).
 JUDGED = {"width": ("act", "delta"), "density": ("act", "grad", "delta")}
+UNSTABLE = "unstable at this LR: lower --lr"  # the verdict's reason when training itself diverged
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,13 @@ def measure(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     steps: int,
+    losses: list[float] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``steps`` steps on one batch; per step and layer, RMS of Y, ∇X and ΔY.
 
-    Returns rows {step, layer, role, quantity, rms}; step 0 is at init (no ΔY).
+    Returns rows {step, layer, role, quantity, rms}; step 0 is at init (no ΔY). With ``losses``,
+    the loss of every step is appended to it and a non-finite loss ends the training there;
+    without, a non-finite loss raises FloatingPointError.
     """
     layers = _observed_layers(model)
     current: dict[tuple[str, str], float] = {}
@@ -116,7 +121,11 @@ def measure(
             current.clear()
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(inputs), targets)
+            if losses is not None:
+                losses.append(loss.item())
             if not math.isfinite(loss.item()):
+                if losses is not None:
+                    break
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the coordinate check's lr")
             loss.backward()
             for (name, quantity), value in current.items():
@@ -136,11 +145,14 @@ def run(
     lr: float,
     steps: int,
     progress: Callable[[Case], None] | None = None,
+    losses: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """``measure`` every case with a fresh optimizer from ``sparsemup.make_optimizer``, each model built
     with torch's global generator seeded from its case.
 
-    ``progress`` is called with each case once it is measured.
+    ``progress`` is called with each case once it is measured. With ``losses``, {width, density, seed,
+    losses} of every case is appended to it, and a case whose loss turns non-finite stops there
+    (without, it raises FloatingPointError).
     """
     rows = []
     roles: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))  # layer -> role -> widths
@@ -152,10 +164,13 @@ def run(
             torch.manual_seed(case.seed)
             model = case.build()
         optimizer = make_optimizer(model, optimizer_class, lr=lr)
-        for row in measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps):
+        case_losses: list[float] | None = [] if losses is not None else None
+        for row in measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps, case_losses):
             rows.append({"width": case.width, "density": case.density, "seed": case.seed, **row})
             roles[row["layer"]][row["role"]].add(case.width)
         del model, optimizer
+        if losses is not None:
+            losses.append({"width": case.width, "density": case.density, "seed": case.seed, "losses": case_losses})
         _check_roles(roles)  # after each case: a conflict stops the check before more models are trained
         if progress is not None:
             progress(case)
@@ -176,12 +191,13 @@ def _check_roles(seen: Mapping[str, Mapping[str, set[int]]]) -> None:
 
 def evaluate(cases: Iterable[Case], optimizer_class: type[torch.optim.Optimizer], lr: float, steps: int,
              progress: Callable[[Case], None] | None = None) -> dict[str, Any]:
-    """``run`` the cases, fit the slopes and judge them: {verdict, slopes, measurements, seconds}."""
+    """``run`` the cases, fit the slopes and judge them: {verdict, slopes, measurements, losses, seconds}."""
     start = time.perf_counter()
-    rows = run(cases, optimizer_class, lr, steps, progress)
+    losses: list[dict[str, Any]] = []
+    rows = run(cases, optimizer_class, lr, steps, progress, losses)
     fits = fit_slopes(rows)
-    return {"verdict": verdict(fits), "slopes": fits, "measurements": rows,
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {"verdict": verdict(fits, unstable=unstable_cases(losses)), "slopes": fits, "measurements": rows,
+            "losses": losses, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def check(
@@ -274,8 +290,34 @@ def fit_slopes(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return fits
 
 
-def verdict(fits: Sequence[dict[str, Any]], threshold: float = THRESHOLD) -> dict[str, dict[str, Any]]:
-    """Pass/fail per axis: max |slope| over hidden layers, judged quantities and steps ≤ threshold."""
+def unstable_cases(losses: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cases whose training diverged: a non-finite loss anywhere, or, at the grid's smallest width, a
+    last-step loss above the step-0 loss.
+
+    Instability at the smallest width means the LR is too high for the model family itself, and
+    non-finite values leave nothing to fit: no axis can be judged. A loss that rises only at larger
+    widths is what a scheme failed to transfer (SP's width failure) and is judged by the slopes.
+    """
+    if not losses:
+        return []
+    smallest = min(c["width"] for c in losses)
+    found = []
+    for case in losses:
+        values = case["losses"]
+        finite = all(math.isfinite(v) for v in values)
+        if not finite or (case["width"] == smallest and len(values) > 1 and values[-1] > values[0]):
+            found.append({"width": case["width"], "density": case["density"], "seed": case["seed"],
+                          "first": values[0], "last": values[-1], "finite": finite})
+    return found
+
+
+def verdict(fits: Sequence[dict[str, Any]], threshold: float = THRESHOLD,
+            unstable: Sequence[dict[str, Any]] = ()) -> dict[str, dict[str, Any]]:
+    """Pass/fail per axis: max |slope| over hidden layers, judged quantities and steps ≤ threshold.
+
+    With ``unstable`` cases (``unstable_cases``) every axis is ``pass: None`` with the reason
+    ``UNSTABLE``: a diverging run says nothing about width or density.
+    """
     out: dict[str, dict[str, Any]] = {}
     for axis, quantities in JUDGED.items():
         key = f"{axis}_slope"
@@ -294,6 +336,8 @@ def verdict(fits: Sequence[dict[str, Any]], threshold: float = THRESHOLD) -> dic
             "threshold": threshold,
             "worst": {k: worst[k] for k in ("layer", "quantity", "step")},
         }
+        if unstable:
+            out[axis].update({"pass": None, "reason": UNSTABLE, "unstable": list(unstable)})
     if out["density"]["pass"] is not None:
         # The same maximum at every width: how the density dependence fades as width·density grows.
         judged = [f for f in fits if f["role"] == Role.HIDDEN.value and f["quantity"] in JUDGED["density"]]

@@ -15,20 +15,35 @@ import torch
 
 from ..core.atomic import write_json_atomic
 from ..core.vocab import BackendChoice
-from .cases import COORD_DEFAULTS, GPT_DEFAULTS, MLP_DEFAULTS, gpt_cases, mlp_cases
+from .cases import COORD_DEFAULTS, GPT_DEFAULTS, HF_DEFAULTS, MLP_DEFAULTS, gpt_cases, hf_cases, mlp_cases
 from .measurement import THRESHOLD, Case, evaluate
 
-__all__ = ["CheckSettings", "ModelName", "MODEL_NAMES", "run_check", "write_check", "verdict_summary"]
+__all__ = ["CheckSettings", "ModelName", "MODEL_NAMES", "HF_PREFIX", "model_family", "parse_model", "run_check",
+           "write_check", "verdict_summary"]
 
 ModelName = Literal["mlp", "gpt"]  # the reference models a check can build
 MODEL_NAMES: tuple[ModelName, ...] = get_args(ModelName)
+HF_PREFIX = "hf:"  # "hf:llama", "hf:path/to/config.json": a transformers causal LM
+
+
+def parse_model(text: str) -> str:
+    """A --model value: a reference model name or ``hf:TYPE`` (a transformers model type or config.json)."""
+    if text in MODEL_NAMES or (text.startswith(HF_PREFIX) and len(text) > len(HF_PREFIX)):
+        return text
+    raise ValueError(f"unknown model {text!r}: use {', '.join(MODEL_NAMES)} or hf:TYPE (a transformers model type "
+                     "such as hf:llama, hf:gpt2, hf:qwen2, or hf:path/to/config.json)")
+
+
+def model_family(model: str) -> str:
+    """The key of ``COORD_DEFAULTS`` for a --model value: mlp, gpt or hf."""
+    return "hf" if model.startswith(HF_PREFIX) else model
 
 
 @dataclass(frozen=True)
 class CheckSettings:
     """The grid and training of one coordinate check; ``resolve`` fills the model's defaults."""
 
-    model: ModelName
+    model: str  # a ModelName or hf:TYPE
     scheme: str
     widths: list[int]
     densities: list[float]
@@ -39,17 +54,28 @@ class CheckSettings:
     batch_size: int
     block: int | None = None  # b of block masks; None: row masks
     backend: BackendChoice = "blocks"  # how block-masked layers run
+    depth: int | None = None  # hf: num_hidden_layers
+    head_dim: int | None = None  # hf: the fixed head dim
 
     @classmethod
-    def resolve(cls, model: ModelName, scheme: str, widths: list[int] | None = None,
+    def resolve(cls, model: str, scheme: str, widths: list[int] | None = None,
                 densities: list[float] | None = None, steps: int = 5, seeds: int = 2,
                 base_width: int | None = None, lr: float | None = None, batch_size: int | None = None,
-                block: int | None = None, backend: BackendChoice = "blocks") -> CheckSettings:
+                block: int | None = None, backend: BackendChoice = "blocks", depth: int | None = None,
+                head_dim: int | None = None) -> CheckSettings:
         """Settings with every unset value taken from ``COORD_DEFAULTS`` of ``model``."""
-        defaults = COORD_DEFAULTS[model]
+        family = model_family(parse_model(model))
+        defaults = COORD_DEFAULTS[family]
+        sizes = {"mlp": MLP_DEFAULTS, "gpt": GPT_DEFAULTS, "hf": HF_DEFAULTS}[family]
+        if family != "hf" and (depth is not None or head_dim is not None):
+            raise ValueError("--depth and --head-dim apply to --model hf:TYPE only")
+        if family == "hf" and block:
+            raise ValueError("--blocks: block masks of transformers models are not run sparse; drop --blocks")
         return cls(model, scheme, widths or defaults["widths"], densities or defaults["densities"], steps, seeds,
                    base_width or defaults["base_width"], lr if lr is not None else defaults["lr"],
-                   batch_size or (MLP_DEFAULTS if model == "mlp" else GPT_DEFAULTS)["batch_size"], block, backend)
+                   batch_size or sizes["batch_size"], block, backend,
+                   depth or (sizes["depth"] if family == "hf" else None),
+                   head_dim or (sizes["head_dim"] if family == "hf" else None))
 
     @property
     def total(self) -> int:
@@ -58,22 +84,27 @@ class CheckSettings:
 
     def describe(self) -> dict[str, Any]:
         """The settings as recorded in coord.json."""
-        defaults = COORD_DEFAULTS[self.model]
+        defaults = COORD_DEFAULTS[model_family(self.model)]
+        hf = {"depth": self.depth, "head_dim": self.head_dim} if self.depth is not None else {}
         return {
             "model": self.model, "scheme": self.scheme, "widths": self.widths, "densities": self.densities,
             "steps": self.steps, "seeds": self.seeds, "base_width": self.base_width, "base_density": 1.0,
             "optimizer": "Adam", "lr": self.lr, "batch": defaults["batch"].format(self.batch_size),
             "data": defaults["data"], "threshold": THRESHOLD,
             "masks": f"blocks (b = {self.block})" if self.block else "rows",
-            "backend": self.backend if self.block else "masked_dense",
+            "backend": self.backend if self.block else "masked_dense", **hf,
         }
 
 
 def run_check(settings: CheckSettings, progress: Callable[[Case], None] | None = None) -> dict[str, Any]:
     """Measure every case with Adam; returns {scheme, settings, verdict, slopes, measurements, seconds}."""
-    make = gpt_cases if settings.model == "gpt" else mlp_cases
-    cases = make(settings.scheme, settings.widths, settings.densities, settings.seeds, settings.base_width,
-                 settings.batch_size, settings.block, settings.backend)
+    s = settings
+    if model_family(s.model) == "hf":
+        cases = hf_cases(s.model[len(HF_PREFIX):], s.scheme, s.widths, s.densities, s.seeds, s.base_width,
+                         s.batch_size, s.depth, s.head_dim)
+    else:
+        make = gpt_cases if s.model == "gpt" else mlp_cases
+        cases = make(s.scheme, s.widths, s.densities, s.seeds, s.base_width, s.batch_size, s.block, s.backend)
     found = evaluate(cases, torch.optim.Adam, settings.lr, settings.steps, progress)
     return {"scheme": settings.scheme, "settings": settings.describe(), **found}
 

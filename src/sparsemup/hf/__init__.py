@@ -9,20 +9,11 @@ the weight layout of transformers' ``Conv1D`` (GPT-2's (in, out) linear layer).
 
 from __future__ import annotations
 
-try:
-    import transformers  # noqa: F401
-except ImportError as error:  # pragma: no cover - exercised by a test that hides transformers
-    raise ImportError(
-        "sparsemup.hf needs Hugging Face transformers, which is not installed: pip install 'sparsemup[hf]'"
-    ) from error
-
-from transformers.pytorch_utils import Conv1D
-
-from ..core import register_layout
+from ._extra import MissingExtraError  # first: without transformers, its error names the extra
 from .build import build
-from .configs import causal_lm_types, load_config, scale_config
+from .configs import causal_lm_types, load_config, scale_config, small_config
+from .layouts import Conv1D
 from .pretrained import from_pretrained, save_pretrained
 
-register_layout(Conv1D, fan_in=(0,), fan_out=(1,))  # weight (in, out): y = x @ W + b
-
-__all__ = ["build", "causal_lm_types", "from_pretrained", "load_config", "save_pretrained", "scale_config"]
+__all__ = ["Conv1D", "MissingExtraError", "build", "causal_lm_types", "from_pretrained", "load_config",
+           "save_pretrained", "scale_config", "small_config"]

@@ -11,7 +11,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-__all__ = ["causal_lm_types", "load_config", "scale_config", "head_dim_of"]
+__all__ = ["causal_lm_types", "load_config", "small_config", "scale_config", "head_dim_of"]
 
 # FFN sizes: Llama-style configs call it intermediate_size, GPT-2-style ones n_inner (None: 4 x hidden).
 _FFN_FIELDS = ("intermediate_size", "n_inner")
@@ -45,6 +45,19 @@ def load_config(config: PretrainedConfig | str | Path, **overrides: object) -> P
             loaded = AutoConfig.for_model(str(config))
     for key, value in overrides.items():
         setattr(loaded, key, value)
+    return loaded
+
+
+def small_config(config: PretrainedConfig | str | Path, vocab_size: int = 256, depth: int = 2,
+                 context: int | None = None) -> PretrainedConfig:
+    """``load_config`` with a small vocabulary, ``depth`` layers and (if given) ``context`` positions, token
+    ids outside the vocabulary dropped: the template of sparsemup's coordinate checks and byte-level training."""
+    extra = {"max_position_embeddings": context} if context is not None else {}
+    loaded = load_config(config, vocab_size=vocab_size, num_hidden_layers=depth, **extra)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(loaded, name, None)
+        if isinstance(value, int) and value >= vocab_size:
+            setattr(loaded, name, None)
     return loaded
 
 

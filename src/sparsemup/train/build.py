@@ -1,31 +1,63 @@
-"""The reference GPT a training config describes, parameterized and on its backend."""
+"""The model a training config describes (the reference GPT or a transformers causal LM), parameterized
+and on its backend."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 from ..core.vocab import Backend
-from ..models import GPT, GPTConfig, build_gpt
+from ..models import GPTConfig, build_gpt
 from ..sparse import sparsify
 from .data import VOCAB_SIZE
-from .schema import Config
+from .schema import HF_ARCH_PREFIX, Config
 
-__all__ = ["build_model"]
+__all__ = ["build_model", "fsdp_units", "logits_of"]
 
 
-def build_model(cfg: Config, device: torch.device | str = "cpu", backends: dict[str, Backend] | None = None) -> GPT:
-    """The parameterized reference GPT described by ``cfg.model`` (context ``train.seq_len``, byte vocabulary),
-    its masked layers on ``model.backend`` (or on ``backends``, a checkpoint's recorded choice)."""
+def build_model(cfg: Config, device: torch.device | str = "cpu",
+                backends: dict[str, Backend] | None = None) -> nn.Module:
+    """The parameterized model of ``cfg.model`` (context ``train.seq_len``, byte vocabulary): the reference GPT,
+    or with ``model.arch = "hf:TYPE"`` that transformers causal LM built by ``sparsemup.hf.build``; its masked
+    layers on ``model.backend`` (or on ``backends``, a checkpoint's recorded choice)."""
     m = cfg.model
     blocks = m.mask_kind == "blocks"
-    gpt = GPTConfig(vocab_size=VOCAB_SIZE, width=m.width, depth=m.depth, head_dim=m.head_dim,
-                    context=cfg.train.seq_len, ffn_multiple=m.block_size if blocks else 8)
-    model, _ = build_gpt(gpt, m.base_width, device=device, scheme=m.scheme, density=m.density,
-                         base_density=m.base_density, init_std=m.init_std, input_alpha=m.input_alpha,
-                         output_alpha=m.output_alpha, seed=cfg.train.seed, mask_kind=m.mask_kind,
-                         block_size=m.block_size)
+    options: dict[str, Any] = dict(scheme=m.scheme, density=m.density, base_density=m.base_density,
+                                   init_std=m.init_std, input_alpha=m.input_alpha, output_alpha=m.output_alpha,
+                                   seed=cfg.train.seed, mask_kind=m.mask_kind, block_size=m.block_size)
+    model: nn.Module
+    if m.arch.startswith(HF_ARCH_PREFIX):
+        from .. import hf  # needs sparsemup[hf]; its error names the extra
+
+        template = hf.small_config(m.arch[len(HF_ARCH_PREFIX):], VOCAB_SIZE, m.depth, cfg.train.seq_len)
+        with torch.random.fork_rng(devices=[]):  # the modules' own init (norms, biases) from the run's seed
+            torch.manual_seed(cfg.train.seed)
+            model = hf.build(template, m.width, m.base_width, head_dim=m.head_dim, device=device, **options)
+    else:
+        gpt = GPTConfig(vocab_size=VOCAB_SIZE, width=m.width, depth=m.depth, head_dim=m.head_dim,
+                        context=cfg.train.seq_len, ffn_multiple=m.block_size if blocks else 8)
+        model, _ = build_gpt(gpt, m.base_width, device=device, **options)
     if backends:  # a checkpoint's per-layer choice ({} when the run never sparsified)
         sparsify(model, backends)
     elif m.backend != "masked_dense":
         sparsify(model, m.backend)
     return model
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards one by one: the model's ``fsdp_units()``, or the layers a transformers
+    model names in ``_no_split_modules``."""
+    own = getattr(model, "fsdp_units", None)
+    if callable(own):
+        return list(own())
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """A model's logits: the output itself, or its ``.logits`` (transformers' model outputs)."""
+    logits = getattr(output, "logits", output)
+    assert isinstance(logits, torch.Tensor)
+    return logits

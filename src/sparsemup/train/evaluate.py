@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .build import build_model
+from .build import build_model, logits_of
 from .checkpoint import checkpoint_path, load, restore_model
 from .data import load_corpus, val_windows
 from .distributed import Context, all_sum
@@ -31,7 +31,7 @@ def validation_loss(model: nn.Module, data: torch.Tensor, windows: int | None, s
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for i in range(0, share, batch):
-        logits = model(x[i:i + batch].to(ctx.device))
+        logits = logits_of(model(x[i:i + batch].to(ctx.device)))
         total += F.cross_entropy(logits.flatten(0, 1).float(), y[i:i + batch].to(ctx.device).flatten(),
                                  reduction="sum").double()
     model.train(was_training)

@@ -20,7 +20,7 @@ from ..core.vocab import BACKEND_CHOICES, SCHEME_NAMES, WEIGHT_DECAY_MODES, Back
 __all__ = [
     "ModelConfig", "OptimConfig", "TrainConfig", "DataConfig", "DistConfig", "Config", "ConfigError",
     "OPTIMIZERS", "OptimizerName", "TRAINED_MASK_KINDS", "TrainedMaskKind", "ScheduleName", "DeviceName",
-    "RESUMABLE_KEYS", "LAYOUT_KEYS", "flatten", "flat_defaults",
+    "RESUMABLE_KEYS", "LAYOUT_KEYS", "HF_ARCH_PREFIX", "flatten", "flat_defaults",
     "with_defaults", "run_identity", "field_specs",
 ]
 
@@ -49,10 +49,16 @@ def _f(default: Any, doc: str, *, choices: tuple[str, ...] = (), resumable: bool
                                             "layout": layout})
 
 
+HF_ARCH_PREFIX = "hf:"  # model.arch = "hf:llama": a transformers causal LM
+
+
 @dataclass
 class ModelConfig:
-    """The reference GPT and its parameterization (sparsemup.models.build_gpt)."""
+    """The model (the reference GPT, or a transformers causal LM) and its parameterization."""
 
+    arch: str = _f("gpt", "gpt (the reference GPT: ALiBi, SwiGLU, tied embedding) or hf:TYPE, a transformers "
+                   "causal LM built by sparsemup.hf.build from its default config (hf:llama, hf:gpt2, hf:qwen2, "
+                   "... or hf:path/to/config.json; needs sparsemup[hf]) with this width, depth and head_dim")
     scheme: SchemeName = _f("supar", "parameterization: sp, mup, supar (or an ablation: mup+density_init, "
                             "mup+density_lr)", choices=SCHEME_NAMES)
     width: int = _f(256, "d_model of the trained model (a multiple of head_dim)")

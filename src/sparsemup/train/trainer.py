@@ -25,7 +25,7 @@ from ..core import make_optimizer
 from ..core.atomic import write_json_atomic, write_text_atomic
 from ..sparse import get_backends
 from . import checkpoint, distributed
-from .build import build_model
+from .build import build_model, fsdp_units, logits_of
 from .config import to_toml, to_yaml
 from .data import load_corpus, train_batch
 from .evaluate import validation_loss
@@ -114,7 +114,7 @@ class Trainer:
             checkpoint.restore_model(model, state, ckpt_file)
         self.mask_digests = distributed.gather_mask_digests(model, ctx)
         distributed.check_same_masks(self.mask_digests)
-        self.model = distributed.wrap(model, ctx, cfg.dist.fsdp, model.fsdp_units())
+        self.model = distributed.wrap(model, ctx, cfg.dist.fsdp, fsdp_units(model))
         o = cfg.optim
         extra = {"betas": (o.beta1, o.beta2), "eps": o.eps} if o.name == "adamw" else {"momentum": o.momentum}
         self.optimizer = make_optimizer(model, OPTIMIZERS[o.name], o.lr, o.weight_decay,
@@ -176,7 +176,7 @@ class Trainer:
         for i in range(t.grad_accum):
             rows = slice(i * micro, (i + 1) * micro)
             with self._sync(i == t.grad_accum - 1):
-                logits = self.model(x[rows])
+                logits = logits_of(self.model(x[rows]))
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y[rows].flatten()) / t.grad_accum
                 loss.backward()
             total += loss.detach()
