@@ -2,11 +2,13 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from sparsemup import cli, coord
+from sparsemup.cli import main
 from sparsemup.coord.cases import gpt_cases, mlp_cases
 
 WIDTHS = [64, 128, 256, 512]
@@ -148,7 +150,7 @@ def test_check_on_a_users_model_family_equals_the_reference_path():
                           2**-7, 2)
     assert result["measurements"] == reference
     assert result["verdict"] == coord.verdict(coord.fit_slopes(reference))
-    assert set(result) == {"verdict", "slopes", "measurements", "seconds"}
+    assert set(result) == {"verdict", "slopes", "measurements", "losses", "seconds"}
 
 
 def test_a_layer_whose_role_changes_across_the_grid_is_a_clear_error():
@@ -178,3 +180,48 @@ def test_a_layer_whose_role_changes_across_the_grid_is_a_clear_error():
     with pytest.raises(ValueError, match=r"layer 'mid' changes role across the grid \(hidden at widths \[128\]; "
                                          r"output at widths \[64\]\).*roles="):
         coord.check(build, [64, 128], [1.0], (x, y), torch.nn.functional.cross_entropy, steps=1)
+
+
+def test_instability_is_judged_at_the_smallest_width_and_on_non_finite_losses():
+    def case(width, losses, density=1.0):
+        return {"width": width, "density": density, "seed": 0, "losses": losses}
+
+    # SP's genuine width failure: the loss rises only at a larger width; that is for the slopes to judge.
+    assert coord.unstable_cases([case(64, [2.0, 1.5]), case(512, [2.0, 2.4])]) == []
+    rising = coord.unstable_cases([case(64, [2.0, 2.1]), case(512, [2.0, 1.0])])
+    assert [(c["width"], c["first"], c["last"], c["finite"]) for c in rising] == [(64, 2.0, 2.1, True)]
+    # A spike midway is instability too, even when the loss ends lower (the untuned Llama at 2^-7).
+    spike = coord.unstable_cases([case(64, [5.6, 4.0, 5.5, 4.1])])
+    assert len(spike) == 1 and spike[0]["worst_rise"] == pytest.approx(5.5 / 4.0 - 1)
+    assert coord.unstable_cases([case(64, [5.6, 4.0, 4.03, 3.9])]) == []  # within the 1% tolerance
+    nan = coord.unstable_cases([case(64, [2.0, 1.0]), case(512, [2.0, float("nan")], 0.25)])
+    assert [(c["width"], c["density"], c["finite"]) for c in nan] == [(512, 0.25, False)]
+    fits = [{"layer": "h", "role": "hidden", "quantity": "act", "step": 1, "width_slope": 2.0, "density_slope": 0.0,
+             "density_slope_by_width": {"64": 0.0}}]
+    judged = coord.verdict(fits, unstable=rising)
+    assert judged["width"]["pass"] is None and judged["width"]["reason"] == coord.UNSTABLE
+    assert judged["density"]["pass"] is None and judged["width"]["unstable"] == rising
+    assert coord.verdict(fits)["width"]["pass"] is False  # the same slopes, stable: a width failure
+
+
+def test_an_unstable_check_is_not_a_width_or_density_failure(tmp_path, capsys):
+    # The reference MLP at LR 8: training blows up at every width, so neither axis can be judged.
+    out = tmp_path / "cc"
+    code = main(["coord-check", "--model", "mlp", "--widths", "32,64", "--densities", "1,0.25", "--seeds", "1",
+                 "--base-width", "32", "--lr", "8", "--out", str(out), "--strict"])
+    printed = capsys.readouterr().out
+    assert code == 1
+    result = json.loads((out / "coord.json").read_text())
+    assert all(v["pass"] is None and v["reason"] == coord.UNSTABLE for v in result["verdict"].values())
+    assert "unstable at this LR: lower --lr" in printed and "FAIL" not in printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["sp", "mup", "supar"])
+def test_the_documented_mlp_verdicts_are_unchanged(scheme, tmp_path):
+    # docs/COORD_CHECK.md's verdicts (docs/coord/mlp-*/coord.json) with the stability rule in place.
+    documented = json.loads(Path(f"docs/coord/mlp-{scheme}/coord.json").read_text())["verdict"]
+    assert main(["coord-check", "--model", "mlp", "--scheme", scheme, "--out", str(tmp_path)]) == 0
+    found = json.loads((tmp_path / "coord.json").read_text())
+    assert {k: v["pass"] for k, v in found["verdict"].items()} == {k: v["pass"] for k, v in documented.items()}
+    assert not coord.unstable_cases(found["losses"])

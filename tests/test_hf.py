@@ -1,5 +1,7 @@
 """sparsemup.hf: transformers causal LMs built, parameterized, saved for plain transformers and restored."""
 
+import json
+import math
 import subprocess
 import sys
 
@@ -14,7 +16,11 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import sparsemup as smp  # noqa: E402
 import sparsemup.hf as hf  # noqa: E402
+from helpers import curve, masked_zero_violations, read_metrics, tiny_config  # noqa: E402
+from sparsemup.cli import main  # noqa: E402
 from sparsemup.core import explain_rows, get_mask  # noqa: E402
+from sparsemup.train import ConfigError, build_model, checkpoint  # noqa: E402
+from sparsemup.train.trainer import Trainer, train  # noqa: E402
 
 
 def llama_template(tied: bool = False):
@@ -175,3 +181,61 @@ def test_missing_transformers_names_the_extra():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
     assert "pip install 'sparsemup[hf]'" in result.stderr
+
+
+# --- the CLI and the trainer on transformers models --------------------------------------------------------
+
+def test_coord_check_cli_on_a_transformers_model(tmp_path, capsys):
+    out = tmp_path / "cc"
+    code = main(["coord-check", "--model", "hf:llama", "--widths", "64,128", "--densities", "1,0.25",
+                 "--head-dim", "32", "--steps", "2", "--seeds", "1", "--base-width", "64", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "coord.json").read_text())
+    assert result["settings"]["model"] == "hf:llama" and result["settings"]["head_dim"] == 32
+    assert result["settings"]["lr"] == 2**-10  # the hf grid's default LR
+    assert len(result["losses"]) == 4 and all(len(c["losses"]) == 3 for c in result["losses"])
+    assert {r["layer"] for r in result["measurements"]} >= {"model.embed_tokens", "lm_head",
+                                                           "model.layers.0.mlp.down_proj"}
+    assert "verdict" in capsys.readouterr().out
+
+
+def test_coord_check_cli_rejects_an_unknown_type_and_the_reference_only_flags(tmp_path, capsys):
+    assert main(["coord-check", "--model", "hf:nope", "--out", str(tmp_path / "x")]) == 2
+    assert "valid types" in capsys.readouterr().err
+    assert main(["coord-check", "--model", "gpt", "--depth", "3", "--out", str(tmp_path / "y")]) == 2
+    assert "--model hf:TYPE only" in capsys.readouterr().err
+
+
+def test_cli_without_transformers_exits_2_naming_the_extra(tmp_path):
+    code = ("import sys; sys.modules['transformers'] = None\nfrom sparsemup.cli import main\n"
+            f"sys.exit(main(['coord-check', '--model', 'hf:llama', '--out', {str(tmp_path / 'x')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'sparsemup[hf]'" in result.stderr
+
+
+def hf_train_config(corpus):
+    return tiny_config(corpus, "model.arch=hf:llama", "model.width=64", "model.base_width=32", "model.head_dim=32")
+
+
+def test_trainer_runs_a_transformers_model_and_resumes_exactly(corpus, tmp_path):
+    result = train(hf_train_config(corpus), tmp_path / "whole")
+    assert result["status"] == "completed" and math.isfinite(result["final_val_loss"])
+    killed = Trainer(hf_train_config(corpus), tmp_path / "split")
+    for _ in range(7):
+        assert killed.train_step()
+    killed.close()
+    train(hf_train_config(corpus), tmp_path / "split", resume=True)
+    assert curve(read_metrics(tmp_path / "split")) == curve(read_metrics(tmp_path / "whole"))
+    model = build_model(hf_train_config(corpus))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    checkpoint.restore_model(model, checkpoint.load(tmp_path / "whole"), tmp_path / "whole")
+    assert masked_zero_violations(model) == 0
+
+
+def test_a_bad_hf_arch_is_refused_before_anything_runs(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="model.arch = 'hf:nope'.*valid types"):
+        train(tiny_config(corpus, "model.arch=hf:nope"), tmp_path / "run")
+    with pytest.raises(ConfigError, match="model.arch = 'llama': use gpt or hf:TYPE"):
+        train(tiny_config(corpus, "model.arch=llama"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

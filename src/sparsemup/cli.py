@@ -110,8 +110,11 @@ def _print_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, fi
         print(f"{quantity:10s} {cells[0]:>9s} {cells[1]:>11s}")
     for axis, v in verdict.items():
         if v.get("reason") == UNSTABLE:
-            cases = ", ".join(f"width {c['width']} density {c['density']:g} seed {c['seed']}: loss "
-                              f"{c['first']:.3g} -> {c['last']:.3g}" for c in v["unstable"][:3])
+            cases = "; ".join(("the base" if c["base"] else f"width {c['width']} density {c['density']:g}")
+                              + f" seed {c['seed']}: loss {c['first']:.3g} "
+                              f"-> {c['last']:.3g}" + (f", worst rise {c['worst_rise']:+.0%}"
+                                                       if c["worst_rise"] is not None else "")
+                              for c in v["unstable"][:3])
             more = f" (+{len(v['unstable']) - 3} more)" if len(v["unstable"]) > 3 else ""
             print(f"{axis:8s} verdict: none, {UNSTABLE} ({cases}{more})")
             continue

@@ -83,6 +83,16 @@ def _built(build: Callable[[], tuple[nn.Module, object]], block: int | None, bac
     return model
 
 
+def _with_base(widths: Sequence[int], densities: Sequence[float],
+               base_width: int) -> Iterator[tuple[int, float, bool]]:
+    """(width, density, is_base) of one seed: first the dense base itself, trained only to judge whether
+    the LR is stable (``measurement.unstable_cases``), then the grid."""
+    yield base_width, 1.0, True
+    for width in widths:
+        for density in densities:
+            yield width, density, False
+
+
 def _mask_options(block: int | None) -> dict[str, Any]:
     return {"mask_kind": "blocks", "block_size": block} if block else {}
 
@@ -98,12 +108,12 @@ def mlp_cases(
     d = MLP_DEFAULTS
     for seed in range(seeds):
         x, y = teacher_batch(seed, batch_size or d["batch_size"], d["in_features"], d["classes"])
-        for width in widths:
-            for density in densities:
-                build = partial(build_mlp, d["in_features"], width, d["classes"], base_width, depth=d["depth"],
-                                scheme=scheme, density=density, seed=seed, init_std=math.sqrt(2 / base_width),
-                                **_mask_options(block))
-                yield Case(width, density, seed, partial(_built, build, block, backend), x, y, F.cross_entropy)
+        for width, density, base in _with_base(widths, densities, base_width):
+            build = partial(build_mlp, d["in_features"], width, d["classes"], base_width, depth=d["depth"],
+                            scheme=scheme, density=density, seed=seed, init_std=math.sqrt(2 / base_width),
+                            **_mask_options(None if base else block))
+            yield Case(width, density, seed, partial(_built, build, None if base else block, backend), x, y,
+                       F.cross_entropy, base)
 
 
 def gpt_cases(
@@ -117,14 +127,14 @@ def gpt_cases(
     d = GPT_DEFAULTS
     for seed in range(seeds):
         tokens = markov_tokens(seed, batch_size or d["batch_size"], d["seq_len"] + 1, d["vocab_size"])
-        for width in widths:
-            for density in densities:
-                cfg = GPTConfig(vocab_size=d["vocab_size"], width=width, depth=d["depth"],
-                                head_dim=d["head_dim"], context=d["seq_len"], ffn_multiple=block or 8)
-                build = partial(build_gpt, cfg, base_width, scheme=scheme, density=density, seed=seed,
-                                init_std=d["init_std"], **_mask_options(block))
-                yield Case(width, density, seed, partial(_built, build, block, backend), tokens[:, :-1],
-                           tokens[:, 1:], _lm_loss)
+        for width, density, base in _with_base(widths, densities, base_width):
+            blocks = None if base else block
+            cfg = GPTConfig(vocab_size=d["vocab_size"], width=width, depth=d["depth"],
+                            head_dim=d["head_dim"], context=d["seq_len"], ffn_multiple=blocks or 8)
+            build = partial(build_gpt, cfg, base_width, scheme=scheme, density=density, seed=seed,
+                            init_std=d["init_std"], **_mask_options(blocks))
+            yield Case(width, density, seed, partial(_built, build, blocks, backend), tokens[:, :-1],
+                       tokens[:, 1:], _lm_loss, base)
 
 
 def _logits_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
@@ -144,8 +154,7 @@ def hf_cases(
     template = hf.small_config(spec, d["vocab_size"], depth or d["depth"])
     for seed in range(seeds):
         tokens = markov_tokens(seed, batch_size or d["batch_size"], d["seq_len"] + 1, d["vocab_size"])
-        for width in widths:
-            for density in densities:
-                build = partial(hf.build, template, width, base_width, head_dim=head_dim or d["head_dim"],
-                                scheme=scheme, density=density, seed=seed, init_std=d["init_std"])
-                yield Case(width, density, seed, build, tokens[:, :-1], tokens[:, 1:], _logits_loss)
+        for width, density, base in _with_base(widths, densities, base_width):
+            build = partial(hf.build, template, width, base_width, head_dim=head_dim or d["head_dim"],
+                            scheme=scheme, density=density, seed=seed, init_std=d["init_std"])
+            yield Case(width, density, seed, build, tokens[:, :-1], tokens[:, 1:], _logits_loss, base)

@@ -35,6 +35,9 @@ THRESHOLD = 0.25
 # normalises this away), so they do not count against width (docs/THEORY.md).
 JUDGED = {"width": ("act", "delta"), "density": ("act", "grad", "delta")}
 UNSTABLE = "unstable at this LR: lower --lr"  # the verdict's reason when training itself diverged
+# A loss rise from one step to the next above this fraction is instability (stable runs measured here fall at
+# every step; an untuned transformers Llama at 2^-7 rises 17% at the smallest width): docs/MODELS.md.
+RISE_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class Case:
     inputs: torch.Tensor
     targets: torch.Tensor
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # The base model itself (its width, dense), trained only to judge stability: not part of the fits.
+    base: bool = False
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -151,8 +156,8 @@ def run(
     with torch's global generator seeded from its case.
 
     ``progress`` is called with each case once it is measured. With ``losses``, {width, density, seed,
-    losses} of every case is appended to it, and a case whose loss turns non-finite stops there
-    (without, it raises FloatingPointError).
+    base, losses} of every case is appended to it, and a case whose loss turns non-finite stops there
+    (without, it raises FloatingPointError). Base cases give losses only, no rows.
     """
     rows = []
     roles: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))  # layer -> role -> widths
@@ -165,12 +170,16 @@ def run(
             model = case.build()
         optimizer = make_optimizer(model, optimizer_class, lr=lr)
         case_losses: list[float] | None = [] if losses is not None else None
-        for row in measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps, case_losses):
-            rows.append({"width": case.width, "density": case.density, "seed": case.seed, **row})
-            roles[row["layer"]][row["role"]].add(case.width)
+        measured = measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps, case_losses)
         del model, optimizer
         if losses is not None:
-            losses.append({"width": case.width, "density": case.density, "seed": case.seed, "losses": case_losses})
+            losses.append({"width": case.width, "density": case.density, "seed": case.seed, "base": case.base,
+                           "losses": case_losses})
+        if case.base:
+            continue
+        for row in measured:
+            rows.append({"width": case.width, "density": case.density, "seed": case.seed, **row})
+            roles[row["layer"]][row["role"]].add(case.width)
         _check_roles(roles)  # after each case: a conflict stops the check before more models are trained
         if progress is not None:
             progress(case)
@@ -212,6 +221,7 @@ def check(
     steps: int = 5,
     optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
     progress: Callable[[Case], None] | None = None,
+    base_width: int | None = None,
 ) -> dict[str, Any]:
     """The coordinate check of your own model family, in one call; the same result as ``sparsemup coord-check``.
 
@@ -222,9 +232,11 @@ def check(
         batch: (inputs, targets), or ``batch(seed)`` returning them; one fixed batch per seed.
         loss: ``loss(model(inputs), targets)``, a scalar.
         seeds: seeds 0..N-1; RMS is averaged over seeds. lr, steps, optimizer_class: the training.
+        base_width: the base's width; ``build(base_width, 1.0, seed)`` is then trained too, to judge
+            whether the LR is stable for the family itself (without it, the smallest width is judged).
 
-    Returns {"verdict", "slopes", "measurements", "seconds"}; ``verdict[axis]["pass"]`` is True, False,
-    or None where that axis has a single value.
+    Returns {"verdict", "slopes", "measurements", "losses", "seconds"}; ``verdict[axis]["pass"]`` is True,
+    False, or None where that axis has a single value or training was unstable (``reason``: ``UNSTABLE``).
 
     Example (after ``import sparsemup.coord``)::
 
@@ -242,6 +254,9 @@ def check(
     def cases() -> Iterable[Case]:
         for seed in range(seeds):
             inputs, targets = batch(seed) if callable(batch) else batch
+            if base_width is not None:
+                yield Case(base_width, 1.0, seed, partial(build, base_width, 1.0, seed), inputs, targets, loss,
+                           base=True)
             for width in widths:
                 for density in densities:
                     yield Case(width, density, seed, partial(build, width, density, seed), inputs, targets, loss)
@@ -290,25 +305,37 @@ def fit_slopes(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return fits
 
 
-def unstable_cases(losses: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Cases whose training diverged: a non-finite loss anywhere, or, at the grid's smallest width, a
-    last-step loss above the step-0 loss.
+def unstable_cases(losses: Sequence[dict[str, Any]], tolerance: float = RISE_TOLERANCE) -> list[dict[str, Any]]:
+    """Cases whose training diverged: a non-finite loss anywhere, or a base case (the base model itself,
+    ``Case.base``; without one, the grid's smallest width) whose loss rises at any step by more than
+    ``tolerance`` of the step before, or ends above its step-0 loss.
 
-    Instability at the smallest width means the LR is too high for the model family itself, and
-    non-finite values leave nothing to fit: no axis can be judged. A loss that rises only at larger
-    widths is what a scheme failed to transfer (SP's width failure) and is judged by the slopes.
+    On one fixed batch a stable Adam run lowers the loss at every step. A base that does not means
+    the LR is too high for the model family itself, and non-finite values leave nothing to fit: no
+    axis can be judged. A loss that rises only in wider or sparser models is what a scheme failed to
+    transfer (SP's width failure): the slopes judge it.
     """
     if not losses:
         return []
+    judged_base = [c for c in losses if c.get("base")]
     smallest = min(c["width"] for c in losses)
     found = []
     for case in losses:
         values = case["losses"]
         finite = all(math.isfinite(v) for v in values)
-        if not finite or (case["width"] == smallest and len(values) > 1 and values[-1] > values[0]):
+        is_base = case.get("base") if judged_base else case["width"] == smallest
+        rises = any(b > a * (1 + tolerance) for a, b in zip(values, values[1:])) or values[-1] > values[0]
+        if not finite or (is_base and rises):
             found.append({"width": case["width"], "density": case["density"], "seed": case["seed"],
-                          "first": values[0], "last": values[-1], "finite": finite})
+                          "base": bool(case.get("base")), "first": values[0], "last": values[-1],
+                          "worst_rise": _worst_rise(values), "finite": finite})
     return found
+
+
+def _worst_rise(values: Sequence[float]) -> float | None:
+    """The largest relative loss increase from one step to the next (None without two finite steps)."""
+    rises = [b / a - 1 for a, b in zip(values, values[1:]) if math.isfinite(a) and math.isfinite(b) and a > 0]
+    return max(rises) if rises else None
 
 
 def verdict(fits: Sequence[dict[str, Any]], threshold: float = THRESHOLD,

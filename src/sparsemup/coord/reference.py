@@ -79,8 +79,8 @@ class CheckSettings:
 
     @property
     def total(self) -> int:
-        """Models to build and measure."""
-        return len(self.widths) * len(self.densities) * self.seeds
+        """Models to build and measure: the grid, and the base once per seed (to judge stability)."""
+        return (len(self.widths) * len(self.densities) + 1) * self.seeds
 
     def describe(self) -> dict[str, Any]:
         """The settings as recorded in coord.json."""
