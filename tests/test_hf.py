@@ -193,7 +193,8 @@ def test_coord_check_cli_on_a_transformers_model(tmp_path, capsys):
     result = json.loads((out / "coord.json").read_text())
     assert result["settings"]["model"] == "hf:llama" and result["settings"]["head_dim"] == 32
     assert result["settings"]["lr"] == 2**-10  # the hf grid's default LR
-    assert len(result["losses"]) == 4 and all(len(c["losses"]) == 3 for c in result["losses"])
+    assert len(result["losses"]) == 5 and all(len(c["losses"]) == 3 for c in result["losses"])
+    assert [c["base"] for c in result["losses"]] == [True, False, False, False, False]  # the base first
     assert {r["layer"] for r in result["measurements"]} >= {"model.embed_tokens", "lm_head",
                                                            "model.layers.0.mlp.down_proj"}
     assert "verdict" in capsys.readouterr().out
@@ -239,3 +240,17 @@ def test_a_bad_hf_arch_is_refused_before_anything_runs(corpus, tmp_path):
     with pytest.raises(ConfigError, match="model.arch = 'llama': use gpt or hf:TYPE"):
         train(tiny_config(corpus, "model.arch=llama"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_block_masks_run_block_sparse_on_llama_and_conv1d_is_refused_by_name():
+    model = hf.build(llama_template(), 128, 64, density=0.25, mask_kind="blocks", block_size=8).eval()
+    x = tokens()
+    with torch.no_grad():
+        dense = model(x).logits
+    smp.sparsify(model, "blocks")
+    assert set(smp.sparse.get_backends(model).values()) == {"blocks"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense, rtol=1e-5, atol=1e-5)
+    gpt2 = hf.build(gpt2_template(), 128, 64, density=0.25, mask_kind="blocks", block_size=8)
+    with pytest.raises(ValueError, match="its owner is a Conv1D"):
+        smp.sparsify(gpt2, "blocks")

@@ -134,3 +134,29 @@ def test_layout_errors():
         base = ConvNet(8)
     with pytest.raises(ValueError, match="block masks need a 2-D weight"):
         smp.parameterize(ConvNet(16), base, density=0.5, mask_kind="blocks", block_size=2)
+
+
+def _feeds(module: nn.Module, make_input, outputs: int) -> torch.Tensor:
+    rows = []
+    for o in range(outputs):
+        module.zero_grad()
+        module(*make_input()).reshape(-1, outputs)[:, o].sum().backward()
+        rows.append(module.weight.grad.reshape(-1) != 0)
+    return torch.stack(rows)
+
+
+@settings(max_examples=10, deadline=None)
+@given(n_in=st.integers(1, 6), n_out=st.integers(1, 6), n_in2=st.integers(1, 4))
+def test_linear_bilinear_and_embedding_layouts_match_autograd(n_in, n_out, n_in2):
+    cases = [
+        (nn.Linear(n_in, n_out), lambda: (torch.randn(3, n_in),), n_out),
+        (nn.Bilinear(n_in, n_in2, n_out), lambda: (torch.randn(3, n_in), torch.randn(3, n_in2)), n_out),
+        # An embedding's output feature j reads column j of every row it may look up: fan-in = num_embeddings.
+        (nn.Embedding(n_in, n_out), lambda: (torch.arange(n_in),), n_out),
+    ]
+    for module, make_input, outputs in cases:
+        layout = layout_of(module)
+        index = neurons_view(torch.arange(module.weight.numel()).reshape(module.weight.shape), layout)
+        feeds = _feeds(module, make_input, outputs)
+        for o in range(outputs):
+            assert set(feeds[o].nonzero().flatten().tolist()) == set(index[o].tolist()), type(module).__name__

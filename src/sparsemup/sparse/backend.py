@@ -131,10 +131,14 @@ def sparsify(
         else:
             wanted = backend  # "masked_dense" or "blocks": "auto" was handled above
         if wanted == "blocks":
-            if place is None or layout is None:
-                why = ("its owner is not a plain nn.Linear called by its parent" if place is None
-                       else f"its mask is not made of whole {record.block_size}x{record.block_size} blocks")
-                raise ValueError(f"{info.name}: cannot run block-sparse: {why}; parameterize with "
+            if place is None:
+                owner = type(target.get_submodule(info.name.rpartition(".")[0])).__name__
+                raise ValueError(f"{info.name}: cannot run block-sparse: its owner is a {owner}, and only a plain "
+                                 "nn.Linear (not tied, called by its parent) has a block-sparse twin; keep this "
+                                 "model masked dense (backend='masked_dense') or use backend='auto', which does")
+            if layout is None:
+                raise ValueError(f"{info.name}: cannot run block-sparse: its mask is not made of whole "
+                                 f"{record.block_size}x{record.block_size} blocks; parameterize with "
                                  "mask_kind='blocks' (and a block_size dividing the layer), or use backend='auto'")
             if any(getattr(place[2], attr) for attr in _STATE_HOOKS):
                 raise ValueError(f"{info.name}: its module has state_dict hooks, written for a dense weight; "
