@@ -254,3 +254,17 @@ def test_block_masks_run_block_sparse_on_llama_and_conv1d_is_refused_by_name():
     gpt2 = hf.build(gpt2_template(), 128, 64, density=0.25, mask_kind="blocks", block_size=8)
     with pytest.raises(ValueError, match="its owner is a Conv1D"):
         smp.sparsify(gpt2, "blocks")
+
+
+def test_from_pretrained_refuses_weights_outside_their_masks(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = hf.build(llama_template(), 128, 64, density=0.25)
+    out = hf.save_pretrained(model, tmp_path / "saved")
+    weights = load_file(str(out / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    outside = get_mask(model, name) == 0
+    weights[name] = weights[name] + outside.float()  # fill the pruned entries
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{name} has nonzero weights outside its mask"):
+        hf.from_pretrained(out)

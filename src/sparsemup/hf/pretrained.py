@@ -41,8 +41,8 @@ def _options_json(options: Options) -> dict[str, Any]:
     """The JSON form of ``parameterize``'s arguments (delta and masks travel separately)."""
     out = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name not in ("delta", "masks")}
     scheme = options.scheme
-    out["scheme"] = scheme if isinstance(scheme, str) else (
-        scheme.name if SCHEMES.get(scheme.name) == scheme else dataclasses.asdict(scheme))  # type: ignore[call-overload]
+    if isinstance(scheme, Scheme):  # a named scheme by name, a custom one by its switches
+        out["scheme"] = scheme.name if scheme in SCHEMES.values() else dataclasses.asdict(scheme)
     for key in ("density", "role_init_std", "init_scale"):
         if isinstance(out[key], Mapping):
             out[key] = dict(out[key])
