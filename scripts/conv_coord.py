@@ -3,10 +3,11 @@
 A conv stem (3 → width), a 3×3 conv, a grouped 3×3 conv (4 groups: hidden, fan-in (width/4)·9),
 a depthwise 3×3 conv (groups = width: vector-like), global average pooling and a linear readout,
 on 8×8 Gaussian images labelled by a random conv teacher. Every scheme is checked with
-``sparsemup.coord.check``; the verdicts are printed and each result is written to
-docs/coord/conv-<scheme>/coord.json.
+``sparsemup.coord.check`` (5 Adam steps at --lr, default 2^-10); the verdicts are printed and each
+result is written to OUT/conv-<scheme>/coord.json.
 
-    python scripts/conv_coord.py            # about 2 minutes on 2 CPU cores
+    python scripts/conv_coord.py                                         # about 1 minute on 2 CPU cores
+    python scripts/conv_coord.py --lr 0.0078125 --out docs/coord/conv-lr-2-7
 """
 
 from __future__ import annotations
@@ -63,13 +64,13 @@ def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/coord"))
-    parser.add_argument("--lr", type=float, default=2**-7)
+    parser.add_argument("--lr", type=float, default=2**-10)
     args = parser.parse_args()
     for scheme in ("sp", "mup", "supar"):
         result = coord.check(lambda w, d, s, scheme=scheme: build(scheme, w, d, s), [64, 128, 256],
                              [1.0, 0.25, 0.0625], batch, F.cross_entropy, seeds=2, lr=args.lr,
                              base_width=BASE_WIDTH)
-        out = args.out / f"conv-{scheme}"
+        out = args.out / f"conv-{scheme}"  # OUT/conv-sp, OUT/conv-mup, OUT/conv-supar
         out.mkdir(parents=True, exist_ok=True)
         (out / "coord.json").write_text(json.dumps({"scheme": scheme, **result}))
         for axis, v in result["verdict"].items():

@@ -162,25 +162,24 @@ def run(
     rows = []
     roles: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))  # layer -> role -> widths
     for case in cases:
-        # Parameters sparsemup leaves to the module's own init (biases, norm gains) draw from torch's global
-        # generator: seed it from the case (leaving the caller's state as it was), so a coordinate check
-        # gives the same numbers every time it runs.
+        # Parameters sparsemup leaves to the module's own init (biases, norm gains) and dropout draw from torch's
+        # global generator: seed it from the case (leaving the caller's state as it was), so every case gives
+        # the same numbers wherever it sits in the grid and a coordinate check repeats exactly.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(case.seed)
             model = case.build()
-        optimizer = make_optimizer(model, optimizer_class, lr=lr)
-        case_losses: list[float] | None = [] if losses is not None else None
-        measured = measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps, case_losses)
+            optimizer = make_optimizer(model, optimizer_class, lr=lr)
+            case_losses: list[float] | None = [] if losses is not None else None
+            measured = measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps, case_losses)
         del model, optimizer
         if losses is not None:
             losses.append({"width": case.width, "density": case.density, "seed": case.seed, "base": case.base,
                            "losses": case_losses})
-        if case.base:
-            continue
-        for row in measured:
-            rows.append({"width": case.width, "density": case.density, "seed": case.seed, **row})
-            roles[row["layer"]][row["role"]].add(case.width)
-        _check_roles(roles)  # after each case: a conflict stops the check before more models are trained
+        if not case.base:
+            for row in measured:
+                rows.append({"width": case.width, "density": case.density, "seed": case.seed, **row})
+                roles[row["layer"]][row["role"]].add(case.width)
+            _check_roles(roles)  # after each case: a conflict stops the check before more models are trained
         if progress is not None:
             progress(case)
     return rows
