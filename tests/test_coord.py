@@ -225,3 +225,10 @@ def test_the_documented_mlp_verdicts_are_unchanged(scheme, tmp_path):
     found = json.loads((tmp_path / "coord.json").read_text())
     assert {k: v["pass"] for k, v in found["verdict"].items()} == {k: v["pass"] for k, v in documented.items()}
     assert not coord.unstable_cases(found["losses"])
+
+
+def test_an_unstable_check_without_any_fit_still_names_the_instability():
+    unstable = [{"width": 64, "density": 1.0, "seed": 0, "base": True, "first": 2.0, "last": float("nan"),
+                 "worst_rise": None, "finite": False}]
+    judged = coord.verdict([], unstable=unstable)
+    assert all(v["pass"] is None and v["reason"] == coord.UNSTABLE for v in judged.values())

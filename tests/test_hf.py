@@ -268,3 +268,29 @@ def test_from_pretrained_refuses_weights_outside_their_masks(tmp_path):
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"{name} has nonzero weights outside its mask"):
         hf.from_pretrained(out)
+
+
+def test_a_layer_the_config_scaling_missed_is_an_error_naming_it():
+    from sparsemup.hf.build import _check_roles
+
+    template = llama_template()
+    wide, narrow = hf.scale_config(template, 128), hf.scale_config(template, 64)
+    wide.intermediate_size = narrow.intermediate_size  # as if the FFN size had a field name hf does not scale
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(narrow)
+    model = AutoModelForCausalLM.from_config(wide)
+    record = smp.parameterize(model, base)
+    with pytest.raises(ValueError, match=r"mlp\.gate_proj\.weight .* reads as an output weight"):
+        _check_roles(model, record)
+
+
+def test_opt_style_ffn_dim_scales_and_saved_directories_are_readable(tmp_path):
+    import os
+    import stat
+
+    opt = AutoConfig.for_model("opt", hidden_size=64, num_attention_heads=2, ffn_dim=256)
+    assert hf.scale_config(opt, 128).ffn_dim == 512  # OPT names its FFN size ffn_dim
+    out = hf.save_pretrained(hf.build(llama_template(), 128, 64, density=0.5), tmp_path / "saved")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700

@@ -108,3 +108,20 @@ def test_bare_parameter_with_one_growing_dim_needs_a_role():
         smp.parameterize(WithPositions(32), base)
     rec = smp.parameterize(WithPositions(32), base, roles={"pos": "input"})
     assert rec.params["pos"].role is smp.Role.INPUT
+
+
+def test_a_weight_with_a_given_role_need_not_fit_its_owners_layout():
+    class Attention(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.emb = nn.Embedding(10, width)
+            self.att = nn.MultiheadAttention(width, width // 16, add_bias_kv=True, batch_first=True)
+            self.head = nn.Linear(width, 10)
+
+    with torch.device("meta"):
+        base = Attention(32)
+    with pytest.raises(ValueError, match=r"'att.bias_k' has 3 dims.*roles="):
+        smp.parameterize(Attention(64), base)
+    rec = smp.parameterize(Attention(64), base, roles={"att.bias_*": "vector"})
+    assert rec.info("att.bias_k").role is smp.Role.VECTOR
+    assert rec.info("att.in_proj_weight").role is smp.Role.HIDDEN

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsemup as smp
-from sparsemup.core.layout import fan_in_size, from_neurons, group_count, layout_of, neurons_view
+from sparsemup.core.layout import from_neurons, group_count, layout_of, neurons_shape, neurons_view
 
 CONVS = {
     (False, 1): nn.Conv1d, (False, 2): nn.Conv2d, (False, 3): nn.Conv3d,
@@ -38,7 +38,7 @@ def test_neurons_view_matches_autograd(transpose, dims, groups, per_group, out_p
     x = torch.randn(1, conv.in_channels, *([kernel + 2] * dims))
     feeds = connectivity(conv, x)
     index = neurons_view(torch.arange(conv.weight.numel()).reshape(conv.weight.shape), layout, g)
-    assert index.shape == (conv.out_channels, fan_in_size(conv.weight.shape, layout, g))
+    assert index.shape == (conv.out_channels, neurons_shape(conv.weight.shape, layout, g)[1])
     assert index.shape[1] == per_group * kernel**dims  # (C_in / g) · k^d
     for o in range(conv.out_channels):
         assert set(feeds[o].nonzero().flatten().tolist()) == set(index[o].tolist())

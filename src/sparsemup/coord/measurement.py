@@ -355,13 +355,13 @@ def verdict(fits: Sequence[dict[str, Any]], threshold: float = THRESHOLD,
                 worst = fit
         if worst is None:
             out[axis] = {"pass": None, "max_abs_slope": None, "threshold": threshold, "worst": None}
-            continue
-        out[axis] = {
-            "pass": abs(worst[key]) <= threshold,
-            "max_abs_slope": abs(worst[key]),
-            "threshold": threshold,
-            "worst": {k: worst[k] for k in ("layer", "quantity", "step")},
-        }
+        else:
+            out[axis] = {
+                "pass": abs(worst[key]) <= threshold,
+                "max_abs_slope": abs(worst[key]),
+                "threshold": threshold,
+                "worst": {k: worst[k] for k in ("layer", "quantity", "step")},
+            }
         if unstable:
             out[axis].update({"pass": None, "reason": UNSTABLE, "unstable": list(unstable)})
     if out["density"]["pass"] is not None:

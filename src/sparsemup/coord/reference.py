@@ -14,21 +14,20 @@ from typing import Any, Literal, get_args
 import torch
 
 from ..core.atomic import write_json_atomic
-from ..core.vocab import BackendChoice
+from ..core.vocab import BackendChoice, hf_model_spec
 from .cases import COORD_DEFAULTS, GPT_DEFAULTS, HF_DEFAULTS, MLP_DEFAULTS, gpt_cases, hf_cases, mlp_cases
 from .measurement import THRESHOLD, Case, evaluate
 
-__all__ = ["CheckSettings", "ModelName", "MODEL_NAMES", "HF_PREFIX", "model_family", "parse_model", "run_check",
-           "write_check", "verdict_summary"]
+__all__ = ["CheckSettings", "ModelName", "MODEL_NAMES", "model_family", "parse_model", "run_check", "write_check",
+           "verdict_summary"]
 
 ModelName = Literal["mlp", "gpt"]  # the reference models a check can build
 MODEL_NAMES: tuple[ModelName, ...] = get_args(ModelName)
-HF_PREFIX = "hf:"  # "hf:llama", "hf:path/to/config.json": a transformers causal LM
 
 
 def parse_model(text: str) -> str:
     """A --model value: a reference model name or ``hf:TYPE`` (a transformers model type or config.json)."""
-    if text in MODEL_NAMES or (text.startswith(HF_PREFIX) and len(text) > len(HF_PREFIX)):
+    if text in MODEL_NAMES or hf_model_spec(text) is not None:
         return text
     raise ValueError(f"unknown model {text!r}: use {', '.join(MODEL_NAMES)} or hf:TYPE (a transformers model type "
                      "such as hf:llama, hf:gpt2, hf:qwen2, or hf:path/to/config.json)")
@@ -36,7 +35,7 @@ def parse_model(text: str) -> str:
 
 def model_family(model: str) -> str:
     """The key of ``COORD_DEFAULTS`` for a --model value: mlp, gpt or hf."""
-    return "hf" if model.startswith(HF_PREFIX) else model
+    return "hf" if hf_model_spec(model) is not None else model
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,8 @@ class CheckSettings:
         if family != "hf" and (depth is not None or head_dim is not None):
             raise ValueError("--depth and --head-dim apply to --model hf:TYPE only")
         if family == "hf" and block:
-            raise ValueError("--blocks: block masks of transformers models are not run sparse; drop --blocks")
+            raise ValueError("--blocks is not supported with --model hf:TYPE in coord-check (block masks of a "
+                             "transformers model are a library option: sparsemup.hf.build(..., mask_kind='blocks'))")
         return cls(model, scheme, widths or defaults["widths"], densities or defaults["densities"], steps, seeds,
                    base_width or defaults["base_width"], lr if lr is not None else defaults["lr"],
                    batch_size or sizes["batch_size"], block, backend,
@@ -99,8 +99,9 @@ class CheckSettings:
 def run_check(settings: CheckSettings, progress: Callable[[Case], None] | None = None) -> dict[str, Any]:
     """Measure every case with Adam; returns {scheme, settings, verdict, slopes, measurements, seconds}."""
     s = settings
-    if model_family(s.model) == "hf":
-        cases = hf_cases(s.model[len(HF_PREFIX):], s.scheme, s.widths, s.densities, s.seeds, s.base_width,
+    spec = hf_model_spec(s.model)
+    if spec is not None:
+        cases = hf_cases(spec, s.scheme, s.widths, s.densities, s.seeds, s.base_width,
                          s.batch_size, s.depth, s.head_dim)
     else:
         make = gpt_cases if s.model == "gpt" else mlp_cases

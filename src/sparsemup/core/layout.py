@@ -1,7 +1,7 @@
 """Weight layouts as data: which dims of a module's weight are its fan-out and its fan-in.
 
-Role inference, width multipliers (m_d, m_out), masks (exact fan-in per output neuron),
-forward multipliers and export all read a weight through its owner's ``Layout``. The
+Role inference, width multipliers (m_d, m_out), masks (exact fan-in per output neuron) and
+the choice of forward-multiplier owners all read a weight through its owner's ``Layout``. The
 built-in table covers torch's linear, bilinear, embedding and (transposed) conv modules;
 ``register_layout`` adds any other module whose output is linear in its weight.
 """
@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Layout", "register_layout", "layout_of", "group_count", "neurons_view", "from_neurons", "fan_in_size",
-           "neurons_shape"]
+__all__ = ["Layout", "register_layout", "layout_of", "group_count", "neurons_view", "from_neurons", "neurons_shape"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,13 @@ def layout_of(module: nn.Module) -> Layout | None:
 
 def group_count(module: nn.Module, layout: Layout) -> int:
     """The module's group count (1 for layouts without groups)."""
-    return int(getattr(module, layout.groups)) if layout.groups else 1
+    if not layout.groups:
+        return 1
+    value = getattr(module, layout.groups, None)
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"the layout of {type(module).__name__} reads its group count from attribute "
+                         f"{layout.groups!r}, which is {value!r}; register the layout with the right groups=")
+    return value
 
 
 def _split_dims(shape: Sequence[int], layout: Layout, groups: int) -> tuple[list[int], list[int], list[int]]:
@@ -141,11 +146,6 @@ def neurons_shape(shape: Sequence[int], layout: Layout, groups: int = 1) -> tupl
     return math.prod(split[d] for d in out), math.prod(split[d] for d in fan_in)
 
 
-def fan_in_size(shape: Sequence[int], layout: Layout, groups: int = 1) -> int:
-    """Fan-in of each output neuron of a weight of ``shape``."""
-    return neurons_shape(shape, layout, groups)[1]
-
-
 def neurons_view(weight: torch.Tensor, layout: Layout, groups: int = 1) -> torch.Tensor:
     """``weight`` as (output neurons, fan-in): row i holds every entry feeding output neuron i."""
     if weight.dim() != layout.ndim:
@@ -157,7 +157,10 @@ def neurons_view(weight: torch.Tensor, layout: Layout, groups: int = 1) -> torch
 
 def from_neurons(rows: torch.Tensor, shape: Sequence[int], layout: Layout, groups: int = 1) -> torch.Tensor:
     """The inverse of ``neurons_view``: a (neurons, fan-in) tensor back in the weight's ``shape``."""
+    split, neuron_dims, fan_in_dims = _split_dims(shape, layout, groups)
+    if neuron_dims + fan_in_dims == list(range(len(split))):  # already (neurons, fan-in) order: a plain reshape
+        return rows.reshape(tuple(shape))
     index = neurons_view(torch.arange(math.prod(shape)).reshape(tuple(shape)), layout, groups)
-    out = rows.new_empty(math.prod(shape))
-    out[index.reshape(-1)] = rows.reshape(-1)
-    return out.reshape(tuple(shape))
+    flat = rows.new_empty(math.prod(shape))
+    flat[index.reshape(-1)] = rows.reshape(-1)
+    return flat.reshape(tuple(shape))

@@ -173,12 +173,15 @@ def _infer_usage(
                 f"parameter {usage.name!r} has {ndim} dim(s) and can only have role 'vector', not {role.value!r}"
             )
         return Inferred(Role.VECTOR, Multipliers(width=every_dim))
-    if override in (Role.INPUT, Role.OUTPUT, Role.VECTOR) and layout_of(module) is None:
+    known = layout_of(module)
+    if override in (Role.INPUT, Role.OUTPUT) and (known is None or known.ndim != ndim):
         return Inferred(override, Multipliers(width=every_dim))  # one width dim: its layout does not matter
+    if override is Role.VECTOR:
+        return Inferred(Role.VECTOR, Multipliers(width=1.0))  # as given: no width dim is assumed
     layout = weight_layout(module, usage.name, ndim)
     m_out, m_in = _ratio(shape, base_shape, layout.fan_out), _ratio(shape, base_shape, layout.fan_in)
-    if override is None and groups_grow:
-        override = Role.VECTOR  # depthwise: one filter per channel, its fan-in fixed as channels grow
+    if override is None and groups_grow:  # depthwise: one filter per channel, its fan-in fixed as channels grow
+        return Inferred(Role.VECTOR, Multipliers(width=every_dim))
     if override is None:
         grows_out = any(scaling[d] for d in layout.fan_out)
         grows_in = any(scaling[d] for d in layout.fan_in)
@@ -198,9 +201,7 @@ def _infer_usage(
         return Inferred(Role.HIDDEN, Multipliers(width=m_in, fan_out=m_out))
     if override is Role.INPUT:
         return Inferred(Role.INPUT, Multipliers(width=m_out))
-    if override is Role.OUTPUT:
-        return Inferred(Role.OUTPUT, Multipliers(width=m_in))
-    return Inferred(Role.VECTOR, Multipliers(width=every_dim))
+    return Inferred(Role.OUTPUT, Multipliers(width=m_in))
 
 
 def infer_roles(

@@ -28,6 +28,20 @@ WeightDecayMode = Literal["independent", "coupled"]
 # hooks: sparsemup installs the forward multipliers; manual: the model applies them itself.
 ForwardMultipliers = Literal["hooks", "manual"]
 
+# A model named "hf:TYPE" (coord-check --model, model.arch) is a transformers causal LM of that type or config.json.
+HF_MODEL_PREFIX = "hf:"
+
+
+def hf_model_spec(name: str) -> str | None:
+    """TYPE of an ``hf:TYPE`` model name (None for any other name); a bare ``hf:`` is an error."""
+    if not name.startswith(HF_MODEL_PREFIX):
+        return None
+    spec = name[len(HF_MODEL_PREFIX):]
+    if not spec:
+        raise ValueError(f"{name!r} names no transformers model: write hf:TYPE, e.g. hf:llama or hf:path/config.json")
+    return spec
+
+
 SCHEME_NAMES: tuple[SchemeName, ...] = get_args(SchemeName)
 MASK_KINDS: tuple[MaskKind, ...] = get_args(MaskKind)
 BACKENDS: tuple[Backend, ...] = get_args(Backend)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from ._extra import MissingExtraError  # first: without transformers, its error names the extra
 from .build import build
-from .configs import causal_lm_types, load_config, scale_config, small_config
+from .configs import causal_lm_types, layer_sizes, load_config, scale_config, small_config
 from .layouts import Conv1D
 from .pretrained import from_pretrained, save_pretrained
 
-__all__ = ["Conv1D", "MissingExtraError", "build", "causal_lm_types", "from_pretrained", "load_config",
-           "save_pretrained", "scale_config", "small_config"]
+__all__ = ["Conv1D", "MissingExtraError", "build", "causal_lm_types", "from_pretrained", "layer_sizes",
+           "load_config", "save_pretrained", "scale_config", "small_config"]

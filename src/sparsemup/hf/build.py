@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..core import parameterize
-from ..core.record import RECORD_PREFIX
-from ..core.rules import get_scheme
-from .configs import head_dim_of, load_config, scale_config
+from ..core.record import RECORD_PREFIX, Parameterization
+from ..core.rules import Role
+from .configs import load_config, scale_config
 
 __all__ = ["build", "HF_RECORD", "from_config"]
 
@@ -47,22 +47,34 @@ def build(
     if "delta" in parameterize_options:
         raise ValueError("sparsemup.hf.build makes its own delta model; do not pass delta=")
     template = load_config(config)
-    model_config = scale_config(template, width, head_dim)
-    base_config = scale_config(template, base_width, head_dim)
-    scheme = get_scheme(parameterize_options.get("scheme", "supar"))
-    if scheme.width and head_dim_of(model_config) != head_dim_of(base_config):
-        raise ValueError(
-            f"the model's head dim {head_dim_of(model_config)} differs from the base's {head_dim_of(base_config)}: "
-            f"transformers fixes the attention scale at 1/sqrt(head_dim), so {scheme.name} cannot correct it; "
-            "keep head_dim fixed and scale the number of heads"
-        )
+    model_config = scale_config(template, width, head_dim)  # the same head dim at every width: transformers
+    base_config = scale_config(template, base_width, head_dim)  # fixes the attention scale at 1/sqrt(head_dim)
     delta_config = scale_config(template, 2 * base_width, head_dim) if width == base_width else None
     base = from_config(base_config, "meta")
     delta = from_config(delta_config, "meta") if delta_config is not None else None
     model = from_config(model_config, device)
-    parameterize(model, base, delta=delta, **parameterize_options)
+    record = parameterize(model, base, delta=delta, **parameterize_options)
+    _check_roles(model, record)
     model.__dict__[HF_RECORD] = {
         "base_config": base_config.to_dict(),
         "delta_config": delta_config.to_dict() if delta_config is not None else None,
     }
     return model
+
+
+def _check_roles(model: PreTrainedModel, record: Parameterization) -> None:
+    """In a causal LM only embeddings are inputs and only the LM head is an output: any other input or output
+    weight is a layer whose size the config scaling missed (a field name sparsemup.hf does not know)."""
+    output = model.get_output_embeddings()
+    for info in record.params.values():
+        for usage, role in info.usage_roles.items():
+            owner = model.get_submodule(usage.rpartition(".")[0])
+            expected = (role is Role.INPUT and isinstance(owner, torch.nn.Embedding)) or (
+                role is Role.OUTPUT and owner is output)
+            if role in (Role.INPUT, Role.OUTPUT) and not expected:
+                raise ValueError(
+                    f"{usage} ({tuple(info.shape)}, base {tuple(info.base_shape)}) reads as an {role.value} weight: "
+                    "one of its sizes did not scale with width, so its config names that size with a field "
+                    "sparsemup.hf does not scale. Build such a model yourself and call sparsemup.parameterize "
+                    "(with roles= for that layer)"
+                )

@@ -11,10 +11,11 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-__all__ = ["causal_lm_types", "load_config", "small_config", "scale_config", "head_dim_of"]
+__all__ = ["causal_lm_types", "load_config", "small_config", "scale_config", "head_dim_of", "layer_sizes"]
 
-# FFN sizes: Llama-style configs call it intermediate_size, GPT-2-style ones n_inner (None: 4 x hidden).
-_FFN_FIELDS = ("intermediate_size", "n_inner")
+# FFN sizes: Llama-style configs call it intermediate_size, GPT-2-style ones n_inner (None: 4 x hidden),
+# OPT-style ones ffn_dim. A config needs one of them (as an attribute) for its FFN to scale with width.
+_FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
 
 
 def causal_lm_types() -> list[str]:
@@ -95,6 +96,11 @@ def scale_config(config: PretrainedConfig, width: int, head_dim: int | None = No
     if width <= 0 or width % head_dim:
         raise ValueError(f"width {width} must be a positive multiple of the head dim {head_dim}")
     new_heads = width // head_dim
+    if not any(hasattr(config, name) for name in _FFN_FIELDS):
+        raise ValueError(
+            f"a {type(config).__name__} has none of the FFN size fields {', '.join(_FFN_FIELDS)}, so sparsemup.hf "
+            "cannot scale its FFN with width; build such a model yourself and call sparsemup.parameterize(model, base)"
+        )
     scaled = copy.deepcopy(config)
     scaled.hidden_size, scaled.num_attention_heads = width, new_heads
     if isinstance(getattr(config, "head_dim", None), int):
@@ -112,3 +118,18 @@ def scale_config(config: PretrainedConfig, width: int, head_dim: int | None = No
         if isinstance(ffn, int):
             setattr(scaled, name, round(ffn * width / hidden))
     return scaled
+
+
+def layer_sizes(config: PretrainedConfig, head_dim: int | None = None) -> dict[str, int]:
+    """The widths of a scaled config's layers that a block size must divide: hidden size, attention and
+    KV projections, FFN."""
+    head_dim = head_dim or head_dim_of(config)
+    sizes = {"hidden_size": _field(config, "hidden_size"),
+             "num_attention_heads x head_dim": _field(config, "num_attention_heads") * head_dim}
+    kv = getattr(config, "num_key_value_heads", None)
+    if isinstance(kv, int):
+        sizes["num_key_value_heads x head_dim"] = kv * head_dim
+    for name in _FFN_FIELDS:
+        if isinstance(getattr(config, name, None), int):
+            sizes[name] = getattr(config, name)
+    return sizes

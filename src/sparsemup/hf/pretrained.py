@@ -74,7 +74,7 @@ def save_pretrained(
 
     ``base_config`` (and ``delta_config``, when the model has the base's shapes) are needed only
     for a model not made by ``sparsemup.hf.build``. The directory is written beside its final
-    place and moved there whole: an error or a kill leaves the old directory as it was.
+    place and moved there whole: an error or a kill while writing leaves the old directory as it was.
     """
     target = unwrap(model)
     if not isinstance(target, PreTrainedModel):
@@ -118,6 +118,7 @@ def save_pretrained(
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
     try:
         plain.save_pretrained(staging)
         save_file(masks, str(staging / MASKS_FILE))
@@ -133,12 +134,20 @@ def _masks(model: torch.nn.Module, record: Parameterization) -> dict[str, torch.
     return {name: mask.detach().cpu() for name in record.params if (mask := get_mask(model, name)) is not None}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace_dir(staging: Path, directory: Path) -> None:
-    """Move ``staging`` to ``directory``; an existing ``directory`` is removed only once the new one is in place."""
+    """Move ``staging`` to ``directory``; an existing ``directory`` is removed only once the new one is in place
+    (a kill in the instant between the two renames leaves it beside, as ``.NAME.old.*``)."""
     if not directory.exists():
         os.replace(staging, directory)
         return
-    old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
+    old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
+    os.rmdir(old)  # a fresh name, free for the rename
     os.replace(directory, old)
     try:
         os.replace(staging, directory)
@@ -200,9 +209,11 @@ def _load_unfolded(model: PreTrainedModel, record: Parameterization, saved: Mapp
     divisor: dict[str, float] = {}
     source: dict[str, str] = {}
     for info in record.params.values():
+        if info.forward_multipliers:  # read one usage (a tied weight: its embedding) and divide its factor out
+            usage = next((u for u in info.forward_multipliers if info.usage_roles[u] is Role.INPUT),
+                         next(iter(info.forward_multipliers)))
+            source[info.name], divisor[info.name] = usage, info.forward_multipliers[usage]
         for usage, factor in info.forward_multipliers.items():
-            if info.usage_roles[usage] is Role.INPUT or len(info.forward_multipliers) == 1:
-                source[info.name], divisor[info.name] = usage, factor  # a tied weight: read the embedding
             if info.usage_roles[usage] is Role.INPUT and f"{usage.rpartition('.')[0]}.bias" in saved:
                 divisor[f"{usage.rpartition('.')[0]}.bias"] = factor  # export scaled the embedding's bias too
     for name, info in record.params.items():

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.vocab import Backend
+from ..core.vocab import Backend, hf_model_spec
 from ..models import GPTConfig, build_gpt
 from ..sparse import sparsify
 from .data import VOCAB_SIZE
-from .schema import HF_ARCH_PREFIX, Config
+from .schema import Config
 
 __all__ = ["build_model", "fsdp_units", "logits_of"]
 
@@ -28,10 +28,11 @@ def build_model(cfg: Config, device: torch.device | str = "cpu",
                                    init_std=m.init_std, input_alpha=m.input_alpha, output_alpha=m.output_alpha,
                                    seed=cfg.train.seed, mask_kind=m.mask_kind, block_size=m.block_size)
     model: nn.Module
-    if m.arch.startswith(HF_ARCH_PREFIX):
+    spec = hf_model_spec(m.arch)
+    if spec is not None:
         from .. import hf  # needs sparsemup[hf]; its error names the extra
 
-        template = hf.small_config(m.arch[len(HF_ARCH_PREFIX):], VOCAB_SIZE, m.depth, cfg.train.seq_len)
+        template = hf.small_config(spec, VOCAB_SIZE, m.depth, cfg.train.seq_len)
         with torch.random.fork_rng(devices=[]):  # the modules' own init (norms, biases) from the run's seed
             torch.manual_seed(cfg.train.seed)
             model = hf.build(template, m.width, m.base_width, head_dim=m.head_dim, device=device, **options)

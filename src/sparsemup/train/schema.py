@@ -20,7 +20,7 @@ from ..core.vocab import BACKEND_CHOICES, SCHEME_NAMES, WEIGHT_DECAY_MODES, Back
 __all__ = [
     "ModelConfig", "OptimConfig", "TrainConfig", "DataConfig", "DistConfig", "Config", "ConfigError",
     "OPTIMIZERS", "OptimizerName", "TRAINED_MASK_KINDS", "TrainedMaskKind", "ScheduleName", "DeviceName",
-    "RESUMABLE_KEYS", "LAYOUT_KEYS", "HF_ARCH_PREFIX", "flatten", "flat_defaults",
+    "RESUMABLE_KEYS", "LAYOUT_KEYS", "flatten", "flat_defaults",
     "with_defaults", "run_identity", "field_specs",
 ]
 
@@ -47,9 +47,6 @@ def _f(default: Any, doc: str, *, choices: tuple[str, ...] = (), resumable: bool
     """
     return field(default=default, metadata={"doc": doc, "choices": choices, "resumable": resumable or layout,
                                             "layout": layout})
-
-
-HF_ARCH_PREFIX = "hf:"  # model.arch = "hf:llama": a transformers causal LM
 
 
 @dataclass

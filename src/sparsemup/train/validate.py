@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from ..core.masks import nonzeros_per_row
-from .data import corpus_files
-from .schema import HF_ARCH_PREFIX, Config, ConfigError, field_specs, flatten
+from ..core.vocab import hf_model_spec
+from .data import VOCAB_SIZE, corpus_files
+from .schema import Config, ConfigError, field_specs, flatten
 
 __all__ = ["validate"]
 
@@ -25,7 +26,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         choices = spec.metadata["choices"]
         _require(not choices or values[key] in choices, f"{key} = {values[key]!r}: {_choose(choices)}")
     m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
-    _require(m.arch == "gpt" or (m.arch.startswith(HF_ARCH_PREFIX) and len(m.arch) > len(HF_ARCH_PREFIX)),
+    try:
+        hf_spec = hf_model_spec(m.arch)
+    except ValueError as error:
+        raise ConfigError(f"model.arch: {error}") from None
+    _require(m.arch == "gpt" or hf_spec is not None,
              f"model.arch = {m.arch!r}: use gpt or hf:TYPE (a transformers model type such as hf:llama, or "
              "hf:path/to/config.json)")
     for key in ("width", "base_width", "depth", "head_dim"):
@@ -69,18 +74,24 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              f"train.grad_accum = {t.grad_accum}; make it a multiple of {shards}")
     _require(0.0 < d.val_fraction <= 0.5, f"data.val_fraction = {d.val_fraction}: must be in (0, 0.5]")
     corpus_files(d.path)  # raises ConfigError when missing
-    if m.arch.startswith(HF_ARCH_PREFIX):
-        _check_hf(cfg)
+    if hf_spec is not None:
+        _check_hf(cfg, hf_spec)
 
 
-def _check_hf(cfg: Config) -> None:
-    """The transformers model of ``model.arch`` exists and scales to both widths (before any work)."""
+def _check_hf(cfg: Config, spec: str) -> None:
+    """The transformers model of ``model.arch`` exists and scales to both widths, with block sizes that
+    divide its layers (before any work)."""
     from .. import hf  # needs sparsemup[hf]; its error names the extra
 
     m = cfg.model
     try:
-        template = hf.small_config(m.arch[len(HF_ARCH_PREFIX):], 256, m.depth, cfg.train.seq_len)
-        for width in (m.width, m.base_width):
-            hf.scale_config(template, width, m.head_dim)
+        template = hf.small_config(spec, VOCAB_SIZE, m.depth, cfg.train.seq_len)
+        scaled = [hf.scale_config(template, width, m.head_dim) for width in (m.width, m.base_width)]
     except ValueError as error:
         raise ConfigError(f"model.arch = {m.arch!r}: {error}") from None
+    if m.mask_kind == "blocks":
+        for config in scaled:
+            for name, size in hf.layer_sizes(config, m.head_dim).items():
+                _require(size % m.block_size == 0,
+                         f"model.block_size = {m.block_size} does not divide {name} = {size} of {m.arch} at width "
+                         f"{config.hidden_size}; pick a block size dividing it (or a width that makes it divide)")
