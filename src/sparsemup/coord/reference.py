@@ -71,6 +71,10 @@ class CheckSettings:
         if family == "hf" and block:
             raise ValueError("--blocks is not supported with --model hf:TYPE in coord-check (block masks of a "
                              "transformers model are a library option: sparsemup.hf.build(..., mask_kind='blocks'))")
+        if family == "hf":  # the extra and the model type, before anything is written
+            from .. import hf  # needs sparsemup[hf]; its error names the extra
+
+            hf.small_config(str(hf_model_spec(model)))
         return cls(model, scheme, widths or defaults["widths"], densities or defaults["densities"], steps, seeds,
                    base_width or defaults["base_width"], lr if lr is not None else defaults["lr"],
                    batch_size or sizes["batch_size"], block, backend,
