@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..core import export, get_mask, get_parameterization, parameterize
+from ..core.atomic import current_umask
 from ..core.record import Options, Parameterization
 from ..core.rules import SCHEMES, Role, Scheme
 from ..core.structure import unwrap
@@ -118,7 +119,7 @@ def save_pretrained(
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
     try:
         plain.save_pretrained(staging)
         save_file(masks, str(staging / MASKS_FILE))
@@ -132,12 +133,6 @@ def save_pretrained(
 
 def _masks(model: torch.nn.Module, record: Parameterization) -> dict[str, torch.Tensor]:
     return {name: mask.detach().cpu() for name in record.params if (mask := get_mask(model, name)) is not None}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace_dir(staging: Path, directory: Path) -> None:
