@@ -36,7 +36,7 @@ THRESHOLD = 0.25
 JUDGED = {"width": ("act", "delta"), "density": ("act", "grad", "delta")}
 UNSTABLE = "unstable at this LR: lower --lr"  # the verdict's reason when training itself diverged
 # A loss rise from one step to the next above this fraction is instability (stable runs measured here fall at
-# every step; an untuned transformers Llama at 2^-7 rises 17% at the smallest width): docs/MODELS.md.
+# every step; an untuned transformers Llama's base at 2^-7 rises 17% in one step): docs/MODELS.md.
 RISE_TOLERANCE = 0.01
 
 
@@ -126,12 +126,13 @@ def measure(
             current.clear()
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(inputs), targets)
+            value = loss.item()
             if losses is not None:
-                losses.append(loss.item())
-            if not math.isfinite(loss.item()):
+                losses.append(value)
+            if not math.isfinite(value):
                 if losses is not None:
                     break
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the coordinate check's lr")
+                raise FloatingPointError(f"loss is {value} at step {step}; lower the coordinate check's lr")
             loss.backward()
             for (name, quantity), value in current.items():
                 rows.append({"step": step, "layer": name, "role": layers[name][1].value,

@@ -172,10 +172,11 @@ def _realised_density(density: float, shape: tuple[int, ...], neurons: tuple[int
     return row_nonzeros(density, fan_in, name) / fan_in
 
 
-def _draw_mask(shape: tuple[int, ...], layout: Layout, groups: int, density: float, o: Options,
-               name: str) -> torch.Tensor:
-    """A random mask of ``shape`` with the same fan-in for every output neuron of the layout."""
-    rows = random_mask(neurons_shape(shape, layout, groups), density, o.seed, name, o.mask_kind, o.block_size)
+def _draw_mask(shape: tuple[int, ...], neurons: tuple[int, int], layout: Layout, groups: int, density: float,
+               o: Options, name: str) -> torch.Tensor:
+    """A random mask of ``shape`` with the same fan-in for every output neuron of the layout
+    (``neurons``: the weight's (neurons, fan-in) shape)."""
+    rows = random_mask(neurons, density, o.seed, name, o.mask_kind, o.block_size)
     return from_neurons(rows, shape, layout, groups)
 
 
@@ -264,7 +265,7 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
                 rho = float(mask.sum()) / mask.numel()
             elif requested[name] < 1.0:
                 rho = _realised_density(requested[name], shape, neurons, o.mask_kind, o.block_size, name)
-                mask = _draw_mask(shape, layout, groups, requested[name], o, name)
+                mask = _draw_mask(shape, neurons, layout, groups, requested[name], o, name)
                 if o.mask_kind == "bernoulli":
                     rho = float(mask.sum()) / mask.numel()
             mults = Multipliers(width=mults.width, fan_out=mults.fan_out, density=rho / rho_base)
