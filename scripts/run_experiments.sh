@@ -10,7 +10,7 @@ workers="${1:-2}"
 shift || true
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(a-lr-density-untuned tune-base a-lr-density a-lr-density-seed1 b-init-density
-                                  c-loss-density d-iso-parameter-gpu e-ablation)
+                                  c-loss-density d-iso-parameter-gpu e-ablation f-dynamic f-static-kept)
 preset=experiments/presets/base.toml
 for name in "${names[@]}"; do
     echo "=== $name ($(date -u +%H:%M:%S))"
@@ -19,6 +19,9 @@ for name in "${names[@]}"; do
         sparsemup report results/tune-base --preset "$preset" --top 5 > /dev/null
     fi
     sparsemup sweep --config "experiments/$name.toml" --out "results/$name" --workers "$workers"
+    case "$name" in f-*)  # (f) is reported by its own script, beside (a)'s static runs
+        if [ -f results/f-dynamic/results.jsonl ]; then python scripts/dynamic_report.py > /dev/null; fi
+        echo "report: results/f-dynamic/report.md"; continue ;; esac
     args=(--axis optim.lr)
     [ "$name" = b-init-density ] && args=(--axis model.init_std)
     case "$name" in a-lr-density-seed1|e-ablation) args+=(--with results/a-lr-density) ;; esac

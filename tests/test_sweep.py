@@ -2,6 +2,12 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +186,83 @@ def test_sweeps_skip_tensorboard_unless_asked(corpus):
     asked = parse_sweep({"base": {"data": {"path": str(corpus)}, "train": {"tensorboard": True}},
                          "grid": {"train.seed": [0]}}, "t")
     assert plain.base.train.tensorboard is False and asked.base.train.tensorboard is True
+
+
+def test_a_second_driver_on_the_same_directory_is_refused(corpus, tmp_path):
+    from sparsemup.tuning.lock import driver_lock
+
+    out = tmp_path / "locked"
+    with driver_lock(out):  # another driver, as far as the lock can tell (a separate open file description)
+        with pytest.raises(SweepError, match="being swept by pid"):
+            run_sweep(_spec(corpus), out, log=lambda s: None)
+    assert not (out / "results.jsonl").exists()
+    assert run_sweep(_spec(corpus), out, log=lambda s: None)["completed"] == 2  # free once the holder is gone
+
+
+def _children(pid):
+    """Live (non-zombie) processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_a_killed_driver_leaves_no_process_behind_and_the_rerun_records_every_run_once(corpus, tmp_path):
+    base = sweep_base(corpus, steps=400)
+    base["train"]["checkpoint_every"] = 50
+    lines = [f"[base.{section}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+             for section, values in base.items()]
+    lines.append('[grid]\n"optim.lr" = ["2**-7", "2**-6", "2**-5"]\n')
+    config = tmp_path / "sweep.toml"
+    config.write_text("\n".join(lines))
+    out = tmp_path / "killed"
+    driver = subprocess.Popen([sys.executable, "-m", "sparsemup.cli", "sweep", "--config", str(config), "--out",
+                               str(out), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(len(p.read_text().splitlines()) > 20 for p in out.glob("runs/*/metrics.csv")):
+        assert time.monotonic() < deadline and driver.poll() is None, "the sweep never got going"
+        time.sleep(0.2)
+    children = _children(driver.pid)
+    assert len(children) >= 2  # two pool workers (and spawn's resource tracker)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if _alive(pid)]
+    counts = run_sweep(load_sweep(config), out, log=lambda s: None)
+    assert counts["planned"] == 3 and counts["stored"] + counts["completed"] == 3 and counts["failed"] == 0
+    assert sorted(r["id"] for r in _records(out)) == sorted(p.id for p in load_sweep(config).points)
+
+
+def test_a_run_that_raises_goes_to_failures_not_results_and_is_retried(corpus, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    spec = _spec(data)
+    shutil.rmtree(data)  # the corpus disappears after planning: every run raises
+    out, logs = tmp_path / "f", []
+    counts = run_sweep(spec, out, log=logs.append)
+    assert counts["failed"] == 2 and not (out / "results.jsonl").exists()
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["id"] for f in failures) == sorted(p.id for p in spec.points)
+    assert all("ConfigError" in f["error"] and f["overrides"] for f in failures)
+    assert any("[1/2, 1 failed, ETA" in line for line in logs) and any("[2/2, 2 failed]" in line for line in logs)
+    shutil.copytree(corpus, data)
+    assert run_sweep(spec, out, log=lambda s: None)["completed"] == 2  # retried on the rerun
+    assert len((out / "failures.jsonl").read_text().splitlines()) == 2 and len(_records(out)) == 2

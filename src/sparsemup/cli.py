@@ -22,6 +22,7 @@ from .core.rules import Family
 from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES
 from .models import GPTConfig, build_gpt
 from .sparse.bench import BENCH_MASKS, DTYPES
+from .sparse.dynamic import METHOD_NAMES
 from .train import evaluate_checkpoint, load_config, train
 from .train.config import describe
 
@@ -82,7 +83,7 @@ def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
 def _coord_check(args: argparse.Namespace) -> int:
     settings = CheckSettings.resolve(args.model, args.scheme, args.widths, args.densities, args.steps, args.seeds,
                                      args.base_width, args.lr, args.batch_size, args.blocks, args.backend,
-                                     args.depth, args.head_dim)
+                                     args.depth, args.head_dim, args.sparsity_method, args.update_every)
     args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the measurements
     bar = tqdm(total=settings.total, desc=f"coord-check {args.model}/{args.scheme}", unit="model", file=sys.stderr)
 
@@ -176,7 +177,7 @@ def _sweep(args: argparse.Namespace) -> int:
             print(point.id, json.dumps(point.overrides))
         print(f"{len(spec.points)} runs", file=sys.stderr)
         return 0
-    counts = run_sweep(spec, args.out, workers=args.workers)
+    counts = run_sweep(spec, args.out, workers=args.workers, engine=args.engine, address=args.address)
     print(f"sweep done: {counts['stored']} already stored, {counts['completed']} completed, "
           f"{counts['diverged']} diverged, {counts['failed']} failed; results in {args.out / 'results.jsonl'}; "
           f"next: sparsemup report {args.out}", file=sys.stderr)
@@ -243,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--scheme", choices=SCHEME_NAMES, default="supar")
     cc.add_argument("--widths", type=_ints, help="comma-separated widths (default: per model)")
     cc.add_argument("--densities", type=_densities, help="comma-separated densities in (0, 1] (default: per model)")
-    cc.add_argument("--steps", type=int, default=5, help="training steps per model (default 5)")
+    cc.add_argument("--steps", type=int, help="training steps per model (default 5; 20 with a dynamic "
+                    "--sparsity-method)")
     cc.add_argument("--seeds", type=int, default=2,
                     help="seeds 0..N-1; each draws its own init, masks and batch; RMS is averaged over seeds")
     cc.add_argument("--base-width", type=int, help="width of the dense base model (default 64)")
@@ -255,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "every grid point), run on --backend")
     cc.add_argument("--backend", choices=BACKEND_CHOICES, default="blocks",
                     help="with --blocks: how masked layers run (default blocks; auto: by measured thresholds)")
+    cc.add_argument("--sparsity-method", choices=METHOD_NAMES, default="static",
+                    help="how the sparse cases' masks evolve: static, set or rigl (drop 30%% of kept weights by "
+                    "magnitude and regrow, every --update-every steps until 3/4 of --steps); see docs/DYNAMIC.md")
+    cc.add_argument("--update-every", type=int, default=5, help="steps between mask updates (default 5)")
     cc.add_argument("--strict", action="store_true", help="exit with status 1 when a verdict fails")
     cc.set_defaults(func=_coord_check)
 
@@ -286,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", type=Path, required=True, help="sweep directory: results.jsonl and runs/<id>/")
     sw.add_argument("--workers", type=int, default=1,
                     help="runs in parallel processes, each with max(1, cores // N) threads (default 1)")
+    sw.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="local: a process pool on this machine (default); ray: every run a Ray task, on a private "
+                    "instance or the cluster at --address (needs sparsemup[ray]; docs/SWEEPS.md)")
+    sw.add_argument("--address", help="--engine ray: local (default: a private instance), auto, or HOST:PORT")
     sw.add_argument("--dry-run", action="store_true", help="list the planned runs (id and overrides) and exit")
     sw.set_defaults(func=_sweep)
 
@@ -340,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("steps", "seeds", "batch_size", "base_width", "workers", "top", "depth", "head_dim"):
+    for flag in ("steps", "seeds", "batch_size", "base_width", "workers", "top", "depth", "head_dim", "update_every"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             build_parser().error(f"--{flag.replace('_', '-')} must be at least 1")

@@ -10,6 +10,7 @@ that batch. The log-log slopes of the seed-averaged RMS against width and densit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -23,10 +24,12 @@ import torch
 from torch import nn
 
 from ..core import Role, get_parameterization, make_optimizer
+from ..core.record import dense_gradients
 from ..core.structure import named_modules
+from ..sparse import DynamicSparsity
 
-__all__ = ["QUANTITIES", "THRESHOLD", "UNSTABLE", "Case", "measure", "run", "fit_slopes", "unstable_cases", "verdict",
-           "evaluate", "check"]
+__all__ = ["QUANTITIES", "THRESHOLD", "UNSTABLE", "MaskUpdates", "Case", "measure", "run", "fit_slopes",
+           "unstable_cases", "verdict", "evaluate", "check"]
 
 QUANTITIES = ("act", "grad", "delta")
 # Failing slopes are ≥ 0.5 (activations ∝ √ρ under SP/µP); passing ones are ≈ 0.
@@ -35,6 +38,8 @@ THRESHOLD = 0.25
 # normalises this away), so they do not count against width (docs/THEORY.md).
 JUDGED = {"width": ("act", "delta"), "density": ("act", "grad", "delta")}
 UNSTABLE = "unstable at this LR: lower --lr"  # the verdict's reason when training itself diverged
+# ``mask_updates(model, seed)``: the dynamic sparsity a sparse case trains with (``sparsemup.sparse``).
+MaskUpdates = Callable[[nn.Module, int], DynamicSparsity]
 # A loss rise from one step to the next above this fraction is instability (stable runs measured here fall at
 # every step; an untuned transformers Llama's base at 2^-7 rises 17% in one step): docs/MODELS.md.
 RISE_TOLERANCE = 0.01
@@ -84,12 +89,14 @@ def measure(
     optimizer: torch.optim.Optimizer,
     steps: int,
     losses: list[float] | None = None,
+    dynamic: DynamicSparsity | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``steps`` steps on one batch; per step and layer, RMS of Y, ∇X and ΔY.
 
     Returns rows {step, layer, role, quantity, rms}; step 0 is at init (no ΔY). With ``losses``,
     the loss of every step is appended to it and a non-finite loss ends the training there;
-    without, a non-finite loss raises FloatingPointError.
+    without, a non-finite loss raises FloatingPointError. With ``dynamic``, its mask updates run after
+    the optimizer steps they are due at.
     """
     layers = _observed_layers(model)
     current: dict[tuple[str, str], float] = {}
@@ -133,12 +140,17 @@ def measure(
                 if losses is not None:
                     break
                 raise FloatingPointError(f"loss is {value} at step {step}; lower the coordinate check's lr")
-            loss.backward()
+            dense = dynamic is not None and step < steps and dynamic.wants_gradients(step + 1)
+            with dense_gradients(model) if dense else contextlib.nullcontext():
+                loss.backward()
+            gradients = dynamic.take_gradients() if dense and dynamic is not None else None
             for (name, quantity), value in current.items():
                 rows.append({"step": step, "layer": name, "role": layers[name][1].value,
                              "quantity": quantity, "rms": value})
             if step < steps:
                 optimizer.step()
+                if dynamic is not None:
+                    dynamic.update(step + 1, optimizer, gradients)
     finally:
         for handle in handles:
             handle.remove()
@@ -152,9 +164,11 @@ def run(
     steps: int,
     progress: Callable[[Case], None] | None = None,
     losses: list[dict[str, Any]] | None = None,
+    mask_updates: MaskUpdates | None = None,
 ) -> list[dict[str, Any]]:
     """``measure`` every case with a fresh optimizer from ``sparsemup.make_optimizer``, each model built
-    with torch's global generator seeded from its case.
+    with torch's global generator seeded from its case; ``mask_updates(model, seed)`` gives the sparse
+    cases' dynamic masks (dense cases and the base stay dense).
 
     ``progress`` is called with each case once it is measured. With ``losses``, {width, density, seed,
     base, losses} of every case is appended to it, and a case whose loss turns non-finite stops there
@@ -170,8 +184,13 @@ def run(
             torch.manual_seed(case.seed)
             model = case.build()
             optimizer = make_optimizer(model, optimizer_class, lr=lr)
+            dynamic = None
+            if mask_updates is not None and not case.base and case.density < 1.0:
+                dynamic = mask_updates(model, case.seed)
+                dynamic.attach(optimizer)
             case_losses: list[float] | None = [] if losses is not None else None
-            measured = measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps, case_losses)
+            measured = measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps, case_losses,
+                               dynamic)
         del model, optimizer
         if losses is not None:
             losses.append({"width": case.width, "density": case.density, "seed": case.seed, "base": case.base,
@@ -199,11 +218,12 @@ def _check_roles(seen: Mapping[str, Mapping[str, set[int]]]) -> None:
 
 
 def evaluate(cases: Iterable[Case], optimizer_class: type[torch.optim.Optimizer], lr: float, steps: int,
-             progress: Callable[[Case], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[Case], None] | None = None,
+             mask_updates: MaskUpdates | None = None) -> dict[str, Any]:
     """``run`` the cases, fit the slopes and judge them: {verdict, slopes, measurements, losses, seconds}."""
     start = time.perf_counter()
     losses: list[dict[str, Any]] = []
-    rows = run(cases, optimizer_class, lr, steps, progress, losses)
+    rows = run(cases, optimizer_class, lr, steps, progress, losses, mask_updates)
     fits = fit_slopes(rows)
     return {"verdict": verdict(fits, unstable=unstable_cases(losses)), "slopes": fits, "measurements": rows,
             "losses": losses, "seconds": round(time.perf_counter() - start, 1)}

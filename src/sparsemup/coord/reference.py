@@ -15,14 +15,16 @@ import torch
 
 from ..core.atomic import write_json_atomic
 from ..core.vocab import BackendChoice, hf_model_spec
+from ..sparse import SET, DynamicSparsity, RigL
 from .cases import COORD_DEFAULTS, GPT_DEFAULTS, HF_DEFAULTS, MLP_DEFAULTS, gpt_cases, hf_cases, mlp_cases
-from .measurement import THRESHOLD, Case, evaluate
+from .measurement import THRESHOLD, Case, MaskUpdates, evaluate
 
 __all__ = ["CheckSettings", "ModelName", "MODEL_NAMES", "model_family", "parse_model", "run_check", "write_check",
            "verdict_summary"]
 
 ModelName = Literal["mlp", "gpt"]  # the reference models a check can build
 MODEL_NAMES: tuple[ModelName, ...] = get_args(ModelName)
+COORD_METHODS = ("static", "set", "rigl")  # mask evolutions a check compares at fixed densities
 
 
 def parse_model(text: str) -> str:
@@ -55,15 +57,26 @@ class CheckSettings:
     backend: BackendChoice = "blocks"  # how block-masked layers run
     depth: int | None = None  # hf: num_hidden_layers
     head_dim: int | None = None  # hf: the fixed head dim
+    sparsity_method: str = "static"  # static, set or rigl: how the sparse cases' masks evolve
+    update_every: int = 5  # set/rigl: steps between mask updates
 
     @classmethod
     def resolve(cls, model: str, scheme: str, widths: list[int] | None = None,
-                densities: list[float] | None = None, steps: int = 5, seeds: int = 2,
+                densities: list[float] | None = None, steps: int | None = None, seeds: int = 2,
                 base_width: int | None = None, lr: float | None = None, batch_size: int | None = None,
                 block: int | None = None, backend: BackendChoice = "blocks", depth: int | None = None,
-                head_dim: int | None = None) -> CheckSettings:
-        """Settings with every unset value taken from ``COORD_DEFAULTS`` of ``model``."""
+                head_dim: int | None = None, sparsity_method: str = "static",
+                update_every: int = 5) -> CheckSettings:
+        """Settings with every unset value taken from ``COORD_DEFAULTS`` of ``model`` (``steps`` None: 5, or
+        20 with a dynamic ``sparsity_method`` so that updates happen inside the check)."""
         family = model_family(parse_model(model))
+        if sparsity_method not in COORD_METHODS:
+            raise ValueError(f"unknown sparsity method {sparsity_method!r} for the coordinate check: use "
+                             f"{', '.join(COORD_METHODS)} (gmp changes the density during the check, so the "
+                             "density axis would not hold one density)")
+        if sparsity_method != "static" and block:
+            raise ValueError("dynamic masks are element masks: drop --blocks")
+        steps = steps if steps is not None else 5 if sparsity_method == "static" else 20
         defaults = COORD_DEFAULTS[family]
         sizes = {"mlp": MLP_DEFAULTS, "gpt": GPT_DEFAULTS, "hf": HF_DEFAULTS}[family]
         if family != "hf" and (depth is not None or head_dim is not None):
@@ -75,11 +88,31 @@ class CheckSettings:
             from .. import hf  # needs sparsemup[hf]; its error names the extra
 
             hf.small_config(str(hf_model_spec(model)))
-        return cls(model, scheme, widths or defaults["widths"], densities or defaults["densities"], steps, seeds,
-                   base_width or defaults["base_width"], lr if lr is not None else defaults["lr"],
-                   batch_size or sizes["batch_size"], block, backend,
-                   depth or (sizes["depth"] if family == "hf" else None),
-                   head_dim or (sizes["head_dim"] if family == "hf" else None))
+        settings = cls(model, scheme, widths or defaults["widths"], densities or defaults["densities"], steps, seeds,
+                       base_width or defaults["base_width"], lr if lr is not None else defaults["lr"],
+                       batch_size or sizes["batch_size"], block, backend,
+                       depth or (sizes["depth"] if family == "hf" else None),
+                       head_dim or (sizes["head_dim"] if family == "hf" else None), sparsity_method, update_every)
+        settings.method()  # a cadence without an update inside the check is an error now
+        return settings
+
+    def method(self) -> RigL | None:
+        """The dynamic-sparsity method of the sparse cases (None: static masks): updates every ``update_every``
+        steps until 3/4 of the check, 30% of the kept weights (RigL: decayed by cosine)."""
+        if self.sparsity_method == "static":
+            return None
+        kind = SET if self.sparsity_method == "set" else RigL
+        try:
+            return kind(stop_step=int(0.75 * self.steps + 0.5), update_every=self.update_every, fraction=0.3)
+        except ValueError as error:
+            raise ValueError(f"--sparsity-method {self.sparsity_method} with --steps {self.steps}: {error}") from None
+
+    def mask_updates(self) -> MaskUpdates | None:
+        """``mask_updates(model, seed)`` for ``measurement.run``, or None for static masks."""
+        method = self.method()
+        if method is None:
+            return None
+        return lambda model, seed: DynamicSparsity(model, method, seed=seed)
 
     @property
     def total(self) -> int:
@@ -97,6 +130,9 @@ class CheckSettings:
             "data": defaults["data"], "threshold": THRESHOLD,
             "masks": f"blocks (b = {self.block})" if self.block else "rows",
             "backend": self.backend if self.block else "masked_dense", **hf,
+            **({"sparsity": {"method": self.sparsity_method, "update_every": self.update_every,
+                             "stop_step": int(0.75 * self.steps + 0.5), "update_fraction": 0.3}}
+               if self.sparsity_method != "static" else {}),
         }
 
 
@@ -110,7 +146,7 @@ def run_check(settings: CheckSettings, progress: Callable[[Case], None] | None =
     else:
         make = gpt_cases if s.model == "gpt" else mlp_cases
         cases = make(s.scheme, s.widths, s.densities, s.seeds, s.base_width, s.batch_size, s.block, s.backend)
-    found = evaluate(cases, torch.optim.Adam, settings.lr, settings.steps, progress)
+    found = evaluate(cases, torch.optim.Adam, settings.lr, settings.steps, progress, settings.mask_updates())
     return {"scheme": settings.scheme, "settings": settings.describe(), **found}
 
 

@@ -20,10 +20,12 @@ try:
 except ImportError:  # a torch build without distributed support
     DTensor = ()  # type: ignore[assignment,misc]
 
-__all__ = ["OutputMultiplier", "InputMultiplier", "GradMask", "EnsureGradMask", "EnsureAllGradMasks",
+__all__ = ["DENSE_GRAD_ATTR", "OutputMultiplier", "InputMultiplier", "GradMask", "EnsureGradMask", "EnsureAllGradMasks",
            "CheckStateOnLoad", "HOOK_TYPES", "MASK_SUFFIX", "SIGNATURE", "declare_storage", "move_hooks"]
 
 MASK_SUFFIX = "_mask"  # a masked weight ``w`` keeps its mask in the buffer ``w_mask`` beside it
+# An owner module with this attribute set keeps its weights' gradients dense (``record.dense_gradients``).
+DENSE_GRAD_ATTR = "_sparsemup_dense_grad"
 SIGNATURE = "_sparsemup_signature"  # root buffer: digest of the parameterization
 
 
@@ -52,7 +54,8 @@ class GradMask:
 
     With a zero gradient and a zero weight, Adam-family and SGD steps (momentum,
     weight decay, clipping included) leave masked entries exactly zero, at the cost
-    of one in-place multiply per step.
+    of one in-place multiply per step. Skipped while the owner carries ``DENSE_GRAD_ATTR`` (RigL reads
+    the dense gradient, then masks it itself).
     """
 
     def __init__(self, module: nn.Module, mask_name: str) -> None:
@@ -63,7 +66,7 @@ class GradMask:
 
     def __call__(self, param: torch.Tensor) -> None:
         module = self.module()
-        if param.grad is not None and module is not None:
+        if param.grad is not None and module is not None and not module.__dict__.get(DENSE_GRAD_ATTR, False):
             param.grad.mul_(getattr(module, self.mask_name))
 
 
@@ -134,6 +137,10 @@ class CheckStateOnLoad:
     def __init__(self, masked: list[tuple[str, int]]) -> None:
         self.masked = masked  # (weight name, nonzero count of its mask) of masked-dense weights
         self.stored: dict[str, str] = {}  # weight name -> storage format, for weights sparse by storage
+
+    def expect(self, name: str, nnz: int) -> None:
+        """Expect ``nnz`` nonzeros in the mask of weight ``name`` from now on (a dynamic mask changed)."""
+        self.masked = [(n, nnz if n == name else count) for n, count in self.masked]
 
     def _convert(self, module: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
         formats = storage_formats()

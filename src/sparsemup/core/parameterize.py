@@ -46,6 +46,7 @@ def parameterize(
     block_size: int = DEFAULT_BLOCK,
     seed: int = 0,
     forward_multipliers: ForwardMultipliers = "hooks",
+    mask_dense: bool = False,
 ) -> Parameterization:
     """Apply a parameterization and static sparse masks to ``model`` in place.
 
@@ -72,6 +73,8 @@ def parameterize(
         seed: masks and init are drawn from (seed, canonical parameter name).
         forward_multipliers: "hooks" installs them on nn.Linear/nn.Embedding owners;
             "manual" installs none (apply ``ParamInfo.forward_multipliers`` yourself).
+        mask_dense: give hidden weights at density 1 an all-ones mask too, so that dynamic sparsity
+            (``sparsemup.sparse.DynamicSparsity``, e.g. GMP starting dense) can prune them.
 
     Returns the ``Parameterization`` (also stored on the model; see ``get_parameterization``).
     Raises ValueError, naming the parameter and the fix, on any inconsistent input, before
@@ -88,7 +91,7 @@ def parameterize(
         scheme=scheme, density=density, base_density=base_density, init_std=init_std, role_init_std=role_init_std,
         init_scale=init_scale, input_alpha=input_alpha, output_alpha=output_alpha, zero_readout=zero_readout,
         roles=roles, delta=delta, masks=masks, mask_kind=mask_kind, block_size=block_size, seed=seed,
-        forward_multipliers=forward_multipliers,
+        forward_multipliers=forward_multipliers, mask_dense=mask_dense,
     )
     return apply_plan(make_plan(model, base, options))
 

@@ -263,7 +263,7 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
                 mask = validate_mask(user_masks[name], shape, name,
                                      neurons=functools.partial(neurons_view, layout=layout, groups=groups))
                 rho = float(mask.sum()) / mask.numel()
-            elif requested[name] < 1.0:
+            elif requested[name] < 1.0 or o.mask_dense:
                 rho = _realised_density(requested[name], shape, neurons, o.mask_kind, o.block_size, name)
                 mask = _draw_mask(shape, neurons, layout, groups, requested[name], o, name)
                 if o.mask_kind == "bernoulli":

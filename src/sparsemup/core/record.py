@@ -8,13 +8,14 @@ enters a state_dict; the state_dict carries a digest of it instead (``hooks.SIGN
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .hooks import MASK_SUFFIX
+from .hooks import DENSE_GRAD_ATTR, MASK_SUFFIX, CheckStateOnLoad
 from .masks import DEFAULT_BLOCK
 from .rules import Multipliers, Role, Scheme
 from .storage import SparseStorage
@@ -22,7 +23,7 @@ from .structure import canonical_name, strip_wrappers, unwrap
 from .vocab import ForwardMultipliers, MaskKind
 
 __all__ = ["Options", "ParamInfo", "Parameterization", "RECORD_PREFIX", "RECORD_ATTR", "is_parameterized",
-           "get_parameterization", "get_mask", "apply_masks"]
+           "get_parameterization", "get_mask", "apply_masks", "set_mask", "expect_mask_nonzeros", "dense_gradients"]
 
 # Attributes sparsemup keeps in a module's __dict__ start with this (``export`` drops them all).
 RECORD_PREFIX = "_sparsemup_"
@@ -49,6 +50,7 @@ class Options:
     block_size: int = DEFAULT_BLOCK
     seed: int = 0
     forward_multipliers: ForwardMultipliers = "hooks"
+    mask_dense: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,3 +148,58 @@ def apply_masks(model: nn.Module) -> None:
         module = inner.get_submodule(module_name)
         if info.masked and not isinstance(module, SparseStorage):
             module.get_parameter(attr).mul_(module.get_buffer(attr + MASK_SUFFIX))
+
+
+def _masked_owners(model: nn.Module, name: str) -> tuple[ParamInfo, list[tuple[nn.Module, str]]]:
+    """The record of a masked-dense weight and its (owner module, attribute) pairs, one per usage."""
+    info = get_parameterization(model).info(name)
+    inner = unwrap(model)
+    owners = []
+    for usage in info.names:
+        module_name, _, attr = usage.rpartition(".")
+        module = inner.get_submodule(module_name)
+        if not info.masked or isinstance(module, SparseStorage):
+            raise ValueError(f"{name}: not a masked-dense weight (dense, or sparse by storage); only masked-dense "
+                             "weights have a mask buffer to change")
+        owners.append((module, attr))
+    return info, owners
+
+
+def expect_mask_nonzeros(model: nn.Module, counts: Mapping[str, int]) -> None:
+    """Tell the load-time check that the masks of these weights now hold ``counts`` nonzeros (a dynamic
+    schedule changed them), so a state_dict saved at that point loads and one from elsewhere is refused."""
+    names = {usage: count for name, count in counts.items() for usage in _masked_owners(model, name)[0].names}
+    for hook in unwrap(model)._load_state_dict_pre_hooks.values():
+        check = getattr(hook, "hook", hook)
+        if isinstance(check, CheckStateOnLoad):
+            for usage, count in names.items():
+                check.expect(usage, count)
+
+
+@torch.no_grad()
+def set_mask(model: nn.Module, name: str, mask: torch.Tensor) -> None:
+    """Replace the mask of the masked-dense weight ``name`` (every usage of a tied weight) and zero the
+    weight outside it; the load-time check expects the new count. Optimizer state is the caller's."""
+    info, owners = _masked_owners(model, name)
+    if tuple(mask.shape) != info.shape:
+        raise ValueError(f"{name}: mask shape {tuple(mask.shape)} does not match the weight's {info.shape}")
+    for module, attr in owners:
+        buffer = module.get_buffer(attr + MASK_SUFFIX)
+        buffer.copy_(mask.to(buffer.device, buffer.dtype))
+        module.get_parameter(attr).mul_(buffer)
+    expect_mask_nonzeros(model, {name: int(mask.count_nonzero())})
+
+
+@contextlib.contextmanager
+def dense_gradients(model: nn.Module) -> Iterator[None]:
+    """Within the block, backward leaves masked weights' gradients dense (not zeroed outside the mask):
+    what RigL's regrowth reads. Mask them (``grad *= mask``) before the optimizer step."""
+    owners = {id(m): m for name, info in get_parameterization(model).params.items() if info.masked
+              for m, _ in _masked_owners(model, name)[1]}
+    for module in owners.values():
+        module.__dict__[DENSE_GRAD_ATTR] = True
+    try:
+        yield
+    finally:
+        for module in owners.values():
+            module.__dict__.pop(DENSE_GRAD_ATTR, None)

@@ -10,11 +10,13 @@ from torch import nn
 
 from ..core.vocab import Backend, hf_model_spec
 from ..models import GPTConfig, build_gpt
-from ..sparse import sparsify
+from ..sparse import GMP, SET, DynamicSparsity, RigL, sparsify
+from ..sparse.dynamic import Method
 from .data import VOCAB_SIZE
 from .schema import Config
+from .validate import stop_step
 
-__all__ = ["build_model", "fsdp_units", "logits_of"]
+__all__ = ["build_model", "dynamic_sparsity", "fsdp_units", "logits_of"]
 
 
 def build_model(cfg: Config, device: torch.device | str = "cpu",
@@ -24,7 +26,9 @@ def build_model(cfg: Config, device: torch.device | str = "cpu",
     layers on ``model.backend`` (or on ``backends``, a checkpoint's recorded choice)."""
     m = cfg.model
     blocks = m.mask_kind == "blocks"
-    options: dict[str, Any] = dict(scheme=m.scheme, density=m.density, base_density=m.base_density,
+    gmp = cfg.sparsity.method == "gmp"  # built at its start density (maybe dense, with all-ones masks to prune)
+    options: dict[str, Any] = dict(scheme=m.scheme, density=cfg.sparsity.start_density if gmp else m.density,
+                                   mask_dense=gmp, base_density=m.base_density,
                                    init_std=m.init_std, input_alpha=m.input_alpha, output_alpha=m.output_alpha,
                                    seed=cfg.train.seed, mask_kind=m.mask_kind, block_size=m.block_size)
     model: nn.Module
@@ -45,6 +49,21 @@ def build_model(cfg: Config, device: torch.device | str = "cpu",
     elif m.backend != "masked_dense":
         sparsify(model, m.backend)
     return model
+
+
+def dynamic_sparsity(cfg: Config, model: nn.Module) -> DynamicSparsity | None:
+    """The mask updates of ``cfg.sparsity`` on ``model`` (None for static masks)."""
+    s = cfg.sparsity
+    method: Method
+    if s.method == "static":
+        return None
+    if s.method == "gmp":
+        method = GMP(cfg.model.density, stop_step(cfg), s.start_density, s.update_every, s.constant_fan_in)
+    else:
+        kind = SET if s.method == "set" else RigL
+        method = kind(stop_step(cfg), s.update_every, s.update_fraction, s.constant_fan_in)
+    return DynamicSparsity(model, method, seed=cfg.train.seed, regrow_init=s.regrow_init,
+                           weight_decay_mode=cfg.optim.weight_decay_mode)
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:

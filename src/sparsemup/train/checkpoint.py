@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..core.atomic import write_atomic
 from ..sparse import get_backends
+from .build import dynamic_sparsity
 from .distributed import Context
 from .schema import RESUMABLE_KEYS, Config, ConfigError, flatten, with_defaults
 
@@ -99,8 +100,11 @@ def check_compatible(saved: dict[str, dict[str, Any]], cfg: Config, file: Path) 
     each differing key; keys the checkpoint predates take their defaults."""
     new = flatten(cfg.to_dict())
     old = with_defaults(flatten(saved))
+    resumable = set(RESUMABLE_KEYS)
+    if old.get("sparsity.method", "static") != "static":  # a dynamic schedule is laid out over train.steps
+        resumable.discard("train.steps")
     diffs = [f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+             if k not in resumable and old.get(k) != new.get(k)]
     if diffs:
         raise ConfigError(
             f"cannot resume from {file}: the config differs in " + "; ".join(diffs)
@@ -109,7 +113,11 @@ def check_compatible(saved: dict[str, dict[str, Any]], cfg: Config, file: Path) 
 
 
 def restore_model(model: nn.Module, state: dict[str, Any], file: Path) -> None:
-    """Load weights and masks into the parameterized, not yet wrapped model."""
+    """Load weights and masks into the parameterized, not yet wrapped model; under a dynamic ``[sparsity]``
+    method the load check expects the masks the schedule has at the checkpoint's step."""
+    dynamic = dynamic_sparsity(Config.from_dict(state["config"], str(file)), model)
+    if dynamic is not None:
+        dynamic.expect_step(int(state["step"]))
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError) as err:

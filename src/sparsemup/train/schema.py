@@ -16,9 +16,11 @@ from typing import Any, Literal, get_args
 import torch
 
 from ..core.vocab import BACKEND_CHOICES, SCHEME_NAMES, WEIGHT_DECAY_MODES, BackendChoice, SchemeName, WeightDecayMode
+from ..sparse.dynamic import METHOD_NAMES, MethodName
+from ..sparse.mask_updates import REGROW_INITS, RegrowInit
 
 __all__ = [
-    "ModelConfig", "OptimConfig", "TrainConfig", "DataConfig", "DistConfig", "Config", "ConfigError",
+    "ModelConfig", "SparsityConfig", "OptimConfig", "TrainConfig", "DataConfig", "DistConfig", "Config", "ConfigError",
     "OPTIMIZERS", "OptimizerName", "TRAINED_MASK_KINDS", "TrainedMaskKind", "ScheduleName", "DeviceName",
     "RESUMABLE_KEYS", "LAYOUT_KEYS", "flatten", "flat_defaults",
     "with_defaults", "run_identity", "field_specs",
@@ -73,6 +75,26 @@ class ModelConfig:
     backend: BackendChoice = _f("masked_dense", "how masked layers run: masked_dense, blocks (block-sparse storage and "
                       "compute, needs mask_kind = blocks) or auto (per layer, by measured thresholds)",
                       choices=BACKEND_CHOICES)
+
+
+@dataclass
+class SparsityConfig:
+    """How the masks of hidden weights evolve: static (drawn once) or a dynamic method (docs/DYNAMIC.md).
+    ``model.density`` is the target density; masked_dense backend only."""
+
+    method: MethodName = _f("static", "static (random masks, fixed), gmp (magnitude pruning from start_density to "
+                            "model.density on a cubic schedule), set (drop smallest, regrow at random) or rigl "
+                            "(drop smallest, regrow by dense-gradient magnitude)", choices=METHOD_NAMES)
+    update_every: int = _f(10, "steps between mask updates (ΔT)")
+    update_fraction: float = _f(0.3, "set/rigl: fraction of kept weights dropped and regrown per update (rigl: decayed "
+                                "by cosine to 0 at the stop step), in (0, 1]")
+    stop_fraction: float = _f(0.75, "fraction of train.steps after which masks stop changing (gmp: reaches "
+                              "model.density by then), in (0, 1]")
+    start_density: float = _f(1.0, "gmp: density at step 0 (1: start dense), above model.density")
+    regrow_init: RegrowInit = _f("zero", "set/rigl: regrown weights start at zero (RigL) or normal (the layer's init "
+                                 "std)", choices=REGROW_INITS)
+    constant_fan_in: bool = _f(True, "drop and regrow within each output neuron, so every neuron keeps "
+                               "round(ρ·fan_in) inputs (as SµPar assumes); false: counts per layer")
 
 
 @dataclass
@@ -136,6 +158,7 @@ class Config:
     """The whole training configuration."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

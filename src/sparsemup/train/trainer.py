@@ -21,11 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..core import make_optimizer
+from ..core import get_mask, get_parameterization, make_optimizer
 from ..core.atomic import write_json_atomic, write_text_atomic
+from ..core.record import dense_gradients
+from ..core.rules import Multipliers, Role, init_std
 from ..sparse import get_backends
+from ..sparse.mask_updates import kept_weight_stats
 from . import checkpoint, distributed
-from .build import build_model, fsdp_units, logits_of
+from .build import build_model, dynamic_sparsity, fsdp_units, logits_of
 from .config import to_toml, to_yaml
 from .data import load_corpus, train_batch
 from .evaluate import validation_loss
@@ -110,8 +113,10 @@ class Trainer:
         t = cfg.train
         self.corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, t.seq_len)
         model = build_model(cfg, ctx.device, backends=state.get("backends") if state is not None else None)
+        self.dynamic = dynamic_sparsity(cfg, model)
         if state is not None:
             checkpoint.restore_model(model, state, ckpt_file)
+        self.inner = model  # unwrapped: the parameterization and the masks live here
         self.mask_digests = distributed.gather_mask_digests(model, ctx)
         distributed.check_same_masks(self.mask_digests)
         self.model = distributed.wrap(model, ctx, cfg.dist.fsdp, fsdp_units(model))
@@ -119,6 +124,8 @@ class Trainer:
         extra = {"betas": (o.beta1, o.beta2), "eps": o.eps} if o.name == "adamw" else {"momentum": o.momentum}
         self.optimizer = make_optimizer(model, OPTIMIZERS[o.name], o.lr, o.weight_decay,
                                         o.weight_decay_mode, **extra)
+        if self.dynamic is not None:
+            self.dynamic.attach(self.optimizer)
         self.schedule = Schedule(o.schedule, o.warmup_steps, t.steps, o.final_lr_fraction)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.step = 0
@@ -130,8 +137,7 @@ class Trainer:
             # extended, so put this run's schedule back and set the next step's LRs from it.
             self.schedule = Schedule(o.schedule, o.warmup_steps, t.steps, o.final_lr_fraction)
             self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * self.schedule(self.step)
+            self._set_lrs()
         self.last_checkpoint = self.step if state is not None else None
         self.val_loss: float | None = None
         self.metrics: MetricsLog | None = None
@@ -146,6 +152,11 @@ class Trainer:
             self.metrics = MetricsLog(self.out, self.step, t.tensorboard)
             self.bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                             disable=not t.progress, dynamic_ncols=True)
+
+    def _set_lrs(self) -> None:
+        """The LR of the next step in every group: its initial LR times the schedule (as the scheduler sets it)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self.schedule(self.step)
 
     def _local_rows(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.train
@@ -173,13 +184,16 @@ class Trainer:
         lr = self.cfg.optim.lr * self.schedule(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=ctx.device)
-        for i in range(t.grad_accum):
-            rows = slice(i * micro, (i + 1) * micro)
-            with self._sync(i == t.grad_accum - 1):
-                logits = logits_of(self.model(x[rows]))
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y[rows].flatten()) / t.grad_accum
-                loss.backward()
-            total += loss.detach()
+        dense = self.dynamic is not None and self.dynamic.wants_gradients(self.step + 1)
+        with dense_gradients(self.inner) if dense else contextlib.nullcontext():
+            for i in range(t.grad_accum):
+                rows = slice(i * micro, (i + 1) * micro)
+                with self._sync(i == t.grad_accum - 1):
+                    logits = logits_of(self.model(x[rows]))
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y[rows].flatten()) / t.grad_accum
+                    loss.backward()
+                total += loss.detach()
+        gradients = self.dynamic.take_gradients() if dense and self.dynamic is not None else None
         train_loss = float(distributed.all_mean(total, ctx))
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
@@ -190,6 +204,10 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        if self.dynamic is not None and self.dynamic.update(self.step, self.optimizer, gradients, self.scheduler):
+            self._set_lrs()
+            if ctx.distributed:  # decisions come from identical inputs; check that they were identical
+                distributed.check_same_masks(distributed.gather_mask_digests(self.inner, ctx))
         elapsed = time.perf_counter() - start
         self.tokens_per_s.append(t.batch_size * t.seq_len / elapsed)
         row: dict[str, Any] = {"step": self.step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
@@ -219,6 +237,19 @@ class Trainer:
         return validation_loss(self.model, self.corpus.val, t.eval_batches * t.batch_size, t.seq_len,
                                t.batch_size // (self.ctx.world * t.grad_accum), self.ctx)
 
+    def _kept_weights(self) -> dict[str, dict[str, float]]:
+        """Per masked weight at the end: density, RMS and excess kurtosis of the kept entries, and RMS over
+        the init std SµPar gives that layer at its final density (what dynamic masks may move away from)."""
+        reference = {}
+        for name, info in get_parameterization(self.inner).params.items():
+            mask = get_mask(self.inner, name)
+            if mask is not None:
+                m, density = info.multipliers, float(mask.count_nonzero()) / mask.numel()
+                reference[name] = init_std(Role.HIDDEN, "supar", Multipliers(m.width, m.fan_out,
+                                                                             density / info.base_density),
+                                           self.cfg.model.init_std)
+        return kept_weight_stats(self.inner, reference)
+
     def _write_result(self, result: dict[str, Any]) -> None:
         if self.ctx.main:
             write_json_atomic(self.out / "result.json", result)
@@ -243,7 +274,8 @@ class Trainer:
                 "final_val_bits_per_byte": self.val_loss / math.log(2) if self.val_loss is not None else None,
                 "mean_tokens_per_s": (sum(self.tokens_per_s) / len(self.tokens_per_s)) if self.tokens_per_s else None,
                 "world_size": self.ctx.world, "device": self.ctx.device.type, "fsdp": self.cfg.dist.fsdp,
-                "mask_sha256": self.mask_digests[0],
+                "mask_sha256": distributed.mask_digest(self.inner) if self.dynamic else self.mask_digests[0],
+                "kept_weights": self._kept_weights(),
                 "backends": dict(Counter(get_backends(self.model).values())),
             }
             self._write_result(self.result)

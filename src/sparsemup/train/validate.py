@@ -73,6 +73,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              f"train.batch_size = {t.batch_size} does not divide into {world_size} process(es) × "
              f"train.grad_accum = {t.grad_accum}; make it a multiple of {shards}")
     _require(0.0 < d.val_fraction <= 0.5, f"data.val_fraction = {d.val_fraction}: must be in (0, 0.5]")
+    _check_sparsity(cfg)
     corpus_files(d.path)  # raises ConfigError when missing
     if hf_spec is not None:
         _check_hf(cfg, hf_spec)
@@ -95,3 +96,35 @@ def _check_hf(cfg: Config, spec: str) -> None:
                 _require(size % m.block_size == 0,
                          f"model.block_size = {m.block_size} does not divide {name} = {size} of {m.arch} at width "
                          f"{config.hidden_size}; pick a block size dividing it (or a width that makes it divide)")
+
+
+def stop_step(cfg: Config) -> int:
+    """The step after which dynamic masks stop changing: round(sparsity.stop_fraction · train.steps)."""
+    return int(cfg.sparsity.stop_fraction * cfg.train.steps + 0.5)
+
+
+def _check_sparsity(cfg: Config) -> None:
+    """The [sparsity] section: fractions in range, and a dynamic method only where it can run and update."""
+    s, m = cfg.sparsity, cfg.model
+    for key in ("update_fraction", "stop_fraction", "start_density"):
+        value = getattr(s, key)
+        _require(0.0 < value <= 1.0, f"sparsity.{key} = {value}: must be in (0, 1]")
+    _require(s.update_every >= 1, f"sparsity.update_every = {s.update_every}: must be at least 1")
+    if s.method == "static":
+        return
+    method = f"sparsity.method = {s.method!r}"
+    _require(m.density < 1.0, f"{method} needs a target model.density below 1 (got {m.density:g}); set model.density "
+             "(e.g. 0.25) or sparsity.method = 'static'")
+    _require(m.backend == "masked_dense", f"{method} updates masked-dense weights only; set model.backend = "
+             f"'masked_dense' (got {m.backend!r})")
+    _require(m.mask_kind == "rows", f"{method} drops and regrows single weights, not blocks; set model.mask_kind = "
+             "'rows'")
+    _require(not cfg.dist.fsdp, f"{method} is not supported with FSDP yet; train with DDP (dist.fsdp = false)")
+    stop = stop_step(cfg)
+    first = s.update_every if s.method == "gmp" else s.update_every + 1
+    _require(stop >= first, f"{method}: no mask update before the stop step: updates every {s.update_every} steps "
+             f"but masks stop changing at step {stop} (sparsity.stop_fraction · train.steps); lower "
+             "sparsity.update_every or raise sparsity.stop_fraction or train.steps")
+    if s.method == "gmp":
+        _require(s.start_density > m.density, f"sparsity.start_density = {s.start_density:g} must be above the target "
+                 f"model.density = {m.density:g} (GMP prunes from one to the other)")

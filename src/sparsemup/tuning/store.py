@@ -12,9 +12,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultStore", "StoreError", "STORE_NAME"]
+__all__ = ["ResultStore", "StoreError", "STORE_NAME", "FAILURES_NAME", "append_line"]
 
 STORE_NAME = "results.jsonl"
+FAILURES_NAME = "failures.jsonl"  # runs that raised: one line per failed attempt, never read back as results
+
+
+def append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line with a single write, flushed and fsynced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+    with path.open("ab") as f:
+        f.write(line.encode())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class StoreError(ValueError):
@@ -67,10 +78,5 @@ class ResultStore:
         """Write one record as a line and fsync it; a record whose id is already stored is ignored."""
         if record["id"] in self.records:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
-        with self.path.open("ab") as f:
-            f.write(line.encode())
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, record)
         self.records[record["id"]] = record

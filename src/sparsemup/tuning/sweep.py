@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -28,9 +29,10 @@ from ..train import Config, ConfigError, load_config, train, validate
 from ..train.checkpoint import CHECKPOINT_NAME
 from ..train.config import tomllib, typed_value
 from ..train.schema import flatten, run_identity, with_defaults
-from .store import STORE_NAME, ResultStore
+from .lock import SweepLocked, driver_lock
+from .store import FAILURES_NAME, STORE_NAME, ResultStore, append_line
 
-__all__ = ["Point", "SweepSpec", "SweepError", "load_sweep", "parse_sweep", "run_sweep", "run_id"]
+__all__ = ["ENGINES", "Point", "SweepSpec", "SweepError", "load_sweep", "parse_sweep", "run_sweep", "run_id"]
 
 
 class SweepError(ConfigError):
@@ -206,6 +208,7 @@ def _record(point: Point, cfg: Config, result: dict[str, Any]) -> dict[str, Any]
             "final_val_loss": result.get("final_val_loss"), "steps": result.get("steps"),
             "diverged_at_step": result.get("diverged_at_step"), "seconds": result.get("seconds"),
             "device": result.get("device"),
+            **({"kept_weights": result["kept_weights"]} if result.get("kept_weights") else {}),
             "config": _identity(cfg)}
 
 
@@ -214,12 +217,50 @@ def _describe(point: Point) -> str:
                     for k, v in point.overrides.items())
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Pool-worker initializer: a thread that ends the worker once its parent, the driver, is gone (a killed
+    driver must leave no process behind; an unfinished run resumes from its checkpoint on the rerun)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+ENGINES = ("local", "ray")
+
+
 def run_sweep(spec: SweepSpec, out: Path, workers: int = 1,
-              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, int]:
-    """Run every point not yet in ``out``'s store (``workers`` in parallel); returns counts by outcome."""
+              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+              engine: str = "local", address: str | None = None) -> dict[str, int]:
+    """Run every point not yet in ``out``'s store (``workers`` at once); returns counts by outcome.
+
+    engine: ``local`` (a process pool on this machine) or ``ray`` (Ray tasks: ``address`` None or "local"
+    starts a private instance, "auto" or HOST:PORT joins a cluster; ``sparsemup.tuning.ray_engine``).
+    Both plan, skip, resume and record the same way. One driver per ``out``: a second is refused.
+    """
     if workers < 1:
         raise SweepError(f"--workers {workers}: must be at least 1")
+    if engine not in ENGINES:
+        raise SweepError(f"--engine {engine!r}: choose local or ray")
+    if engine == "ray":
+        from .ray_engine import require_ray
+
+        require_ray()
+    elif address is not None:
+        raise SweepError("--address applies to --engine ray only")
     out = Path(out)
+    try:
+        with driver_lock(out):
+            return _run_locked(spec, out, workers, log, engine, address)
+    except SweepLocked as error:
+        raise SweepError(str(error)) from None
+
+
+def _run_locked(spec: SweepSpec, out: Path, workers: int, log: Callable[[str], None], engine: str,
+                address: str | None) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "sweep.json"
     fingerprint = _identity(spec.base)
@@ -245,30 +286,48 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1,
             _finish(store, point, cfg, result, run_dir, spec.keep_checkpoints, counts)
         else:
             todo.append((point, cfg, run_dir))
+    threads = resolve(spec.base, spec.points[0], workers).train.threads
     log(f"sweep {spec.source}: {len(spec.points)} runs planned, {counts['stored']} already stored, "
-        f"{len(todo)} to run with {workers} worker(s) × {resolve(spec.base, spec.points[0], workers).train.threads} "
-        f"thread(s); store: {store.path}")
+        f"{len(todo)} to run with {workers} worker(s) × {threads} thread(s)"
+        + (" on Ray" if engine == "ray" else "") + f"; store: {store.path}")
     done = 0
+    started = time.perf_counter()
+
+    def progress() -> str:
+        """Done / total, failed so far, and the time left at the pace so far."""
+        elapsed = time.perf_counter() - started
+        left = (len(todo) - done) * elapsed / done
+        eta = f"ETA {left / 60:.0f} min" if left >= 90 else f"ETA {left:.0f} s"
+        failed = f", {counts['failed']} failed" if counts["failed"] else ""
+        return f"[{done}/{len(todo)}{failed}, {eta}]" if done < len(todo) else f"[{done}/{len(todo)}{failed}]"
 
     def finished(point: Point, cfg: Config, run_dir: Path, result: dict[str, Any]) -> None:
         nonlocal done
         done += 1
         if "error" in result:
             counts["failed"] += 1
-            log(f"[{done}/{len(todo)}] {point.id} {_describe(point)}: FAILED (not recorded, retried on rerun)\n"
-                + result["error"])
+            append_line(out / FAILURES_NAME, {"id": point.id, "overrides": point.overrides, "error": result["error"],
+                                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            log(f"{progress()} {point.id} {_describe(point)}: FAILED (in {FAILURES_NAME}, not in {STORE_NAME}; "
+                "retried on rerun)\n" + result["error"])
             return
         _finish(store, point, cfg, result, run_dir, spec.keep_checkpoints, counts)
         outcome = (f"val loss {result['final_val_loss']:.4f}" if result["status"] == "completed"
                    else f"diverged at step {result.get('diverged_at_step')}")
-        log(f"[{done}/{len(todo)}] {point.id} {_describe(point)}: {outcome} ({result['seconds']:.0f} s"
+        log(f"{progress()} {point.id} {_describe(point)}: {outcome} ({result['seconds']:.0f} s"
             + (", resumed" if result.get("resumed") else "") + ")")
 
-    if workers == 1:
+    if engine == "ray" and todo:
+        from .ray_engine import run_on_ray
+
+        run_on_ray([((point, cfg, run_dir), cfg.to_dict(), str(run_dir)) for point, cfg, run_dir in todo], workers,
+                   threads, address, _execute, lambda job, result: finished(*job, result))
+    elif workers == 1:
         for point, cfg, run_dir in todo:
             finished(point, cfg, run_dir, _execute(cfg.to_dict(), str(run_dir)))
     elif todo:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_execute, cfg.to_dict(), str(run_dir)): (point, cfg, run_dir)
                        for point, cfg, run_dir in todo}
             for future in as_completed(futures):
