@@ -247,7 +247,8 @@ class DynamicSparsity:
 @torch.no_grad()
 def kept_weight_stats(model: nn.Module, supar_std: Mapping[str, float]) -> dict[str, dict[str, float]]:
     """Per masked-dense weight: realised density, RMS of the kept entries, RMS over ``supar_std[name]`` (the
-    Gaussian SµPar assumes at that density) and the kept entries' excess kurtosis (0 for a Gaussian)."""
+    Gaussian SµPar assumes at that density) and the kept entries' excess kurtosis (0 for a Gaussian).
+    Under FSDP2 every rank must call it (sharded weights are gathered)."""
     record = get_parameterization(model)
     inner = unwrap(model)
     out = {}
@@ -258,7 +259,10 @@ def kept_weight_stats(model: nn.Module, supar_std: Mapping[str, float]) -> dict[
         owner = inner.get_submodule(module_name)
         if isinstance(owner, SparseStorage):  # kept entries only: no mask buffer to read
             continue
-        weight = owner.get_parameter(attr).detach().double()
+        weight = owner.get_parameter(attr).detach()
+        if hasattr(weight, "full_tensor"):  # an FSDP2 shard: gather it (a collective: every rank calls this)
+            weight = weight.full_tensor()
+        weight = weight.double()
         kept = weight[owner.get_buffer(attr + "_mask") != 0]
         rms = float(kept.pow(2).mean().sqrt())
         centred = kept - kept.mean()
