@@ -130,10 +130,16 @@ class CheckSettings:
             "data": defaults["data"], "threshold": THRESHOLD,
             "masks": f"blocks (b = {self.block})" if self.block else "rows",
             "backend": self.backend if self.block else "masked_dense", **hf,
-            **({"sparsity": {"method": self.sparsity_method, "update_every": self.update_every,
-                             "stop_step": int(0.75 * self.steps + 0.5), "update_fraction": 0.3}}
-               if self.sparsity_method != "static" else {}),
+            **self._sparsity(),
         }
+
+    def _sparsity(self) -> dict[str, Any]:
+        """The dynamic masks' settings as recorded in coord.json (nothing for static masks)."""
+        method = self.method()
+        if method is None:
+            return {}
+        return {"sparsity": {"method": self.sparsity_method, "update_every": method.update_every,
+                             "stop_step": method.stop_step, "update_fraction": method.fraction}}
 
 
 def run_check(settings: CheckSettings, progress: Callable[[Case], None] | None = None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
+from ..core.hooks import MASK_SUFFIX
 from ..core.layout import Layout, from_neurons, group_count, neurons_shape, neurons_view
 from ..core.masks import stable_seed
 from ..core.optim import optimizer_rule
@@ -94,7 +95,7 @@ class DynamicSparsity:
                 raise ValueError(f"{name} is stored sparse ({type(owner).__name__}); dynamic sparsity updates "
                                  "masked-dense weights only: train on the masked_dense backend")
             layout = weight_layout(owner, name, len(info.shape))
-            mask = owner.get_buffer(attr + "_mask")
+            mask = owner.get_buffer(attr + MASK_SUFFIX)
             groups = group_count(owner, layout)
             rows = (neurons_view(mask, layout, groups) != 0).sum(dim=1).cpu()
             self.targets[name] = _Target(info, owner.get_parameter(attr), mask, layout, groups, rows)
@@ -263,7 +264,7 @@ def kept_weight_stats(model: nn.Module, supar_std: Mapping[str, float]) -> dict[
         if hasattr(weight, "full_tensor"):  # an FSDP2 shard: gather it (a collective: every rank calls this)
             weight = weight.full_tensor()
         weight = weight.double()
-        kept = weight[owner.get_buffer(attr + "_mask") != 0]
+        kept = weight[owner.get_buffer(attr + MASK_SUFFIX) != 0]
         rms = float(kept.pow(2).mean().sqrt())
         centred = kept - kept.mean()
         kurtosis = float(centred.pow(4).mean() / centred.pow(2).mean().pow(2)) - 3.0
