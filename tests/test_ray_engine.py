@@ -46,6 +46,28 @@ def test_ray_runs_give_the_local_engines_records(corpus, tmp_path, local_ray):
     assert run_sweep(spec, tmp_path / "ray", workers=2, log=lambda s: None, engine="ray")["stored"] == 3
 
 
+def test_an_optuna_search_on_ray_records_the_local_engines_trials(corpus, tmp_path, local_ray):
+    pytest.importorskip("optuna", reason="the Optuna samplers need sparsemup[tune]")
+    spec = parse_sweep({"base": sweep_base(corpus), "random": {
+        "sampler": "tpe", "samples": 4, "batch": 2, "log_uniform": {"optim.lr": ["2**-9", "2**-5"]}}}, "t")
+    run_sweep(spec, tmp_path / "local", workers=2, log=lambda s: None)
+    run_sweep(spec, tmp_path / "ray", workers=2, log=lambda s: None, engine="ray")  # one Ray session, two batches
+    local = {r["id"]: (r["trial"], r["final_val_loss"]) for r in _records(tmp_path / "local")}
+    assert {r["id"]: (r["trial"], r["final_val_loss"]) for r in _records(tmp_path / "ray")} == local
+    assert sorted(trial for trial, _ in local.values()) == [0, 1, 2, 3]
+
+
+def test_a_run_asks_ray_for_its_threads_and_a_gpu_when_it_trains_on_cuda():
+    from sparsemup.tuning.ray_engine import task_resources
+
+    def ask(device, cluster_gpus):
+        return task_resources({"train": {"device": device, "threads": 3}}, cluster_gpus)
+
+    assert ask("cpu", 8) == {"num_cpus": 3.0, "num_gpus": 0.0}
+    assert ask("cuda", 0) == {"num_cpus": 3.0, "num_gpus": 1.0}  # Ray waits for a node with a GPU
+    assert ask("auto", 8) == {"num_cpus": 3.0, "num_gpus": 1.0} and ask("auto", 0)["num_gpus"] == 0.0
+
+
 def _task_pids():
     """Ray worker processes currently running a sweep run (their title is ray::_execute)."""
     pids = []

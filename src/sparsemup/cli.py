@@ -175,7 +175,12 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         for point in spec.points:
             print(point.id, json.dumps(point.overrides))
-        print(f"{len(spec.points)} runs", file=sys.stderr)
+        if spec.search is not None:  # its trials exist only once the results before them do
+            for part in spec.grid_parts:
+                print(f"{spec.search.sampler} search of {spec.search.samples} trials over "
+                      f"{', '.join(spec.search.bounds)} at {json.dumps(part)}")
+        runs = spec.search.samples * len(spec.grid_parts) if spec.search is not None else len(spec.points)
+        print(f"{runs} runs", file=sys.stderr)
         return 0
     counts = run_sweep(spec, args.out, workers=args.workers, engine=args.engine, address=args.address)
     print(f"sweep done: {counts['stored']} already stored, {counts['completed']} completed, "

@@ -1,11 +1,12 @@
 """The Ray engine of a sweep (extra ``sparsemup[ray]``): every run is a Ray task, the driver still records.
 
 Each task trains one run exactly as the local engine does (the same ``_execute``, the same
-``train.threads``) and asks Ray for that many CPUs, so Ray places runs on whatever machines the
-cluster has; at most ``workers`` run at once. The driver is the only writer of the results store
-(``sweep.run_sweep`` records what each task returns). A task whose worker process dies (a node lost,
-a worker killed) is retried by Ray up to ``RETRIES`` times, resuming from the run's last checkpoint;
-after that it counts as failed (``failures.jsonl``) and the next invocation retries it.
+``train.threads``) and asks Ray for that many CPUs (and a GPU when the run trains on CUDA), so Ray
+places runs on whatever machines the cluster has; at most ``workers`` run at once. The driver is
+the only writer of the results store (``sweep.run_sweep`` records what each task returns). A task
+whose worker process dies (a node lost, a worker killed) is retried by Ray up to ``RETRIES`` times,
+resuming from the run's last checkpoint; after that it counts as failed (``failures.jsonl``) and
+the next invocation retries it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["RETRIES", "require_ray", "run_on_ray"]
+__all__ = ["RETRIES", "connect", "disconnect", "require_ray", "run_on_ray", "task_resources"]
 
 RETRIES = 2  # Ray's retries of a task whose worker died (not of a run that raised: that is a result)
 Job = TypeVar("Job")
@@ -26,35 +27,54 @@ def require_ray() -> None:
         raise ValueError("--engine ray needs Ray, which is not installed: pip install 'sparsemup[ray]'")
 
 
-def run_on_ray(jobs: Sequence[tuple[Job, dict[str, Any], str]], workers: int, threads: int, address: str | None,
-               execute: Callable[[dict[str, Any], str], dict[str, Any]],
-               done: Callable[[Job, dict[str, Any]], None]) -> None:
-    """Run ``execute(config, run_dir)`` of every job as a Ray task of ``threads`` CPUs, ``workers`` at a time, and
-    call ``done(job, result)`` in the driver as each finishes. ``address``: None or "local" starts a private
-    Ray instance (never a stray cluster's); "auto" or HOST:PORT joins that cluster."""
+def connect(address: str | None) -> bool:
+    """Start or join Ray unless this process already has; True when it did. ``address``: None or "local" starts a
+    private instance (never a stray cluster's); "auto" or HOST:PORT joins that cluster."""
     require_ray()
     import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address="local" if address in (None, "local") else address, include_dashboard=False,
-                 log_to_driver=False)
-    try:
-        task = ray.remote(num_cpus=threads, max_retries=RETRIES, retry_exceptions=False)(execute)
-        queue = list(jobs)
-        pending: dict[Any, Job] = {}
-        while queue or pending:
-            while queue and len(pending) < workers:
-                job, config, run_dir = queue.pop(0)
-                pending[task.remote(config, run_dir)] = job
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                job = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as error:  # the worker died RETRIES + 1 times
-                    result = {"error": f"{type(error).__name__} after {RETRIES} Ray retries: {error}"}
-                done(job, result)
-    finally:
-        if started_here:
-            ray.shutdown()
+    if ray.is_initialized():
+        return False
+    ray.init(address="local" if address in (None, "local") else address, include_dashboard=False,
+             log_to_driver=False)
+    return True
+
+
+def disconnect() -> None:
+    """Leave Ray (stopping the private instance ``connect`` started)."""
+    import ray
+
+    ray.shutdown()
+
+
+def task_resources(config: dict[str, Any], cluster_gpus: float) -> dict[str, float]:
+    """What one run asks Ray for: its ``train.threads`` CPUs, and one GPU when it trains on CUDA (``train.device``
+    cuda, or auto on a cluster that has GPUs), so Ray places it on a node with a free GPU."""
+    train = config["train"]
+    gpu = train["device"] == "cuda" or (train["device"] == "auto" and cluster_gpus > 0)
+    return {"num_cpus": float(train["threads"]), "num_gpus": 1.0 if gpu else 0.0}
+
+
+def run_on_ray(jobs: Sequence[tuple[Job, dict[str, Any], str]], workers: int,
+               execute: Callable[[dict[str, Any], str], dict[str, Any]],
+               done: Callable[[Job, dict[str, Any]], None]) -> None:
+    """Run ``execute(config, run_dir)`` of every job as a Ray task (``task_resources``), ``workers`` at a time, and
+    call ``done(job, result)`` in the driver as each finishes (after ``connect``)."""
+    import ray
+
+    task = ray.remote(max_retries=RETRIES, retry_exceptions=False)(execute)
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    queue = list(jobs)
+    pending: dict[Any, Job] = {}
+    while queue or pending:
+        while queue and len(pending) < workers:
+            job, config, run_dir = queue.pop(0)
+            pending[task.options(**task_resources(config, gpus)).remote(config, run_dir)] = job
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            job = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as error:  # the worker died RETRIES + 1 times
+                result = {"error": f"{type(error).__name__} after {RETRIES} Ray retries: {error}"}
+            done(job, result)

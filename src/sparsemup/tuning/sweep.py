@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ..train.checkpoint import CHECKPOINT_NAME
 from ..train.config import tomllib, typed_value
 from ..train.schema import flatten, run_identity, with_defaults
 from .lock import SweepLocked, driver_lock
+from .search import SAMPLERS, Search, Study, require_sampler
 from .store import FAILURES_NAME, STORE_NAME, ResultStore, append_line
 
 __all__ = ["ENGINES", "Point", "SweepSpec", "SweepError", "load_sweep", "parse_sweep", "run_sweep", "run_id"]
@@ -45,16 +46,23 @@ class Point:
 
     id: str
     overrides: dict[str, Any]
+    trial: int | None = None  # its number in the sweep's search ([random]), recorded with its result
 
 
 @dataclass
 class SweepSpec:
-    """A parsed sweep file: base config, the planned points and the sweep options."""
+    """A parsed sweep file: base config, the planned points and the sweep options.
+
+    With an adaptive search (``search``: an Optuna sampler) the trials are proposed while the sweep
+    runs: ``points`` is empty and each of ``grid_parts`` gets its own study.
+    """
 
     base: Config
     points: list[Point]
     keep_checkpoints: bool = False
     source: str = "sweep"
+    search: Search | None = None
+    grid_parts: list[dict[str, Any]] = field(default_factory=lambda: [{}])
 
 
 def run_id(overrides: dict[str, Any]) -> str:
@@ -80,14 +88,21 @@ def _grid_axes(grid: dict[str, Any], source: str) -> list[tuple[list[str], list[
     return axes
 
 
-def _random_samples(table: dict[str, Any], source: str) -> list[dict[str, Any]]:
-    unknown = set(table) - {"seed", "samples", "log_uniform"}
+def _random_table(table: dict[str, Any], source: str) -> tuple[list[dict[str, Any]], Search | None]:
+    """The [random] section: (samples drawn once from the seed, None) for the random sampler, else ([], the search)."""
+    unknown = set(table) - {"seed", "samples", "log_uniform", "sampler", "batch"}
     if unknown:
-        raise SweepError(f"{source}: unknown key(s) {sorted(unknown)} in [random]; it takes seed, samples and "
-                         "[random.log_uniform]")
+        raise SweepError(f"{source}: unknown key(s) {sorted(unknown)} in [random]; it takes seed, samples, sampler, "
+                         "batch and [random.log_uniform]")
     samples, seed = table.get("samples"), table.get("seed", 0)
     if not isinstance(samples, int) or samples < 1 or not isinstance(seed, int):
         raise SweepError(f"{source}: [random] needs samples = N (N ≥ 1) and an integer seed")
+    sampler, batch = table.get("sampler", "random"), table.get("batch", 1)
+    if sampler not in SAMPLERS:
+        raise SweepError(f"{source}: [random] sampler = {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if not isinstance(batch, int) or batch < 1 or (batch != 1 and sampler == "random"):
+        raise SweepError(f"{source}: [random] batch = {batch!r}: an integer ≥ 1, the trials an Optuna sampler "
+                         "proposes together (set it to --workers); the random sampler takes none")
     ranges = flatten(table.get("log_uniform", {}))
     if not ranges:
         raise SweepError(f"{source}: [random.log_uniform] is empty; give ranges such as \"optim.lr\" = "
@@ -99,9 +114,16 @@ def _random_samples(table: dict[str, Any], source: str) -> list[dict[str, Any]]:
         low, high = (float(typed_value(key, v, source)) for v in pair)
         if not 0 < low <= high:
             raise SweepError(f"{source}: random range {key!r} = [{low}, {high}]: need 0 < low ≤ high (log-uniform)")
-        bounds[key] = (math.log(low), math.log(high))
+        bounds[key] = (low, high)
+    if sampler != "random":
+        try:
+            require_sampler(sampler)
+        except ValueError as error:
+            raise SweepError(f"{source}: {error}") from None
+        return [], Search(sampler, seed, samples, batch, bounds)
     rng = random.Random(seed)
-    return [{k: math.exp(rng.uniform(lo, hi)) for k, (lo, hi) in bounds.items()} for _ in range(samples)]
+    logs = {k: (math.log(lo), math.log(hi)) for k, (lo, hi) in bounds.items()}
+    return [{k: math.exp(rng.uniform(lo, hi)) for k, (lo, hi) in logs.items()} for _ in range(samples)], None
 
 
 def parse_sweep(data: dict[str, Any], source: str = "sweep", root: Path = Path(".")) -> SweepSpec:
@@ -134,19 +156,26 @@ def parse_sweep(data: dict[str, Any], source: str = "sweep", root: Path = Path("
     axes = _grid_axes(data.get("grid", {}), source)
     if "grid" in data and not axes:
         raise SweepError(f"{source}: [grid] is empty; give at least one axis, e.g. \"optim.lr\" = [\"2**-8\"]")
-    samples = _random_samples(data["random"], source) if "random" in data else [{}]
+    samples, search = _random_table(data["random"], source) if "random" in data else ([{}], None)
+    grid_parts = [{k: v for (keys, _), row in zip(axes, combo) for k, v in zip(keys, row)}
+                  for combo in itertools.product(*(rows for _, rows in axes))]
     points, seen = [], set()
-    for combo in itertools.product(*(rows for _, rows in axes)):
-        grid_part = {k: v for (keys, _), row in zip(axes, combo) for k, v in zip(keys, row)}
-        for sample in samples:
+    for grid_part in grid_parts:
+        for trial, sample in enumerate(samples):
             overrides = {**grid_part, **sample}
-            point = Point(run_id(overrides), overrides)
+            point = Point(run_id(overrides), overrides, trial if "random" in data else None)
             if point.id not in seen:
                 seen.add(point.id)
                 points.append(point)
+    if search is not None:  # trials are proposed as the search goes: check the ranges' corners now
+        points = []
+        for grid_part in grid_parts:
+            for corner in (0, 1):
+                validate(resolve(base, Point("", {**grid_part, **{k: b[corner] for k, b in search.bounds.items()}}),
+                                 1))
     for point in points:
         validate(resolve(base, point, 1))
-    return SweepSpec(base, points, bool(options.get("keep_checkpoints", False)), source)
+    return SweepSpec(base, points, bool(options.get("keep_checkpoints", False)), source, search, grid_parts)
 
 
 def load_sweep(path: Path) -> SweepSpec:
@@ -203,12 +232,14 @@ def _finished_result(run_dir: Path, steps: int) -> dict[str, Any] | None:
     return None
 
 
-def _record(point: Point, cfg: Config, result: dict[str, Any]) -> dict[str, Any]:
+def _record(point: Point, cfg: Config, result: dict[str, Any], search: Search | None) -> dict[str, Any]:
     return {"id": point.id, "overrides": point.overrides, "status": result["status"],
             "final_val_loss": result.get("final_val_loss"), "steps": result.get("steps"),
             "diverged_at_step": result.get("diverged_at_step"), "seconds": result.get("seconds"),
             "device": result.get("device"),
             **({"kept_weights": result["kept_weights"]} if result.get("kept_weights") else {}),
+            **({"trial": point.trial} if point.trial is not None else {}),
+            **({"search": search.identity()} if search is not None else {}),
             "config": _identity(cfg)}
 
 
@@ -275,70 +306,155 @@ def _run_locked(spec: SweepSpec, out: Path, workers: int, log: Callable[[str], N
     store = ResultStore(out / STORE_NAME)
     if store.repaired:
         log(f"repaired {store.path}: dropped a torn last line (its run is recorded again)")
-    counts = {"planned": len(spec.points), "stored": 0, "completed": 0, "diverged": 0, "failed": 0}
-    todo = []
-    for point in spec.points:
-        cfg = resolve(spec.base, point, workers)
-        run_dir = out / "runs" / point.id
-        if point.id in store:
-            counts["stored"] += 1
-        elif (result := _finished_result(run_dir, cfg.train.steps)) is not None:
-            _finish(store, point, cfg, result, run_dir, spec.keep_checkpoints, counts)
+    threads = resolve(spec.base, Point("", {}), workers).train.threads
+    where = f"with {workers} worker(s) × {threads} thread(s)" + (" on Ray" if engine == "ray" else "")
+    with _Runner(spec, out, store, workers, log, engine, address) as runner:
+        if spec.search is None:
+            runner.run(spec.points, f"sweep {spec.source}: {len(spec.points)} runs planned, {{stored}} already "
+                       f"stored, {{todo}} to run {where}; store: {store.path}")
         else:
-            todo.append((point, cfg, run_dir))
-    threads = resolve(spec.base, spec.points[0], workers).train.threads
-    log(f"sweep {spec.source}: {len(spec.points)} runs planned, {counts['stored']} already stored, "
-        f"{len(todo)} to run with {workers} worker(s) × {threads} thread(s)"
-        + (" on Ray" if engine == "ray" else "") + f"; store: {store.path}")
-    done = 0
-    started = time.perf_counter()
+            _search(spec, spec.search, runner, where)
+    return runner.counts
 
-    def progress() -> str:
+
+class _Runner:
+    """Runs points not yet stored on the chosen engine and records them: the one recording path of every sweep."""
+
+    def __init__(self, spec: SweepSpec, out: Path, store: ResultStore, workers: int, log: Callable[[str], None],
+                 engine: str, address: str | None) -> None:
+        self.spec, self.out, self.store, self.workers, self.log = spec, out, store, workers, log
+        self.engine, self.address = engine, address
+        self.counts = {"planned": 0, "stored": 0, "completed": 0, "diverged": 0, "failed": 0}
+        self.queued = self.done = 0  # runs handed to the engine so far / finished so far
+        self.ahead = 0  # runs expected after this batch (an adaptive search's trials not yet asked)
+        self.started = time.perf_counter()
+        self._pool: ProcessPoolExecutor | None = None  # started on first need, kept across an adaptive search's batches
+        self._ray = False
+
+    def __enter__(self) -> _Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        if self._ray:
+            from .ray_engine import disconnect
+
+            disconnect()
+
+    def progress(self) -> str:
         """Done / total, failed so far, and the time left at the pace so far."""
-        elapsed = time.perf_counter() - started
-        left = (len(todo) - done) * elapsed / done
+        total = self.queued + self.ahead
+        left = (total - self.done) * (time.perf_counter() - self.started) / self.done
         eta = f"ETA {left / 60:.0f} min" if left >= 90 else f"ETA {left:.0f} s"
-        failed = f", {counts['failed']} failed" if counts["failed"] else ""
-        return f"[{done}/{len(todo)}{failed}, {eta}]" if done < len(todo) else f"[{done}/{len(todo)}{failed}]"
+        failed = f", {self.counts['failed']} failed" if self.counts["failed"] else ""
+        return f"[{self.done}/{total}{failed}, {eta}]" if self.done < total else f"[{self.done}/{total}{failed}]"
 
-    def finished(point: Point, cfg: Config, run_dir: Path, result: dict[str, Any]) -> None:
-        nonlocal done
-        done += 1
-        if "error" in result:
-            counts["failed"] += 1
-            append_line(out / FAILURES_NAME, {"id": point.id, "overrides": point.overrides, "error": result["error"],
-                                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            log(f"{progress()} {point.id} {_describe(point)}: FAILED (in {FAILURES_NAME}, not in {STORE_NAME}; "
-                "retried on rerun)\n" + result["error"])
-            return
-        _finish(store, point, cfg, result, run_dir, spec.keep_checkpoints, counts)
-        outcome = (f"val loss {result['final_val_loss']:.4f}" if result["status"] == "completed"
-                   else f"diverged at step {result.get('diverged_at_step')}")
-        log(f"{progress()} {point.id} {_describe(point)}: {outcome} ({result['seconds']:.0f} s"
-            + (", resumed" if result.get("resumed") else "") + ")")
+    def run(self, points: list[Point], header: str | None = None) -> None:
+        """Skip stored points, record finished-but-unrecorded ones, run the rest (``header``: logged first)."""
+        self.counts["planned"] += len(points)
+        todo = []
+        stored = 0
+        for point in points:
+            cfg = resolve(self.spec.base, point, self.workers)
+            run_dir = self.out / "runs" / point.id
+            if point.id in self.store:
+                stored += 1
+            elif (result := _finished_result(run_dir, cfg.train.steps)) is not None:
+                _finish(self.store, point, cfg, result, run_dir, self.spec, self.counts)
+            else:
+                todo.append((point, cfg, run_dir))
+        self.counts["stored"] += stored
+        self.queued += len(todo)
+        if header is not None:
+            self.log(header.format(stored=stored, todo=len(todo)))
+        if self.engine == "ray" and todo:
+            from .ray_engine import connect, run_on_ray
 
-    if engine == "ray" and todo:
-        from .ray_engine import run_on_ray
-
-        run_on_ray([((point, cfg, run_dir), cfg.to_dict(), str(run_dir)) for point, cfg, run_dir in todo], workers,
-                   threads, address, _execute, lambda job, result: finished(*job, result))
-    elif workers == 1:
-        for point, cfg, run_dir in todo:
-            finished(point, cfg, run_dir, _execute(cfg.to_dict(), str(run_dir)))
-    elif todo:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(_execute, cfg.to_dict(), str(run_dir)): (point, cfg, run_dir)
+            self._ray = self._ray or connect(self.address)
+            run_on_ray([((point, cfg, run_dir), cfg.to_dict(), str(run_dir)) for point, cfg, run_dir in todo],
+                       self.workers, _execute, lambda job, result: self.finished(*job, result))
+        elif self.workers == 1:
+            for point, cfg, run_dir in todo:
+                self.finished(point, cfg, run_dir, _execute(cfg.to_dict(), str(run_dir)))
+        elif todo:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_exit_with_parent, initargs=(os.getpid(),))
+            futures = {self._pool.submit(_execute, cfg.to_dict(), str(run_dir)): (point, cfg, run_dir)
                        for point, cfg, run_dir in todo}
             for future in as_completed(futures):
-                finished(*futures[future], future.result())
-    return counts
+                self.finished(*futures[future], future.result())
+
+    def finished(self, point: Point, cfg: Config, run_dir: Path, result: dict[str, Any]) -> None:
+        """Record one run's outcome (a failure goes to failures.jsonl, never to the store) and log it."""
+        self.done += 1
+        if "error" in result:
+            self.counts["failed"] += 1
+            append_line(self.out / FAILURES_NAME, {"id": point.id, "overrides": point.overrides,
+                                                   "error": result["error"],
+                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            self.log(f"{self.progress()} {point.id} {_describe(point)}: FAILED (in {FAILURES_NAME}, not in "
+                     f"{STORE_NAME}; retried on rerun)\n" + result["error"])
+            return
+        _finish(self.store, point, cfg, result, run_dir, self.spec, self.counts)
+        outcome = (f"val loss {result['final_val_loss']:.4f}" if result["status"] == "completed"
+                   else f"diverged at step {result.get('diverged_at_step')}")
+        self.log(f"{self.progress()} {point.id} {_describe(point)}: {outcome} ({result['seconds']:.0f} s"
+                 + (", resumed" if result.get("resumed") else "") + ")")
+
+
+def _search(spec: SweepSpec, search: Search, runner: _Runner, where: str) -> None:
+    """An adaptive search, one study per grid point: ask a batch, run it, tell its results in trial order.
+
+    A rerun asks again from the start; trials already stored are told from the store without running.
+    """
+    keys = set(search.bounds)
+    stored: dict[tuple[str, int], str] = {}  # (grid part, trial) -> id, for the trials of this search
+    for record in runner.store.records.values():
+        if record.get("search") == search.identity() and isinstance(record.get("trial"), int):
+            part = {k: v for k, v in record["overrides"].items() if k not in keys}
+            stored[json.dumps(part, sort_keys=True), record["trial"]] = record["id"]
+    total = search.samples * len(spec.grid_parts)
+    runner.log(f"sweep {spec.source}: {search.sampler} search, {search.samples} trials × {len(spec.grid_parts)} grid "
+               f"point(s) in batches of {search.batch}, {len(stored)} already stored; {where}; store: "
+               f"{runner.store.path}" + (f" (batch {search.batch} < {runner.workers} workers: set [random] batch = "
+                                         f"{runner.workers} to use them all)" if search.batch < runner.workers else ""))
+    asked = 0
+    for grid_part in spec.grid_parts:
+        part_key = json.dumps(grid_part, sort_keys=True)
+        study = Study(search)
+        for first in range(0, search.samples, search.batch):
+            batch = []
+            for _ in range(min(search.batch, search.samples - first)):
+                trial, values = study.ask()
+                overrides = {**grid_part, **values}
+                point = Point(run_id(overrides), overrides, trial)
+                known = stored.get((part_key, trial))
+                if known is not None and known != point.id:
+                    raise SweepError(f"{runner.out}: trial {trial} of this {search.sampler} search (seed {search.seed})"
+                                     f" is stored as run {known}, but the sampler now proposes {point.id}: the store "
+                                     "holds another search (other ranges or grid, or another Optuna version); use "
+                                     "another --out")
+                validate(resolve(spec.base, point, 1))
+                batch.append(point)
+            asked += len(batch)
+            runner.ahead = total - asked
+            runner.run(batch)
+            for point in batch:
+                done = runner.store.records.get(point.id)
+                if done is None:  # the run failed: the search cannot go on without its result
+                    runner.log(f"{search.sampler} search stopped at trial {point.trial}: its run failed; a rerun "
+                               "retries it and continues")
+                    return
+                assert point.trial is not None
+                study.tell(point.trial, done["final_val_loss"] if done["status"] == "completed" else None)
 
 
 def _finish(store: ResultStore, point: Point, cfg: Config, result: dict[str, Any], run_dir: Path,
-            keep_checkpoints: bool, counts: dict[str, int]) -> None:
+            spec: SweepSpec, counts: dict[str, int]) -> None:
     """Append the run's record, then drop its checkpoint (the record and metrics.csv are what a sweep keeps)."""
-    store.append(_record(point, cfg, result))
+    store.append(_record(point, cfg, result, spec.search))
     counts[result["status"]] += 1
-    if not keep_checkpoints:
+    if not spec.keep_checkpoints:
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
