@@ -57,7 +57,8 @@ def main() -> None:
             best = min(done, key=lambda t: t["final_val_loss"])
             pick = tuple(best["overrides"][k] for k in KEYS)
             picks[pick] = None
-            rows.append({"search": name, "budget": n, "best_loss": best["final_val_loss"], "trial": trials.index(best),
+            rows.append({"search": name, "budget": n, "best_loss": best["final_val_loss"],
+                         "trial": trials.index(best) + 1,
                          "diverged": n - len(done), **dict(zip(KEYS, pick))})
 
     base_file = Path(searches[0][2])

@@ -266,3 +266,12 @@ def test_a_run_that_raises_goes_to_failures_not_results_and_is_retried(corpus, t
     shutil.copytree(corpus, data)
     assert run_sweep(spec, out, log=lambda s: None)["completed"] == 2  # retried on the rerun
     assert len((out / "failures.jsonl").read_text().splitlines()) == 2 and len(_records(out)) == 2
+
+
+def test_an_unreadable_sweep_json_is_named_not_a_traceback(corpus, tmp_path):
+    out = tmp_path / "s"
+    (out).mkdir()
+    (out / "sweep.json").write_text("")  # e.g. a copy cut short
+    with pytest.raises(SweepError, match=r"sweep\.json is unreadable .*Delete it"):
+        run_sweep(_spec(corpus, {"optim.lr": ["2**-7"]}), out, log=lambda s: None)
+    assert not (out / "results.jsonl").exists()

@@ -296,7 +296,12 @@ def _run_locked(spec: SweepSpec, out: Path, workers: int, log: Callable[[str], N
     meta_path = out / "sweep.json"
     fingerprint = _identity(spec.base)
     if meta_path.exists():
-        old = run_identity(with_defaults(json.loads(meta_path.read_text())["base"]))
+        try:
+            old = run_identity(with_defaults(json.loads(meta_path.read_text())["base"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise SweepError(f"{meta_path} is unreadable ({error}): it should name the sweep's base config. Delete "
+                             "it to adopt the current config for the runs stored beside it (their records keep "
+                             "their own configs), or use another --out") from None
         changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         if changed:
             raise SweepError(f"{out} holds a sweep over another base config (differs in {', '.join(changed)}); "
