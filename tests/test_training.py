@@ -209,26 +209,31 @@ def test_a_non_finite_validation_loss_is_a_divergence_too(corpus, tmp_path, monk
 BLOCKS = ("model.width=64", "model.base_width=32", "model.mask_kind=blocks", "model.block_size=8")
 
 
-def test_block_backend_trains_like_masked_dense_and_resumes_bitwise(corpus, tmp_path):
-    dense = train(tiny_config(corpus, *BLOCKS), tmp_path / "dense")
-    whole = train(tiny_config(corpus, *BLOCKS, "model.backend=blocks"), tmp_path / "whole")
-    assert whole["backends"] == {"blocks": 4} and dense["backends"] == {}
+ROWS = ("model.width=64", "model.base_width=32")
+
+
+@pytest.mark.parametrize("masks, backend", [(BLOCKS, "blocks"), (ROWS, "rows")])
+def test_sparse_backends_train_like_masked_dense_and_resume_bitwise(corpus, tmp_path, masks, backend):
+    dense = train(tiny_config(corpus, *masks), tmp_path / "dense")
+    whole = train(tiny_config(corpus, *masks, f"model.backend={backend}"), tmp_path / "whole")
+    assert whole["backends"] == {backend: 4} and dense["backends"] == {}
     assert whole["final_val_loss"] == pytest.approx(dense["final_val_loss"], rel=1e-4)
     assert whole["mask_sha256"] != dense["mask_sha256"]  # same masks, but the digest covers the backend too
-    killed = Trainer(tiny_config(corpus, *BLOCKS, "model.backend=blocks"), tmp_path / "split")
+    killed = Trainer(tiny_config(corpus, *masks, f"model.backend={backend}"), tmp_path / "split")
     for _ in range(7):
         assert killed.train_step()
     killed.close()
-    train(tiny_config(corpus, *BLOCKS, "model.backend=blocks"), tmp_path / "split", resume=True)
+    train(tiny_config(corpus, *masks, f"model.backend={backend}"), tmp_path / "split", resume=True)
     assert curve(read_metrics(tmp_path / "split")) == curve(read_metrics(tmp_path / "whole"))
     saved = checkpoint.load(tmp_path / "whole")
-    assert set(saved["backends"].values()) == {"blocks"}
-    assert saved["model"]["blocks.0.mlp.fc.weight"].dim() == 4  # stored as blocks: ρ of the dense bytes
+    assert set(saved["backends"].values()) == {backend}
+    stored = saved["model"]["blocks.0.mlp.fc.weight"]  # ρ of the dense bytes: blocks (n, m, b, b), rows (out, k)
+    assert stored.dim() == 4 if backend == "blocks" else "blocks.0.mlp.fc.weight_index" in saved["model"]
     # The checkpoint evaluates, and its weights load into the masked-dense model as well.
     assert evaluate_checkpoint(tmp_path / "whole")["val_loss"] > 0
-    masked = build_model(tiny_config(corpus, *BLOCKS))
+    masked = build_model(tiny_config(corpus, *masks))
     masked.load_state_dict(saved["model"])
-    assert masked.blocks[0].mlp.fc.weight.dim() == 2
+    assert masked.blocks[0].mlp.fc.weight.dim() == 2 and masked.blocks[0].mlp.fc.weight.shape[1] == 64
 
 
 def test_block_settings_are_checked_before_anything_runs(corpus, tmp_path):

@@ -233,6 +233,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from .sparse.environment import render, report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    facts = report()
+    print(json.dumps(facts, indent=1) if args.json else render(facts))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsemup", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--out", type=Path, default=Path("coord-check"), help="output directory (default ./coord-check)")
     cc.add_argument("--blocks", type=int, metavar="B", help="use B×B block masks (needs B ≤ density·width at "
                     "every grid point), run on --backend")
-    cc.add_argument("--backend", choices=BACKEND_CHOICES, default="blocks",
-                    help="with --blocks: how masked layers run (default blocks; auto: by measured thresholds)")
+    cc.add_argument("--backend", choices=BACKEND_CHOICES,
+                    help="how the sparse cases' masked layers run (default: blocks with --blocks, else "
+                    "masked_dense; rows: native row-sparse kernels; auto: calibrated on this machine)")
     cc.add_argument("--sparsity-method", choices=METHOD_NAMES, default="static",
                     help="how the sparse cases' masks evolve: static, set or rigl (drop 30%% of kept weights by "
                     "magnitude and regrow, every --update-every steps until 3/4 of --steps); see docs/DYNAMIC.md")
@@ -325,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="time sparse layers on every backend and a GPT training step",
                         description="Forward + backward of one layer for masked dense, torch CSR and sparsemup's "
-                        "block-sparse backend over shapes, tokens, densities and dtypes, then one GPT training "
-                        "step. Any of --shapes, --tokens, --densities, --dtypes, --masks replaces that part of "
-                        "the grid and skips the GPT step. See docs/PERFORMANCE.md.")
+                        "row-sparse and block-sparse backends over shapes, tokens, densities and dtypes, then one "
+                        "GPT training step. Any of --shapes, --tokens, --densities, --dtypes, --masks replaces that "
+                        "part of the grid and skips the GPT step. See docs/PERFORMANCE.md.")
     bn.add_argument("--json", type=Path, help="also write every row to this JSON file")
     bn.add_argument("--quick", action="store_true", help="a tiny grid (seconds), to check the setup")
     bn.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
@@ -339,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where to run; cuda measures bigger layers (default cpu)")
     bn.set_defaults(func=_bench)
+
+    dr = sub.add_parser("doctor", help="which fast paths are active on this machine, and why (or why not)",
+                        description="torch version and threads, the CPU's model and SIMD flags, the compiler, "
+                        "whether the native row-sparse kernels built (and where they are cached), the auto "
+                        "backend's calibration cache, and the installed extras.")
+    dr.add_argument("--json", action="store_true", help="print the facts as JSON")
+    dr.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    dr.set_defaults(func=_doctor)
 
     ex = sub.add_parser("explain", help="print the per-parameter table of the reference GPT")
     ex.add_argument("--scheme", choices=SCHEME_NAMES, default="supar")

@@ -76,9 +76,9 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def _built(build: Callable[[], tuple[nn.Module, object]], block: int | None, backend: BackendChoice) -> nn.Module:
+def _built(build: Callable[[], tuple[nn.Module, object]], backend: BackendChoice) -> nn.Module:
     model = build()[0]
-    if block:
+    if backend != "masked_dense":
         sparsify(model, backend)
     return model
 
@@ -99,11 +99,12 @@ def _mask_options(block: int | None) -> dict[str, Any]:
 
 def mlp_cases(
     scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
-    batch_size: int | None = None, block: int | None = None, backend: BackendChoice = "blocks",
+    batch_size: int | None = None, block: int | None = None, backend: BackendChoice = "masked_dense",
 ) -> Iterator[Case]:
     """Cases for the reference MLP (ReLU, σ_base = sqrt(2/base_width) so activations start near 1).
 
-    ``block``: block masks of that size, run on ``backend`` (see ``sparsemup.sparsify``).
+    ``block``: block masks of that size (else rows masks); the sparse cases run on ``backend`` (see
+    ``sparsemup.sparsify``), the dense base on masked dense.
     """
     d = MLP_DEFAULTS
     for seed in range(seeds):
@@ -112,17 +113,18 @@ def mlp_cases(
             build = partial(build_mlp, d["in_features"], width, d["classes"], base_width, depth=d["depth"],
                             scheme=scheme, density=density, seed=seed, init_std=math.sqrt(2 / base_width),
                             **_mask_options(None if base else block))
-            yield Case(width, density, seed, partial(_built, build, None if base else block, backend), x, y,
+            yield Case(width, density, seed, partial(_built, build, "masked_dense" if base else backend), x, y,
                        F.cross_entropy, base)
 
 
 def gpt_cases(
     scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
-    batch_size: int | None = None, block: int | None = None, backend: BackendChoice = "blocks",
+    batch_size: int | None = None, block: int | None = None, backend: BackendChoice = "masked_dense",
 ) -> Iterator[Case]:
     """Cases for the reference GPT on Markov-chain tokens (head_dim fixed, heads grow with width).
 
-    ``block``: block masks of that size, run on ``backend`` (see ``sparsemup.sparsify``).
+    ``block``: block masks of that size (else rows masks); the sparse cases run on ``backend`` (see
+    ``sparsemup.sparsify``), the dense base on masked dense.
     """
     d = GPT_DEFAULTS
     for seed in range(seeds):
@@ -133,8 +135,8 @@ def gpt_cases(
                             head_dim=d["head_dim"], context=d["seq_len"], ffn_multiple=blocks or 8)
             build = partial(build_gpt, cfg, base_width, scheme=scheme, density=density, seed=seed,
                             init_std=d["init_std"], **_mask_options(blocks))
-            yield Case(width, density, seed, partial(_built, build, blocks, backend), tokens[:, :-1],
-                       tokens[:, 1:], _lm_loss, base)
+            yield Case(width, density, seed, partial(_built, build, "masked_dense" if base else backend),
+                       tokens[:, :-1], tokens[:, 1:], _lm_loss, base)
 
 
 def _logits_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ class CheckSettings:
     lr: float
     batch_size: int
     block: int | None = None  # b of block masks; None: row masks
-    backend: BackendChoice = "blocks"  # how block-masked layers run
+    backend: BackendChoice = "masked_dense"  # how the sparse cases' masked layers run
     depth: int | None = None  # hf: num_hidden_layers
     head_dim: int | None = None  # hf: the fixed head dim
     sparsity_method: str = "static"  # static, set or rigl: how the sparse cases' masks evolve
@@ -64,11 +64,12 @@ class CheckSettings:
     def resolve(cls, model: str, scheme: str, widths: list[int] | None = None,
                 densities: list[float] | None = None, steps: int | None = None, seeds: int = 2,
                 base_width: int | None = None, lr: float | None = None, batch_size: int | None = None,
-                block: int | None = None, backend: BackendChoice = "blocks", depth: int | None = None,
+                block: int | None = None, backend: BackendChoice | None = None, depth: int | None = None,
                 head_dim: int | None = None, sparsity_method: str = "static",
                 update_every: int = 5) -> CheckSettings:
         """Settings with every unset value taken from ``COORD_DEFAULTS`` of ``model`` (``steps`` None: 5, or
-        20 with a dynamic ``sparsity_method`` so that updates happen inside the check)."""
+        20 with a dynamic ``sparsity_method`` so that updates happen inside the check; ``backend`` None: blocks
+        with ``block``, else masked dense)."""
         family = model_family(parse_model(model))
         if sparsity_method not in COORD_METHODS:
             raise ValueError(f"unknown sparsity method {sparsity_method!r} for the coordinate check: use "
@@ -76,6 +77,13 @@ class CheckSettings:
                              "density axis would not hold one density)")
         if sparsity_method != "static" and block:
             raise ValueError("dynamic masks are element masks: drop --blocks")
+        backend = backend or ("blocks" if block else "masked_dense")
+        if backend == "blocks" and not block:
+            raise ValueError("--backend blocks runs block masks: add --blocks B, or use --backend rows for the "
+                             "paper's row masks")
+        if backend != "masked_dense" and (sparsity_method != "static" or family == "hf"):
+            raise ValueError(f"--backend {backend} runs static masks of the reference models; dynamic masks and "
+                             "--model hf:TYPE run on masked_dense: drop --backend")
         steps = steps if steps is not None else 5 if sparsity_method == "static" else 20
         defaults = COORD_DEFAULTS[family]
         sizes = {"mlp": MLP_DEFAULTS, "gpt": GPT_DEFAULTS, "hf": HF_DEFAULTS}[family]
@@ -129,7 +137,7 @@ class CheckSettings:
             "optimizer": "Adam", "lr": self.lr, "batch": defaults["batch"].format(self.batch_size),
             "data": defaults["data"], "threshold": THRESHOLD,
             "masks": f"blocks (b = {self.block})" if self.block else "rows",
-            "backend": self.backend if self.block else "masked_dense", **hf,
+            "backend": self.backend, **hf,
             **self._sparsity(),
         }
 

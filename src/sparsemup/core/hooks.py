@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .storage import storage_formats
+from .storage import SparseStorage, storage_formats
 
 try:
     from torch.distributed.tensor import DTensor
@@ -152,6 +152,10 @@ class CheckStateOnLoad:
         for name, storage in self.stored.items():  # a masked-dense weight into this layer's storage
             key, fmt = prefix + name, formats[storage]
             owner = module.get_submodule(name.rpartition(".")[0])
+            for other in formats.values():  # a third storage's entries go through masked dense
+                if other is not fmt and other.holds(state_dict, key) and not fmt.holds(state_dict, key):
+                    assert isinstance(owner, SparseStorage)  # declare_storage names only such modules
+                    other.to_masked_dense(state_dict, key, tuple(owner.mask().shape))
             if fmt.holds(state_dict, key):
                 fmt.check_layout(state_dict, key, owner, name)
             elif key + MASK_SUFFIX in state_dict and key in state_dict:

@@ -19,10 +19,11 @@ __all__ = [
 SchemeName = Literal["sp", "mup", "supar", "mup+density_init", "mup+density_lr"]
 # rows: exactly round(ρ·fan_in) nonzeros per row; bernoulli: ρ in expectation; blocks: random b×b tiles.
 MaskKind = Literal["rows", "bernoulli", "blocks"]
-# How a masked hidden weight is stored and computed.
-Backend = Literal["masked_dense", "blocks"]
+# How a masked hidden weight is stored and computed: a dense weight times its mask, only the kept b×b
+# blocks, or only the kept entries of each row (masks with the same count in every row).
+Backend = Literal["masked_dense", "blocks", "rows"]
 # What a user may ask for: a backend, or "auto" (per layer, by measured thresholds).
-BackendChoice = Literal["auto", "masked_dense", "blocks"]
+BackendChoice = Literal["auto", "masked_dense", "blocks", "rows"]
 # independent: lr·wd per layer held at the base's; coupled: PyTorch's lr·wd as is.
 WeightDecayMode = Literal["independent", "coupled"]
 # hooks: sparsemup installs the forward multipliers; manual: the model applies them itself.

@@ -1,17 +1,18 @@
-"""Execution backends for masked hidden weights: masked dense (every device) or block-sparse.
+"""Execution backends for masked hidden weights: masked dense (every device), block-sparse or row-sparse.
 
 ``sparsify`` swaps, after ``parameterize`` and before the optimizer and any DDP/FSDP wrapper,
 each masked ``nn.Linear`` whose mask is made of whole b×b blocks for a ``BlockSparseLinear``
-that stores and computes only those blocks. Names, roles, multipliers and masks stay the same,
-so parameter groups, the coordinate check and the trainer work unchanged; weights and optimizer
-state shrink to ρ of dense. The automatic choice is a pure function of (density, block, dtype,
-device) from thresholds measured with ``sparsemup bench`` (docs/PERFORMANCE.md), hence the same
-on every process of a job.
+that stores and computes only those blocks, or one whose mask keeps k entries in every row (the
+paper's unstructured masks) for a ``RowSparseLinear`` that stores and computes only those.
+Names, roles, multipliers and masks stay the same, so parameter groups, the coordinate check and
+the trainer work unchanged; weights and optimizer state shrink to ρ of dense. The automatic
+choice is timed on the machine it runs on (``calibration``: cached per machine, decided by rank 0
+for every process of a job); the recorded ``sparsemup bench`` files are documentation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,45 +21,51 @@ from torch import nn
 from ..core import hooks
 from ..core.masks import block_layout
 from ..core.record import RECORD_PREFIX, get_parameterization
+from ..core.storage import storage_formats
 from ..core.structure import unwrap
 from ..core.vocab import BACKEND_CHOICES, BACKENDS, Backend, BackendChoice
-from .blocksparse import BlockSparseLinear, BlockStorage, masked_dense_entries
+from .bench import time_case
+from .blocksparse import BlockSparseLinear
+from .calibration import LayerCase, broadcast_choice, calibrated
+from .rowsparse import RowSparseLinear, row_layout
 
-__all__ = ["choose_backend", "sparsify", "get_backends", "to_masked_dense"]
+__all__ = ["auto_choice", "sparsify", "get_backends", "to_masked_dense"]
 
 _ATTR = RECORD_PREFIX + "backends"  # {weight name: backend} on the model sparsify was called on
 _STATE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                 "_load_state_dict_post_hooks")
 
-# {(dtype, block): highest density at or below which "blocks" beat masked dense of the same dtype
-# in every row of the recorded benchmark (docs/perf/bench.json: fwd + bwd, layers 512² to
-# 4096×1024, 512 and 4096 tokens, 2-core CPU); bench.derive_thresholds computes it from the file,
-# and a test checks the two agree. Smaller blocks run slower GEMMs, so they must be sparser to pay.
-CPU_THRESHOLDS: dict[tuple[str, int], float] = {
-    ("bf16", 8): 1 / 128,
-    ("bf16", 16): 1 / 64,
-    ("bf16", 32): 1 / 32,
-    ("bf16", 64): 1 / 8,
-    ("fp32", 4): 1 / 128,
-    ("fp32", 8): 1 / 64,
-    ("fp32", 16): 1 / 16,
-    ("fp32", 32): 1 / 8,
-    ("fp32", 64): 1 / 4,
-}
-MIN_AUTO_NUMEL = 512 * 512  # smaller layers were not measured: auto keeps them masked dense
+def auto_choice(target: nn.Module, places: Mapping[str, tuple[Any, dict[str, torch.Tensor | None]]],
+                dtype: torch.dtype | None,
+                measure: Callable[[LayerCase, Backend], float | None] | None = None) -> dict[str, Backend]:
+    """{weight name: backend} of ``sparsify(model, "auto")``: calibrated on this machine (``calibration``) for CPU
+    layers with a sparse twin, masked dense elsewhere (sparse kernels are not calibrated on GPUs yet). Only rank 0
+    of a process group measures; every process gets its choice."""
+    record = get_parameterization(target)
+    cases: dict[str, LayerCase] = {}
+    for name, (place, layouts) in places.items():
+        weight = target.get_parameter(name)
+        candidates = tuple(b for b in ("blocks", "rows") if layouts[b] is not None)
+        if place is None or not candidates or weight.device.type != "cpu":
+            continue
+        dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype or weight.dtype)
+        if dtype_name is None:
+            continue
+        info = record.info(name)
+        shape = (int(info.shape[0]), int(info.shape[1]))
+        cases[name] = LayerCase(shape, info.density, dtype_name, candidates,  # type: ignore[arg-type]
+                                record.block_size if "blocks" in candidates else 0)
+    choice: dict[str, Backend] = {name: "masked_dense" for name in places}
+    if cases and _rank() == 0:
+        decided = calibrated(sorted(set(cases.values()), key=LayerCase.key), measure or time_case)
+        choice.update({name: decided[case] for name, case in cases.items()})
+    return broadcast_choice(choice) if cases else choice
 
 
-def choose_backend(density: float, block: int, dtype: torch.dtype, device: torch.device | str,
-                   shape: tuple[int, ...]) -> Backend:
-    """The measured-faster backend for one layer: a pure function, identical on every process.
+def _rank() -> int:
+    import torch.distributed as dist
 
-    Off the CPU the block-sparse path is unmeasured, so it is masked dense there.
-    """
-    if torch.device(device).type != "cpu" or shape[0] * shape[1] < MIN_AUTO_NUMEL:
-        return "masked_dense"
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
-    limit = CPU_THRESHOLDS.get((name, block)) if name is not None else None
-    return "blocks" if limit is not None and density <= limit else "masked_dense"
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def get_backends(model: nn.Module) -> dict[str, str]:
@@ -88,10 +95,10 @@ def sparsify(
 
     Args:
         model: a parameterized model, before its optimizer is built and before DDP/FSDP wrap it.
-        backend: "auto" (per layer, by measured thresholds), "blocks" (every layer that can,
-            an error for one that cannot), "masked_dense" (no change), or {name: backend} to
-            replay an earlier choice (a checkpoint's).
-        dtype: the compute dtype the thresholds assume (bf16 under autocast); default the weight's.
+        backend: "auto" (per layer, timed on this machine: ``sparsemup.sparse.calibration``), "blocks"
+            or "rows" (every layer that can, an error for one that cannot), "masked_dense" (no change),
+            or {name: backend} to replay an earlier choice (a checkpoint's).
+        dtype: the compute dtype to time "auto" in (bf16 under autocast); default the weight's.
 
     Example::
 
@@ -114,67 +121,79 @@ def sparsify(
             raise ValueError(f"backend map: unknown backends {wrong} or weights {sorted(unknown)}; it must map "
                              f"masked weights to {' or '.join(BACKENDS)}")
 
-    plan: dict[str, tuple[Backend, Any]] = {}
+    places: dict[str, tuple[Any, dict[str, torch.Tensor | None]]] = {}
     for info in masked:
         place = _convertible(target, info.name) if len(info.names) == 1 else None
-        layout = None
+        layouts: dict[str, torch.Tensor | None] = {"blocks": None, "rows": None}
         if place is not None:
-            layout = block_layout(getattr(place[2], info.name.rpartition(".")[2] + hooks.MASK_SUFFIX) != 0,
-                                  record.block_size)
+            mask = getattr(place[2], info.name.rpartition(".")[2] + hooks.MASK_SUFFIX) != 0
+            layouts = {"blocks": block_layout(mask, record.block_size), "rows": row_layout(mask)}
+        places[info.name] = (place, layouts)
+    automatic = auto_choice(target, places, dtype) if backend == "auto" else {}
+
+    plan: dict[str, tuple[Backend, Any]] = {}
+    for info in masked:
+        place, layouts = places[info.name]
         wanted: Backend
         if isinstance(backend, Mapping):
             wanted = backend.get(info.name, "masked_dense")
         elif backend == "auto":
-            weight = target.get_parameter(info.name)
-            wanted = "masked_dense" if layout is None else choose_backend(
-                info.density, record.block_size, dtype or weight.dtype, weight.device, info.shape)
+            wanted = automatic[info.name]
         else:
-            wanted = backend  # "masked_dense" or "blocks": "auto" was handled above
-        if wanted == "blocks":
+            wanted = backend  # "masked_dense", "blocks" or "rows": "auto" was handled above
+        if wanted != "masked_dense":
             if place is None:
                 owner = type(target.get_submodule(info.name.rpartition(".")[0])).__name__
-                raise ValueError(f"{info.name}: cannot run block-sparse: its owner is a {owner}, and only a plain "
-                                 "nn.Linear (not tied, called by its parent) has a block-sparse twin; keep this "
+                raise ValueError(f"{info.name}: cannot run on the {wanted} backend: its owner is a {owner}, and only a "
+                                 "plain nn.Linear (not tied, called by its parent) has a sparse twin; keep this "
                                  "model masked dense (backend='masked_dense') or use backend='auto', which does")
-            if layout is None:
+            if layouts[wanted] is None:
                 raise ValueError(f"{info.name}: cannot run block-sparse: its mask is not made of whole "
                                  f"{record.block_size}x{record.block_size} blocks; parameterize with "
-                                 "mask_kind='blocks' (and a block_size dividing the layer), or use backend='auto'")
+                                 "mask_kind='blocks' (and a block_size dividing the layer), or use backend='auto'"
+                                 if wanted == "blocks" else
+                                 f"{info.name}: cannot run row-sparse: its mask keeps different numbers of weights "
+                                 "in different rows (or none); parameterize with mask_kind='rows' (or 'blocks'), "
+                                 "or use backend='masked_dense'")
             if any(getattr(place[2], attr) for attr in _STATE_HOOKS):
                 raise ValueError(f"{info.name}: its module has state_dict hooks, written for a dense weight; "
                                  "remove them before sparsify (or keep this layer masked dense)")
-        plan[info.name] = (wanted, (place, layout))
+        plan[info.name] = (wanted, (place, layouts.get(wanted)))
 
     # Validated everything; now swap modules.
-    converted: set[str] = set()
+    converted: dict[str, str] = {}
     for name, (wanted, (place, layout)) in plan.items():
-        if wanted != "blocks":
+        if wanted == "masked_dense":
             continue
         parent, child, linear = place
-        sparse = BlockSparseLinear.from_linear(linear, layout, record.block_size)
+        sparse: nn.Module = (BlockSparseLinear.from_linear(linear, layout, record.block_size) if wanted == "blocks"
+                             else RowSparseLinear.from_linear(linear, layout))
         hooks.move_hooks(linear, sparse)
         for key in [k for k, h in sparse._forward_pre_hooks.items() if isinstance(h, hooks.EnsureGradMask)]:
             del sparse._forward_pre_hooks[key]
         setattr(parent, child, sparse)
-        converted.add(name)
-    hooks.declare_storage(target, {name: BlockStorage.name for name in converted})
+        converted[name] = wanted
+    hooks.declare_storage(target, converted)
     choice = {name: wanted for name, (wanted, _) in plan.items()}
     target.__dict__[_ATTR] = choice
     return dict(choice)
 
 
 def to_masked_dense(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """A state_dict with every block-sparse weight expanded to a dense weight plus its ``*_mask``.
+    """A state_dict with every block- or row-sparse weight expanded to a dense weight plus its ``*_mask``.
 
-    Needs no model: block layouts travel in the ``weight_index``/``weight_shape`` buffers. The
-    result loads into the same model parameterized with the masked-dense backend.
+    Needs no model: layouts travel in the ``weight_index``/``weight_shape`` buffers. The result
+    loads into the same model parameterized with the masked-dense backend.
     """
     out = dict(state_dict)
     for key in [k for k in state_dict if k.endswith(".weight_index")]:
         weight_key = key[: -len("_index")]
         if weight_key + "_shape" not in out:
-            raise ValueError(f"{weight_key}: a block-sparse entry without its {weight_key}_shape buffer; convert a "
+            raise ValueError(f"{weight_key}: a sparse entry without its {weight_key}_shape buffer; convert a "
                              "complete state_dict (or load it into the model, which knows the shapes)")
-        out[weight_key], out[weight_key + hooks.MASK_SUFFIX] = masked_dense_entries(
-            out.pop(weight_key), out.pop(key), int(out.pop(weight_key + "_shape")[1]))
+        fmt = next((f for f in storage_formats().values() if f.holds(out, weight_key)), None)
+        if fmt is None:
+            raise ValueError(f"{weight_key}: its entries are in no registered storage format (values of shape "
+                             f"{tuple(out[weight_key].shape)})")
+        fmt.to_masked_dense(out, weight_key, tuple(int(n) for n in out[weight_key + "_shape"]))
     return out

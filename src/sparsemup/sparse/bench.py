@@ -4,7 +4,8 @@ Each row times forward and backward (dX and the weight gradient on the mask only
 layer, side by side in one process, and reports the speedup over masked dense of the same
 dtype, over the fastest dense path (the best dtype of masked dense), and the fraction of the
 1/ρ ideal. Backends: ``masked_dense`` (what sparsemup runs by default), ``torch_csr`` (torch's
-CSR ``mm`` + ``sampled_addmm``) and ``blocks`` (sparsemup's block-sparse layers, block masks).
+CSR ``mm`` + ``sampled_addmm``), ``rows`` (sparsemup's row-sparse layers on its native kernels,
+unstructured masks) and ``blocks`` (sparsemup's block-sparse layers, block masks).
 Peak memory is the growth of the process's peak resident set during the step (Linux only), or on
 CUDA of the peak memory torch allocated;
 ``state_mb`` counts the bytes of weights, AdamW state and mask or indices the layer keeps.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import platform
 import statistics
 import time
@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from ..core.masks import block_layout, random_mask
-from ..core.vocab import MaskKind
+from ..core.vocab import Backend, MaskKind
 from .blocksparse import block_sparse_linear, to_blocks
+from .calibration import TOKENS, LayerCase
+from .rowsparse import row_layout, row_sparse_linear
 
-__all__ = ["Grid", "FULL", "QUICK", "GPU", "DTYPES", "BENCH_MASKS", "cpu_facts", "run_layers", "block_for",
-           "blocks_for", "main_table", "derive_thresholds", "sync"]
+__all__ = ["Grid", "FULL", "QUICK", "GPU", "DTYPES", "BENCH_MASKS", "run_layers", "block_for",
+           "blocks_for", "main_table", "derive_thresholds", "sync", "time_case"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -80,17 +82,17 @@ def blocks_for(density: float, fan_in: int) -> list[int]:
 
 
 class _Memory:
-    """Peak resident-set growth of this process (Linux): big allocations go through mmap, so freed
-    tensors leave the resident set and the high-water mark can be reset between measurements."""
+    """Peak resident-set growth of this process (Linux) during one step: before it, freed heap memory is handed
+    back to the system (``malloc_trim``) and the high-water mark reset, so the step's allocations show as growth.
+    The allocator's settings are left alone: timed steps run as they would in training (a fixed mmap threshold
+    made every large tensor a fresh mapping and slowed fast kernels and the GPT step measured after them up to 2×)."""
 
     def __init__(self) -> None:
         self.ok = platform.system() == "Linux"
         if self.ok:
             try:
-                libc = ctypes.CDLL("libc.so.6")
-                libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so frees return memory
-                libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-            except OSError:
+                self.trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):
                 self.ok = False
 
     @staticmethod
@@ -102,6 +104,7 @@ class _Memory:
 
     def start(self) -> None:
         if self.ok:
+            self.trim(0)
             Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
             self.base = self._status("VmRSS:")
 
@@ -127,6 +130,29 @@ class _CudaMemory:
 
     def peak_mb(self) -> float:
         return round((torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20, 1)
+
+
+class _NoMemory:
+    """No memory reading: calibration only times."""
+
+    def start(self) -> None:
+        pass
+
+    def peak_mb(self) -> None:
+        return None
+
+
+def time_case(case: LayerCase, backend: Backend, tokens: int = TOKENS, repeats: int = 2) -> float | None:
+    """Median fwd + bwd ms of one layer case on ``backend`` (None where it cannot run): what ``auto`` decides on."""
+    try:
+        forward, after, _ = _layer(backend, case.shape, case.density, DTYPES[case.dtype], case.block,
+                                   torch.device("cpu"), "blocks" if case.block else "rows")
+        x = torch.randn(tokens, case.shape[1]).to(DTYPES[case.dtype]).requires_grad_()
+        grad_y = torch.randn(tokens, case.shape[0]).to(DTYPES[case.dtype])
+        fwd, bwd, _ = _time_step(forward, after, x, grad_y, repeats, _NoMemory())
+    except (RuntimeError, NotImplementedError):
+        return None
+    return fwd + bwd
 
 
 def sync(device: torch.device) -> None:
@@ -169,9 +195,11 @@ def _csr_layer(weight: torch.Tensor, mask: torch.Tensor) -> Callable[[torch.Tens
 
 
 def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dtype, block: int,
-           device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], None], int]:
-    """(forward, after-backward, bytes of weights + AdamW state + mask or indices) of one layer."""
-    kind: MaskKind = "blocks" if backend == "blocks" else "rows"
+           device: torch.device, kind: MaskKind | None = None
+           ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], None], int]:
+    """(forward, after-backward, bytes of weights + AdamW state + mask or indices) of one layer (``kind``: its
+    mask; default blocks for the blocks backend, rows otherwise)."""
+    kind = kind or ("blocks" if backend == "blocks" else "rows")
     mask = random_mask(shape, density, 0, "bench", kind, block) if density < 1 else torch.ones(shape, dtype=torch.bool)
     mask = mask.to(device)
     weight = (torch.randn(shape) / math.sqrt(shape[1])).to(device, dtype) * mask
@@ -188,6 +216,12 @@ def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dt
     if backend == "torch_csr":
         forward = _csr_layer(weight, mask)
         return forward, lambda: None, int(mask.sum()) * (3 * weight.element_size() + 8) + 8 * (shape[0] + 1)
+    if backend == "rows":
+        columns = row_layout(mask)
+        assert columns is not None  # a rows mask
+        kept = weight.gather(1, columns.long()).requires_grad_()
+        return (lambda x: row_sparse_linear(x, kept, columns)), lambda: None, \
+            3 * kept.numel() * kept.element_size() + columns.numel() * columns.element_size()
     index = block_layout(mask, block)
     assert index is not None  # a blocks mask
     values = to_blocks(weight, index, block).requires_grad_()
@@ -196,7 +230,7 @@ def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dt
 
 
 def _time_step(forward: Callable, after: Callable, x: torch.Tensor, grad_y: torch.Tensor, repeats: int,
-               memory: _Memory | _CudaMemory) -> tuple[float, float, float | None]:
+               memory: _Memory | _CudaMemory | _NoMemory) -> tuple[float, float, float | None]:
     fwd, bwd = [], []
     peak = None
     for i in range(repeats + 1):  # the first is a warm-up (and the memory measurement)
@@ -221,23 +255,6 @@ def _time_step(forward: Callable, after: Callable, x: torch.Tensor, grad_y: torc
     return statistics.median(fwd) * 1e3, statistics.median(bwd) * 1e3, peak
 
 
-def cpu_facts() -> dict[str, Any]:
-    """The CPU's model name, core count and flags (from /proc/cpuinfo on Linux), recorded beside every
-    benchmark: machines differ between sessions, and a number means little without them."""
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = value.split()
-                break
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "flags": flags}
-
-
 def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = None,
                device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """Every (shape, tokens, dtype, density, backend) of the grid; rows as in the module docstring."""
@@ -255,7 +272,7 @@ def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = N
                 for density in grid.densities:
                     runs: list[tuple[str, str, int]] = []  # (mask, backend, block)
                     if "rows" in grid.masks:
-                        runs += [("rows", "masked_dense", 0), ("rows", "torch_csr", 0)]
+                        runs += [("rows", "masked_dense", 0), ("rows", "torch_csr", 0), ("rows", "rows", 0)]
                     if "blocks" in grid.masks:
                         runs += [("blocks", "masked_dense", 0)]
                         runs += [("blocks", "blocks", b) for b in blocks_for(density, shape[1])]
@@ -303,13 +320,15 @@ def _speedups(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return group
 
 
-def derive_thresholds(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int], float]:
-    """{(dtype, block): the highest density at or below which every measured "blocks" row of that
-    dtype and block beat masked dense} (keys without such a density are left out)."""
-    by_key: dict[tuple[str, int], list[dict[str, Any]]] = {}
+def derive_thresholds(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """{(dtype, "rows" or "blocks b=B"): the highest density at or below which every measured row of that sparse
+    backend beat masked dense} (keys without such a density are left out). Documentation of a run's crossovers:
+    ``auto`` times the model's own layers instead (``calibration``)."""
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        if r["backend"] == "blocks" and r["total_ms"] is not None:
-            by_key.setdefault((r["dtype"], r["block"]), []).append(r)
+        if r["backend"] in ("blocks", "rows") and r["total_ms"] is not None:
+            kind = "rows" if r["backend"] == "rows" else f"blocks b={r['block']}"
+            by_key.setdefault((r["dtype"], kind), []).append(r)
     out = {}
     for key, group in sorted(by_key.items()):
         best = None

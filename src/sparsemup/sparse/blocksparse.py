@@ -268,7 +268,7 @@ class BlockStorage(StorageFormat):
     name = "blocks"
 
     def holds(self, state_dict: Mapping[str, Any], key: str) -> bool:
-        return key + "_index" in state_dict
+        return key + "_index" in state_dict and key in state_dict and state_dict[key].dim() == 4
 
     def to_masked_dense(self, state_dict: dict[str, Any], key: str, shape: tuple[int, ...]) -> None:
         state_dict.pop(key + "_shape", None)

@@ -73,7 +73,9 @@ class ModelConfig:
                         "block_size² tiles, what the blocks backend runs fast)", choices=TRAINED_MASK_KINDS)
     block_size: int = _f(32, "b of blocks masks; it must divide width, and density·width/b must be ≥ 1")
     backend: BackendChoice = _f("masked_dense", "how masked layers run: masked_dense, blocks (block-sparse storage and "
-                      "compute, needs mask_kind = blocks) or auto (per layer, by measured thresholds)",
+                      "compute, needs mask_kind = blocks), rows (only the kept weights of each row, stored and "
+                      "computed by native kernels; rows or blocks masks) or auto (per layer, the fastest measured "
+                      "on this machine)",
                       choices=BACKEND_CHOICES)
 
 

@@ -1,7 +1,8 @@
 """``sparsemup bench``: the layer benchmark (``sparsemup.sparse.bench``) and a reference-GPT training step.
 
-The GPT step times one AdamW step of the parameterized reference GPT with masked dense and
-block-sparse layers, fp32 and bf16 autocast, side by side in one process.
+The GPT step times one AdamW step of the parameterized reference GPT with masked dense,
+block-sparse (block masks) and row-sparse (the paper's unstructured masks) layers, fp32 and bf16
+autocast, side by side in one process.
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ import torch.nn.functional as F
 
 from ..core import make_optimizer
 from ..core.atomic import write_text_atomic
+from ..core.vocab import Backend, MaskKind
 from ..models import GPTConfig, build_gpt
 from ..sparse import sparsify
-from ..sparse.bench import Grid, block_for, cpu_facts, derive_thresholds, main_table, run_layers, sync
+from ..sparse.bench import Grid, block_for, derive_thresholds, main_table, run_layers, sync
+from ..sparse.machine import cpu_facts
 
 __all__ = ["run_gpt_step", "run"]
 
 
 def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3,
                  device: torch.device | str = "cpu") -> list[dict[str, Any]]:
-    """One AdamW training step of the reference GPT: masked dense vs block-sparse, fp32 and bf16 autocast."""
+    """One AdamW training step of the reference GPT: masked dense vs block- and row-sparse, fp32 and bf16 autocast."""
     batch, context = grid.gpt_tokens
     width = grid.gpt_width
     block = block_for(density, width)
@@ -39,8 +42,9 @@ def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3,
     tokens = torch.randint(0, cfg.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(device)
     rows: list[dict[str, Any]] = []
-    for backend in ("masked_dense", "blocks"):
-        model, _ = build_gpt(cfg, base_width=cfg.head_dim, scheme="supar", density=density, mask_kind="blocks",
+    runs: tuple[tuple[Backend, MaskKind], ...] = (("masked_dense", "blocks"), ("blocks", "blocks"), ("rows", "rows"))
+    for backend, mask_kind in runs:
+        model, _ = build_gpt(cfg, base_width=cfg.head_dim, scheme="supar", density=density, mask_kind=mask_kind,
                              block_size=block)
         sparsify(model, backend)
         model.to(device)
@@ -61,7 +65,8 @@ def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3,
                 if i:
                     times.append(time.perf_counter() - t0)
             rows.append({"model": f"gpt width {width} depth 2", "tokens": batch * context, "density": density,
-                         "block": block, "dtype": dtype_name, "backend": backend,
+                         "block": block if mask_kind == "blocks" else None, "mask": mask_kind, "dtype": dtype_name,
+                         "backend": backend,
                          "step_ms": round(statistics.median(times) * 1e3, 2),
                          "param_mb": round(state / 2**20, 2)})
     fastest = min(r["step_ms"] for r in rows if r["backend"] == "masked_dense")
@@ -83,11 +88,13 @@ def run(grid: Grid, json_path: Path | None, threads: int, show: Callable[[str], 
         f"  {r['shape']} tokens {r['tokens']} 1/{round(1 / r['density'])} {r['dtype']} {r['mask']} mask "
         f"{r['backend']}: {r['total_ms'] if r['total_ms'] is not None else 'unsupported'} ms"))
     show(main_table(layers))
-    show(f"auto thresholds (dtype, block) -> highest density: {derive_thresholds(layers)}")
+    show(f"crossovers (dtype, backend) -> highest density beating masked dense in every row: "
+         f"{derive_thresholds(layers)} (documentation: auto times each model's own layers)")
     gpt = run_gpt_step(grid, device=device) if grid.gpt_step else []
     for r in gpt:
         show(f"GPT step ({r['model']}, {r['tokens']} tokens, density 1/{round(1 / r['density'])}, "
-             f"block {r['block']}) {r['dtype']} {r['backend']}: {r['step_ms']} ms "
+             f"{r['mask']} masks" + (f" of block {r['block']}" if r["block"] else "") + f") {r['dtype']} "
+             f"{r['backend']}: {r['step_ms']} ms "
              f"({r['speedup_vs_fastest_dense']}x the fastest dense), parameters {r['param_mb']} MB")
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
               "cpu": cpu, "device": device, "gpu": gpu, "grid": asdict(grid),
