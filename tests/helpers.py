@@ -53,6 +53,28 @@ def lm_loss(model, x):
     return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
 
 
+def assert_state_dicts_convert_both_ways(build):
+    """``build(backend, seed)`` → a GPT; its sparse state_dict loads into masked dense, back, and via
+    ``to_masked_dense`` without a model, computing the same loss every time."""
+    dense, sparse = build(None, 3), build("sparse", 3)
+    with torch.no_grad():
+        for p in sparse.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    x = tokens(batch=2, seq=17, vocab=64)
+    want = lm_loss(sparse, x)
+    dense.load_state_dict(sparse.state_dict())  # sparse entries into a masked-dense model
+    torch.testing.assert_close(lm_loss(dense, x), want, rtol=1e-5, atol=1e-6)
+    again = build("sparse", 3)
+    again.load_state_dict(dense.state_dict())  # and back
+    torch.testing.assert_close(lm_loss(again, x), want, rtol=1e-5, atol=1e-6)
+    offline = smp.sparse.to_masked_dense(sparse.state_dict())  # without a model
+    assert "blocks.0.mlp.fc.weight_mask" in offline and "blocks.0.mlp.fc.weight_index" not in offline
+    fresh = build(None, 3)
+    fresh.load_state_dict(offline)
+    torch.testing.assert_close(lm_loss(fresh, x), want, rtol=1e-5, atol=1e-6)
+    return x
+
+
 def train_steps(model, opt, steps, x, clip=None, autocast=None):
     """``steps`` optimizer steps on batch x, with gradient clipping and bf16 autocast on the device
     type ``autocast`` if given; returns the last loss."""

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import sparsemup as smp
-from helpers import block_gpt, lm_loss, tokens
+from helpers import assert_state_dicts_convert_both_ways, block_gpt, lm_loss, tokens, train_steps
 from sparsemup.models import GPTConfig, build_gpt
-from sparsemup.sparse.backend import get_backends, sparsify, to_masked_dense
+from sparsemup.sparse.backend import get_backends, sparsify
 from sparsemup.sparse.rowsparse import RowSparseLinear, index_dtype, row_layout
 
 
@@ -38,12 +38,8 @@ def test_sparsify_trains_like_masked_dense_with_rho_memory():
     torch.testing.assert_close(lm_loss(sparse, x), lm_loss(dense, x), rtol=1e-5, atol=1e-6)
     opts = [smp.make_optimizer(m, torch.optim.AdamW, lr=1e-2, weight_decay=0.1) for m in (dense, sparse)]
     assert [g["lr"] for g in opts[0].param_groups] == [g["lr"] for g in opts[1].param_groups]
-    for _ in range(4):
-        for model, opt in zip((dense, sparse), opts):
-            opt.zero_grad()
-            lm_loss(model, x).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+    for model, opt in zip((dense, sparse), opts):
+        train_steps(model, opt, 4, x, clip=1.0)
     torch.testing.assert_close(lm_loss(sparse, x), lm_loss(dense, x), rtol=1e-4, atol=1e-5)
     for name in get_backends(sparse):
         layer = sparse.get_submodule(name.rpartition(".")[0])
@@ -57,22 +53,7 @@ def test_sparsify_trains_like_masked_dense_with_rho_memory():
 
 
 def test_state_dicts_convert_both_ways_and_across_sparse_storages():
-    dense, sparse = rows_gpt(seed=3), rows_gpt("rows", seed=3)
-    with torch.no_grad():
-        for p in sparse.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    x = tokens(batch=2, seq=17, vocab=64)
-    want = lm_loss(sparse, x)
-    dense.load_state_dict(sparse.state_dict())  # row-sparse entries into a masked-dense model
-    torch.testing.assert_close(lm_loss(dense, x), want, rtol=1e-5, atol=1e-6)
-    again = rows_gpt("rows", seed=3)
-    again.load_state_dict(dense.state_dict())  # and back
-    torch.testing.assert_close(lm_loss(again, x), want, rtol=1e-5, atol=1e-6)
-    offline = to_masked_dense(sparse.state_dict())  # without a model
-    assert "blocks.0.mlp.fc.weight_mask" in offline and "blocks.0.mlp.fc.weight_index" not in offline
-    fresh = rows_gpt(seed=3)
-    fresh.load_state_dict(offline)
-    torch.testing.assert_close(lm_loss(fresh, x), want, rtol=1e-5, atol=1e-6)
+    x = assert_state_dicts_convert_both_ways(lambda backend, seed: rows_gpt(backend and "rows", seed=seed))
     # Block masks keep equal counts per row too: a block-sparse checkpoint loads into row-sparse layers.
     blocks, rows_of_blocks = block_gpt("blocks", seed=4), block_gpt("rows", seed=4)
     assert set(get_backends(rows_of_blocks).values()) == {"rows"}

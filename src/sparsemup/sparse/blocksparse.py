@@ -20,7 +20,8 @@ from torch.autograd.function import once_differentiable
 
 from ..core.hooks import MASK_SUFFIX
 from ..core.masks import block_layout
-from ..core.storage import SparseStorage, StorageFormat, register_storage
+from ..core.storage import StorageFormat, register_storage
+from .sparselinear import SparseLinear, autocast_linear
 
 __all__ = ["BlockSparseLinear", "BlockStorage", "block_sparse_linear", "to_blocks", "to_dense", "from_masked_dense",
            "masked_dense_entries"]
@@ -176,32 +177,16 @@ class _BlockSparseMatmul(torch.autograd.Function):
 def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a block-sparse weight (values, index); any leading dims, autocast-aware."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        x, values = x.to(dtype), values.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    elif x.dtype != values.dtype:
-        raise TypeError(f"block_sparse_linear: input dtype {x.dtype} differs from the weight's {values.dtype}")
-    lead = x.shape[:-1]
-    with torch.autocast(device, enabled=False):
-        y = _BlockSparseMatmul.apply(x.reshape(-1, x.shape[-1]).contiguous(), values, index)
-    y = y.view(*lead, y.shape[-1])
-    return y if bias is None else y + bias
+    return autocast_linear(_BlockSparseMatmul.apply, "block_sparse_linear", x, values, index, bias)
 
 
-class BlockSparseLinear(SparseStorage):
+class BlockSparseLinear(SparseLinear):
     """An ``nn.Linear`` whose weight keeps only its mask's b×b blocks (memory and work ∝ ρ).
 
     ``weight`` holds the kept blocks, (out/b, k, b, b); the ``weight_index`` buffer their
     block-columns and ``weight_shape`` the logical (out, in), so a state_dict converts back to a
     dense weight without the model (``sparsemup.sparse.to_masked_dense``).
     """
-
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-    weight_index: torch.Tensor
-    weight_shape: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, index: torch.Tensor, block: int,
                  bias: bool = True, device: torch.device | str | None = None,
@@ -210,49 +195,32 @@ class BlockSparseLinear(SparseStorage):
         if out_features % block or in_features % block or index.shape[0] != out_features // block:
             raise ValueError(f"BlockSparseLinear: block {block} and index {tuple(index.shape)} do not fit a "
                              f"({out_features}, {in_features}) weight")
-        self.in_features, self.out_features, self.block = in_features, out_features, block
+        self.block = block
         rows, k = index.shape
-        self.weight = nn.Parameter(torch.zeros(rows, k, block, block, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-        self.register_buffer("weight_index", index.to(device=device, dtype=torch.int64))
-        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
+        self._store(in_features, out_features, (rows, k, block, block), index.to(torch.int64), bias, device, dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, index: torch.Tensor, block: int) -> BlockSparseLinear:
         """A block-sparse copy of ``linear`` keeping the blocks of ``index`` (weights outside are dropped)."""
-        weight = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, index, block, linear.bias is not None,
-                     weight.device, weight.dtype)
-        with torch.no_grad():
-            module.weight.copy_(to_blocks(weight, module.weight_index, block))
-        module.weight.requires_grad_(linear.weight.requires_grad)
-        if linear.bias is not None and module.bias is not None:
-            with torch.no_grad():
-                module.bias.copy_(linear.bias)
-            module.bias.requires_grad_(linear.bias.requires_grad)
-        return module.train(linear.training)
+                     linear.weight.device, linear.weight.dtype)
+        module.copy_from(linear)
+        return module
 
     def dense_weight(self) -> torch.Tensor:
         """The logical (out, in) weight, zero outside the kept blocks."""
         return to_dense(self.weight.detach(), self.weight_index, self.in_features)
 
+    def compress(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kept b×b blocks of a dense (out, in) weight."""
+        return to_blocks(weight, self.weight_index, self.block)
+
     def mask(self) -> torch.Tensor:
         """The logical (out, in) boolean mask."""
         return block_mask(self.weight, self.weight_index, self.in_features, torch.bool)
 
-    @torch.no_grad()
-    def to_dense_module(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the logical weight (exact zeros outside the kept blocks)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        linear.weight.copy_(self.dense_weight())
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"BlockSparseLinear: input has {x.shape[-1]} features, the layer takes {self.in_features}")
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear`` on the block-sparse kernels."""
         return block_sparse_linear(x, self.weight, self.weight_index, self.bias)
 
     def extra_repr(self) -> str:

@@ -17,8 +17,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..core.hooks import MASK_SUFFIX
-from ..core.storage import SparseStorage, StorageFormat, register_storage
+from ..core.storage import StorageFormat, register_storage
 from .rowkernels import rows_backward, rows_forward
+from .sparselinear import SparseLinear, autocast_linear
 
 __all__ = ["RowSparseLinear", "RowStorage", "row_layout", "row_sparse_linear", "index_dtype"]
 
@@ -66,21 +67,10 @@ class _RowSparseMatmul(torch.autograd.Function):
 def row_sparse_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a row-sparse weight (values, index); any leading dims, autocast-aware."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        x, values = x.to(dtype), values.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    elif x.dtype != values.dtype:
-        raise TypeError(f"row_sparse_linear: input dtype {x.dtype} differs from the weight's {values.dtype}")
-    lead = x.shape[:-1]
-    with torch.autocast(device, enabled=False):
-        y = _RowSparseMatmul.apply(x.reshape(-1, x.shape[-1]).contiguous(), values, index.to(torch.int32))
-    y = y.view(*lead, y.shape[-1])
-    return y if bias is None else y + bias
+    return autocast_linear(_RowSparseMatmul.apply, "row_sparse_linear", x, values, index.to(torch.int32), bias)
 
 
-class RowSparseLinear(SparseStorage):
+class RowSparseLinear(SparseLinear):
     """An ``nn.Linear`` whose weight keeps only its mask's k entries per row (memory and work ∝ ρ).
 
     ``weight`` holds the kept values, (out, k); the ``weight_index`` buffer their columns and
@@ -88,59 +78,37 @@ class RowSparseLinear(SparseStorage):
     the model (``sparsemup.sparse.to_masked_dense``).
     """
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-    weight_index: torch.Tensor
-    weight_shape: torch.Tensor
-
     def __init__(self, in_features: int, out_features: int, index: torch.Tensor, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if index.dim() != 2 or index.shape[0] != out_features or not 1 <= index.shape[1] <= in_features:
             raise ValueError(f"RowSparseLinear: index {tuple(index.shape)} does not fit a ({out_features}, "
                              f"{in_features}) weight; it must be (out, k) with 1 ≤ k ≤ in")
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.zeros(index.shape, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-        self.register_buffer("weight_index", index.to(device=device, dtype=index_dtype(in_features)))
-        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
+        self._store(in_features, out_features, tuple(index.shape), index.to(index_dtype(in_features)), bias,
+                    device, dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, index: torch.Tensor) -> RowSparseLinear:
         """A row-sparse copy of ``linear`` keeping the columns of ``index`` (weights outside are dropped)."""
-        weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, index, linear.bias is not None, weight.device,
-                     weight.dtype)
-        with torch.no_grad():
-            module.weight.copy_(weight.gather(1, module.weight_index.long()))
-            if linear.bias is not None and module.bias is not None:
-                module.bias.copy_(linear.bias)
-        module.weight.requires_grad_(linear.weight.requires_grad)
-        if linear.bias is not None and module.bias is not None:
-            module.bias.requires_grad_(linear.bias.requires_grad)
-        return module.train(linear.training)
+        module = cls(linear.in_features, linear.out_features, index, linear.bias is not None, linear.weight.device,
+                     linear.weight.dtype)
+        module.copy_from(linear)
+        return module
 
     def dense_weight(self) -> torch.Tensor:
         """The logical (out, in) weight, zero off the mask."""
         return _dense(self.weight.detach(), self.weight_index, self.in_features)
 
+    def compress(self, weight: torch.Tensor) -> torch.Tensor:
+        """The entries of a dense (out, in) weight at this layer's columns."""
+        return weight.gather(1, self.weight_index.long())
+
     def mask(self) -> torch.Tensor:
         """The logical (out, in) boolean mask."""
         return _mask(self.weight_index, self.in_features, torch.bool)
 
-    @torch.no_grad()
-    def to_dense_module(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the logical weight (exact zeros off the mask)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        linear.weight.copy_(self.dense_weight())
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"RowSparseLinear: input has {x.shape[-1]} features, the layer takes {self.in_features}")
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear`` on the row-sparse kernels."""
         return row_sparse_linear(x, self.weight, self.weight_index, self.bias)
 
     def extra_repr(self) -> str:
