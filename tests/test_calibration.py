@@ -11,7 +11,7 @@ import pytest
 import sparsemup as smp
 import sparsemup.sparse.backend as backend_module
 from helpers import block_gpt
-from sparsemup.sparse import calibration
+from sparsemup.sparse import calibration, native
 from sparsemup.sparse.backend import auto_choice, get_backends, sparsify
 from sparsemup.sparse.calibration import MARGIN, LayerCase, calibrated, decide
 
@@ -60,6 +60,7 @@ def test_auto_applies_the_calibrated_choice_per_layer(tmp_path, monkeypatch):
 
 
 def test_auto_really_times_this_machine(tmp_path, monkeypatch):
+    native.load()  # the kernels from the usual cache (built once for the suite), the calibration in tmp_path
     monkeypatch.setenv("SPARSEMUP_CACHE", str(tmp_path))
     model = block_gpt(density=0.25)
     choice = sparsify(model, "auto")
@@ -97,7 +98,8 @@ SCRIPT = textwrap.dedent("""
 def test_every_process_of_a_job_runs_rank_zeros_choice(tmp_path):
     script = tmp_path / "choose.py"
     script.write_text(SCRIPT.format(tests=os.path.dirname(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSEMUP_CACHE": str(tmp_path / "cache")}
+    # Injected timings: the kernels are not needed (and would be built again in the empty cache).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSEMUP_CACHE": str(tmp_path / "cache"), "SPARSEMUP_NATIVE": "0"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -1,5 +1,7 @@
 """The native row-sparse kernels against plain torch: forward, dX and dW on any shape, fp32 and bf16, any threads."""
 
+import os
+import time
 import warnings
 
 import pytest
@@ -128,6 +130,20 @@ def test_disabled_by_environment(monkeypatch):
     with pytest.warns(RuntimeWarning, match="disabled by SPARSEMUP_NATIVE=0"):
         assert native.load() is None
     assert native.status()["reason"] == "disabled by SPARSEMUP_NATIVE=0"
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path):
+    stale, live = tmp_path / "stale" / "lock", tmp_path / "live" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir()
+        lock.write_text("")
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        native._clear_stale_lock(stale)
+    native._clear_stale_lock(live)  # a build in progress elsewhere: left alone, torch's loader waits for it
+    native._clear_stale_lock(tmp_path / "none" / "lock")  # no lock: nothing to do
+    assert not stale.exists() and live.exists()
 
 
 def test_doctor_says_which_path_is_active_and_why(capsys):

@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +33,7 @@ _SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "fma")
 # thread; libgomp.so.1 then resolves to the copy torch has loaded, and torch.set_num_threads applies.
 CFLAGS = ("-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-unused-function", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
+STALE_LOCK_S = 900.0  # a build lock older than this was left by a killed build
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -76,6 +78,18 @@ def _put_pip_ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join([str(ninja.BIN_DIR), os.environ.get("PATH", "")])
 
 
+def _clear_stale_lock(lock: Path) -> None:
+    """Remove the build lock of a build that was killed: torch's loader would wait for it forever. A live build
+    takes about a minute; a lock untouched for ``STALE_LOCK_S`` is taken as left behind."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            warnings.warn(f"sparsemup: removed {lock}, left by a native build that did not finish", RuntimeWarning,
+                          stacklevel=3)
+    except FileNotFoundError:
+        pass
+
+
 def _build() -> tuple[ModuleType, str]:
     if os.environ.get("SPARSEMUP_NATIVE_FORCE_FAIL") == "1":
         raise RuntimeError("build failure forced by SPARSEMUP_NATIVE_FORCE_FAIL=1")
@@ -92,6 +106,7 @@ def _build() -> tuple[ModuleType, str]:
     cache.mkdir(parents=True, exist_ok=True)
     name = f"sparsemup_rows_{key}"
     built_before = any(cache.glob(f"{name}*.so"))
+    _clear_stale_lock(cache / "lock")
     if shutil.which("ninja") is None:
         _put_pip_ninja_on_path()
         cpp_extension.verify_ninja_availability()  # raises with torch's own message where none is found
