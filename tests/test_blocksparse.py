@@ -328,13 +328,21 @@ def test_a_block_checkpoint_of_another_layout_is_refused():
         mine.load_state_dict(theirs.state_dict())
 
 
-@pytest.mark.parametrize("loop", [True, False])
+@pytest.mark.parametrize("strategy", ["native", "loop", "gather"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_both_strategies_match_masked_dense(loop, dtype, tol, monkeypatch):
-    # The CPU picks per-block GEMMs or batched GEMMs on gathered blocks by dtype and tokens; both are exact.
+def test_every_strategy_matches_masked_dense(strategy, dtype, tol, monkeypatch):
+    # The CPU runs the native kernels; without them per-block GEMMs or batched GEMMs on gathered blocks (by dtype and
+    # tokens), as every other device does: all exact.
     import sparsemup.sparse.blocksparse as bs
+    from sparsemup.sparse import native
 
-    monkeypatch.setattr(bs, "_use_loop", lambda x, values: loop)
+    if strategy == "native":
+        if native.load() is None:
+            pytest.skip(f"native kernels unavailable here: {native.status()['reason']}")
+        monkeypatch.setattr(bs, "_use_loop", lambda x, values: pytest.fail("the plain-torch path ran"))
+    else:
+        monkeypatch.setattr(bs, "_native_module", lambda x, values: None)
+        monkeypatch.setattr(bs, "_use_loop", lambda x, values: strategy == "loop")
     shape, block = (96, 160), 16
     mask = random_mask(shape, 0.4, 3, "w", "blocks", block)
     index = block_layout(mask, block)

@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "every grid point), run on --backend")
     cc.add_argument("--backend", choices=BACKEND_CHOICES,
                     help="how the sparse cases' masked layers run (default: blocks with --blocks, else "
-                    "masked_dense; rows: native row-sparse kernels; auto: calibrated on this machine)")
+                    "masked_dense; rows: row-sparse native kernels; auto: calibrated on this machine)")
     cc.add_argument("--sparsity-method", choices=METHOD_NAMES, default="static",
                     help="how the sparse cases' masks evolve: static, set or rigl (drop 30%% of kept weights by "
                     "magnitude and regrow, every --update-every steps until 3/4 of --steps); see docs/DYNAMIC.md")
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser("doctor", help="which fast paths are active on this machine, and why (or why not)",
                         description="torch version and threads, the CPU's model and SIMD flags, the compiler, "
-                        "whether the native row-sparse kernels built (and where they are cached), the auto "
+                        "whether the native sparse kernels (rows, blocks) built (and where they are cached), the auto "
                         "backend's calibration cache, and the installed extras.")
     dr.add_argument("--json", action="store_true", help="print the facts as JSON")
     dr.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")

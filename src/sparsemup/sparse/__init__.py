@@ -1,4 +1,4 @@
-"""Execution backends for masked hidden weights: block- and row-sparse layers (the latter on native kernels
+"""Execution backends for masked hidden weights: block- and row-sparse layers (on native CPU kernels
 built on first use, ``native``), backend choice and swapping,
 state-dict conversion between storages, the layer benchmark, and dynamic sparsity (GMP, SET, RigL mask
 updates: ``dynamic`` holds the rules, ``mask_updates`` applies them).

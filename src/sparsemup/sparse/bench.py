@@ -5,7 +5,7 @@ layer, side by side in one process, and reports the speedup over masked dense of
 dtype, over the fastest dense path (the best dtype of masked dense), and the fraction of the
 1/ρ ideal. Backends: ``masked_dense`` (what sparsemup runs by default), ``torch_csr`` (torch's
 CSR ``mm`` + ``sampled_addmm``), ``rows`` (sparsemup's row-sparse layers on its native kernels,
-unstructured masks) and ``blocks`` (sparsemup's block-sparse layers, block masks).
+unstructured masks) and ``blocks`` (sparsemup's block-sparse layers on its native kernels, block masks).
 Peak memory is the growth of the process's peak resident set during the step (Linux only), or on
 CUDA of the peak memory torch allocated;
 ``state_mb`` counts the bytes of weights, AdamW state and mask or indices the layer keeps.

@@ -2,11 +2,12 @@
 
 A weight of logical shape (out, in) with a ``blocks`` mask is stored as ``values`` of shape
 (out/b, k, b, b) (block-row r keeps k blocks) and ``index`` (out/b, k), the block-columns they
-sit in. Forward and both backward products run as dense b×b-tile GEMMs only on the kept
-blocks, so the work is ρ of a dense layer's: on the CPU one small GEMM per block on strided
-views of the activations (nothing copied), elsewhere (and for short bf16 batches) batched
-GEMMs over block-rows on gathered input blocks. Plain PyTorch ops: any device, fp32, bf16
-and autocast; nothing to compile.
+sit in. Forward and both backward products run only on the kept blocks, so the work is ρ of a
+dense layer's. On the CPU (fp32, bf16) the native kernels of ``native`` run: one
+register-blocked microkernel per phase over the whole layer, dX through the transposed block
+index. Where they cannot be built, and on other devices, plain PyTorch ops compute the same
+results: on the CPU one small GEMM per block on strided views of the activations, elsewhere
+(and for short bf16 batches) batched GEMMs over block-rows on gathered input blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from ..core.hooks import MASK_SUFFIX
 from ..core.masks import block_layout
 from ..core.storage import StorageFormat, register_storage
+from . import native
 from .sparselinear import SparseLinear, autocast_linear
 
 __all__ = ["BlockSparseLinear", "BlockStorage", "block_sparse_linear", "to_blocks", "to_dense", "from_masked_dense",
@@ -65,6 +67,13 @@ def from_masked_dense(weight: torch.Tensor, mask: torch.Tensor, index: torch.Ten
     if stray:
         raise ValueError(f"{name}: the state_dict's weight has {stray} nonzero entries outside its mask")
     return to_blocks(weight, index.to(weight.device), block)
+
+
+def _native_module(x: torch.Tensor, values: torch.Tensor) -> Any:
+    """The compiled kernels where they apply (CPU, fp32 or bf16, one dtype) and could be built, else None."""
+    if x.device.type != "cpu" or values.device.type != "cpu" or x.dtype != values.dtype:
+        return None
+    return native.load() if x.dtype in (torch.float32, torch.bfloat16) else None
 
 
 def _use_loop(x: torch.Tensor, values: torch.Tensor) -> bool:
@@ -154,6 +163,11 @@ class _BlockSparseMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ctx.in_features = x.shape[1]
+        ctx.native = _native_module(x, values)
+        if ctx.native is not None:
+            x, values, index32 = x.contiguous(), values.contiguous(), index.to(torch.int32).contiguous()
+            ctx.save_for_backward(x, values, index32)
+            return ctx.native.blocks_forward(x, values, index32)
         ctx.loop = _use_loop(x, values)
         if ctx.loop:
             ctx.columns = index.tolist()
@@ -167,6 +181,11 @@ class _BlockSparseMatmul(torch.autograd.Function):
     @once_differentiable  # the saved inputs carry no history: a second derivative would be wrong
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         grad_y = grad_y.contiguous()
+        if ctx.native is not None:
+            x, values, index32 = ctx.saved_tensors
+            need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_x, grad_values = ctx.native.blocks_backward(grad_y.to(x.dtype), x, values, index32, need_dx, need_dw)
+            return grad_x if need_dx else None, grad_values if need_dw else None, None
         if ctx.loop:
             x, values = ctx.saved_tensors
             return (*_loop_backward(ctx, x, values, ctx.columns, grad_y), None)

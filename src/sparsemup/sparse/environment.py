@@ -1,8 +1,8 @@
 """What decides speed on this machine, for ``sparsemup doctor``: torch, threads, CPU, native kernels, calibration.
 
-Every fact is read, not assumed: the CPU's model and SIMD flags from the OS, whether the native row-sparse
-kernels are active (and why not: no compiler, a failed build, ``SPARSEMUP_NATIVE=0``), where their build and
-the ``auto`` calibration are cached, and which optional extras are installed (found, not imported).
+Every fact is read, not assumed: the CPU's model and SIMD flags from the OS, whether the native sparse kernels
+(rows and blocks) are active (and why not: no compiler, a failed build, ``SPARSEMUP_NATIVE=0``), where their build
+and the ``auto`` calibration are cached, and which optional extras are installed (found, not imported).
 """
 
 from __future__ import annotations
@@ -52,15 +52,15 @@ def render(facts: dict[str, Any]) -> str:
     if status["active"]:
         native_line = f"active ({status['reason']}), {status['isa']} code path; build cache {status['cache']}"
     else:
-        native_line = (f"OFF: {status['reason']}. The rows backend runs on plain torch (correct, not fast). Fix: "
-                       "install a C++ compiler and ninja (pip install ninja), unset SPARSEMUP_NATIVE")
+        native_line = (f"OFF: {status['reason']}. The rows and blocks backends run on plain torch (correct, slower). "
+                       "Fix: install a C++ compiler and ninja (pip install ninja), unset SPARSEMUP_NATIVE")
     extras = ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in facts["extras"].items())
     return "\n".join([
         f"torch        {facts['torch']}, {facts['threads']} thread(s), CUDA {'yes' if facts['cuda'] else 'no'}",
         f"cpu          {facts['cpu']['model']}, {facts['cpu']['cores']} core(s)",
         f"simd         {' '.join(facts['cpu']['simd']) or 'none found'}",
         f"compiler     {status['compiler']}",
-        f"native rows  {native_line}",
+        f"native       {native_line}",
         f"auto         calibration {facts['calibration']['file']} ({facts['calibration']['cases']} layer case(s) "
         "timed on this machine)",
         f"extras       {extras}  (pip install 'sparsemup[hf,ray,tune]')",

@@ -1,9 +1,10 @@
-"""Loader of the native row-sparse CPU kernels (``csrc/rows.cpp``), built with the machine's compiler on first use.
+"""Loader of the native sparse CPU kernels (``csrc/kernels.cpp``: rows and blocks), built with the machine's compiler
+on first use.
 
 The build lands in ``$SPARSEMUP_CACHE`` or ``~/.cache/sparsemup/ext/<key>``; the key hashes the source and build
 flags, the torch version, the CPU's flags and the compiler, so a cache is never reused on a machine it was not built
 for. Where it cannot be built (no compiler, no ninja, a compile error) or ``SPARSEMUP_NATIVE=0`` is set, ``load``
-warns once and returns None, and ``rowkernels`` falls back to plain torch. ``SPARSEMUP_NATIVE_FORCE_FAIL=1`` makes
+warns once and returns None, and the layers fall back to plain torch. ``SPARSEMUP_NATIVE_FORCE_FAIL=1`` makes
 the build fail on purpose (for tests of that fallback).
 """
 
@@ -27,7 +28,8 @@ from .machine import cpu_flags
 
 __all__ = ["load", "status", "reset"]
 
-SOURCE = Path(__file__).with_name("csrc") / "rows.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "kernels.cpp"  # includes the headers beside it
 _SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "fma")
 # -fopenmp: ATen's parallel_for is inline OpenMP code in torch's CPU builds, so without it the kernels run on one
 # thread; libgomp.so.1 then resolves to the copy torch has loaded, and torch.set_num_threads applies.
@@ -54,7 +56,8 @@ def compiler() -> str:
 
 def _key() -> str:
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
+    sources = [f.read_bytes() for f in sorted(CSRC.iterdir()) if f.suffix in (".cpp", ".h")]
+    for part in (*sources, " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
                  platform.machine().encode(), " ".join(cpu_flags()).encode(),
                  compiler().encode()):
         h.update(part)
@@ -104,7 +107,7 @@ def _build() -> tuple[ModuleType, str]:
     cache = _cache_dir(key)
     _cache = cache
     cache.mkdir(parents=True, exist_ok=True)
-    name = f"sparsemup_rows_{key}"
+    name = f"sparsemup_kernels_{key}"
     built_before = any(cache.glob(f"{name}*.so"))
     _clear_stale_lock(cache / "lock")
     if shutil.which("ninja") is None:
@@ -135,7 +138,7 @@ def load() -> ModuleType | None:
                 _reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         _tried = True
         if _module is None:
-            warnings.warn(f"sparsemup: native row-sparse kernels unavailable ({_reason}); using the plain-torch path",
+            warnings.warn(f"sparsemup: native sparse kernels unavailable ({_reason}); using the plain-torch path",
                           RuntimeWarning, stacklevel=2)
         return _module
 

@@ -31,7 +31,7 @@ def rows_forward(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> 
     if _native_ok(x, values):
         module = native.load()
         assert module is not None
-        return module.forward(x.contiguous(), values.contiguous(), index.to(torch.int32).contiguous())
+        return module.rows_forward(x.contiguous(), values.contiguous(), index.to(torch.int32).contiguous())
     return x @ dense_weight(values, index, x.shape[1]).t()
 
 
@@ -41,7 +41,7 @@ def rows_backward(grad_y: torch.Tensor, x: torch.Tensor, values: torch.Tensor, i
     if _native_ok(grad_y, x, values):
         module = native.load()
         assert module is not None
-        dx, dw = module.backward(grad_y.contiguous(), x.contiguous(), values.contiguous(),
+        dx, dw = module.rows_backward(grad_y.contiguous(), x.contiguous(), values.contiguous(),
                                  index.to(torch.int32).contiguous(), bool(need_dx), bool(need_dw))
         return dx, dw
     empty = x.new_empty(0)
