@@ -296,11 +296,13 @@ std::tuple<torch::Tensor, torch::Tensor> blocks_backward(const torch::Tensor& gr
   }
   // The transposed block index: for block-column c, the ids r k + j of its blocks at [colptr[c], colptr[c + 1]).
   const int32_t* idx = index.data_ptr<int32_t>();
-  std::vector<int32_t> colptr(cols + 1, 0), blocks(rows * k);
-  for (int64_t e = 0; e < rows * k; ++e) ++colptr[idx[e] + 1];
-  for (int64_t c = 0; c < cols; ++c) colptr[c + 1] += colptr[c];
-  std::vector<int32_t> fill(colptr.begin(), colptr.end() - 1);
-  for (int64_t e = 0; e < rows * k; ++e) blocks[fill[idx[e]]++] = static_cast<int32_t>(e);
+  std::vector<int32_t> colptr(cols + 1, 0), blocks(need_dx ? rows * k : 0);
+  if (need_dx) {
+    for (int64_t e = 0; e < rows * k; ++e) ++colptr[idx[e] + 1];
+    for (int64_t c = 0; c < cols; ++c) colptr[c + 1] += colptr[c];
+    std::vector<int32_t> fill(colptr.begin(), colptr.end() - 1);
+    for (int64_t e = 0; e < rows * k; ++e) blocks[fill[idx[e]]++] = static_cast<int32_t>(e);
+  }
   const torch::Tensor vf = values_f32(values);
   const float* vals = vf.data_ptr<float>();
   const int64_t chunks = ceil_div(T, blocks_chunk());
