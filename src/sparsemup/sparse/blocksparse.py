@@ -69,13 +69,6 @@ def from_masked_dense(weight: torch.Tensor, mask: torch.Tensor, index: torch.Ten
     return to_blocks(weight, index.to(weight.device), block)
 
 
-def _native_module(x: torch.Tensor, values: torch.Tensor) -> Any:
-    """The compiled kernels where they apply (CPU, fp32 or bf16, one dtype) and could be built, else None."""
-    if x.device.type != "cpu" or values.device.type != "cpu" or x.dtype != values.dtype:
-        return None
-    return native.load() if x.dtype in (torch.float32, torch.bfloat16) else None
-
-
 def _use_loop(x: torch.Tensor, values: torch.Tensor) -> bool:
     """Per-block GEMMs on strided views (no copies) or batched GEMMs on gathered blocks.
 
@@ -163,7 +156,7 @@ class _BlockSparseMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ctx.in_features = x.shape[1]
-        ctx.native = _native_module(x, values)
+        ctx.native = native.kernels_for(x, values)
         if ctx.native is not None:
             x, values, index32 = x.contiguous(), values.contiguous(), index.to(torch.int32).contiguous()
             ctx.save_for_backward(x, values, index32)

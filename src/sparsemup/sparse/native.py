@@ -1,7 +1,7 @@
 """Loader of the native sparse CPU kernels (``csrc/kernels.cpp``: rows and blocks), built with the machine's compiler
 on first use.
 
-The build lands in ``$SPARSEMUP_CACHE`` or ``~/.cache/sparsemup/ext/<key>``; the key hashes the source and build
+The build lands in ``$SPARSEMUP_CACHE`` or ``~/.cache/sparsemup/ext/<key>``; the key hashes the sources and build
 flags, the torch version, the CPU's flags and the compiler, so a cache is never reused on a machine it was not built
 for. Where it cannot be built (no compiler, no ninja, a compile error) or ``SPARSEMUP_NATIVE=0`` is set, ``load``
 warns once and returns None, and the layers fall back to plain torch. ``SPARSEMUP_NATIVE_FORCE_FAIL=1`` makes
@@ -26,7 +26,7 @@ import torch
 
 from .machine import cpu_flags
 
-__all__ = ["load", "status", "reset"]
+__all__ = ["load", "kernels_for", "status", "reset"]
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "kernels.cpp"  # includes the headers beside it
@@ -141,6 +141,14 @@ def load() -> ModuleType | None:
             warnings.warn(f"sparsemup: native sparse kernels unavailable ({_reason}); using the plain-torch path",
                           RuntimeWarning, stacklevel=2)
         return _module
+
+
+def kernels_for(*tensors: torch.Tensor) -> ModuleType | None:
+    """The compiled module where it applies to these operands (all on the CPU, the first fp32 or bf16; the kernels
+    check the rest and name what is wrong) and could be built, else None: the caller's plain-torch path."""
+    if not all(t.device.type == "cpu" for t in tensors) or tensors[0].dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return load()
 
 
 def reset() -> None:

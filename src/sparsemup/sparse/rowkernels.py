@@ -15,12 +15,6 @@ from . import native
 __all__ = ["rows_forward", "rows_backward", "dense_weight"]
 
 
-def _native_ok(*tensors: torch.Tensor) -> bool:
-    first = tensors[0]
-    return (all(t.device.type == "cpu" for t in tensors) and first.dtype in (torch.float32, torch.bfloat16)
-            and native.load() is not None)
-
-
 def dense_weight(values: torch.Tensor, index: torch.Tensor, in_features: int) -> torch.Tensor:
     """The dense (out, in) weight holding ``values`` at ``index`` and zeros elsewhere."""
     return values.new_zeros(values.shape[0], in_features).scatter_(1, index.long(), values)
@@ -28,9 +22,8 @@ def dense_weight(values: torch.Tensor, index: torch.Tensor, in_features: int) ->
 
 def rows_forward(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """y = x Wᵀ for x (T, in) and row-sparse W (values, index): native kernels where available, else plain torch."""
-    if _native_ok(x, values):
-        module = native.load()
-        assert module is not None
+    module = native.kernels_for(x, values)
+    if module is not None:
         return module.rows_forward(x.contiguous(), values.contiguous(), index.to(torch.int32).contiguous())
     return x @ dense_weight(values, index, x.shape[1]).t()
 
@@ -38,11 +31,10 @@ def rows_forward(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> 
 def rows_backward(grad_y: torch.Tensor, x: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
                   need_dx: bool = True, need_dw: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dx or an empty tensor, dL/dvalues or an empty tensor) of y = x Wᵀ, computed in one fused pass."""
-    if _native_ok(grad_y, x, values):
-        module = native.load()
-        assert module is not None
+    module = native.kernels_for(grad_y, x, values)
+    if module is not None:
         dx, dw = module.rows_backward(grad_y.contiguous(), x.contiguous(), values.contiguous(),
-                                 index.to(torch.int32).contiguous(), bool(need_dx), bool(need_dw))
+                                      index.to(torch.int32).contiguous(), bool(need_dx), bool(need_dw))
         return dx, dw
     empty = x.new_empty(0)
     dx = grad_y @ dense_weight(values, index, x.shape[1]) if need_dx else empty
