@@ -1,7 +1,11 @@
 """Small models, tiny training configurations and corpora shared by the tests (fixtures: conftest.py)."""
 
 import csv
+import os
 import random
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,6 +46,15 @@ def block_gpt(backend=None, density=0.25, block=16, width=128, seed=1):
     """A GPT with b×b block masks over a base of 64, sparsified to ``backend`` if given."""
     cfg = GPTConfig(vocab_size=64, width=width, depth=2, head_dim=32, context=16, ffn_multiple=block)
     model, _ = build_gpt(cfg, 64, scheme="supar", density=density, mask_kind="blocks", block_size=block, seed=seed)
+    if backend:
+        smp.sparsify(model, backend)
+    return model
+
+
+def rows_gpt(backend=None, density=0.25, width=128, seed=1, mask_kind="rows"):
+    """A GPT with the paper's row-exact masks over a base of 64, sparsified to ``backend`` if given."""
+    cfg = GPTConfig(vocab_size=64, width=width, depth=2, head_dim=32, context=16)
+    model, _ = build_gpt(cfg, 64, scheme="supar", density=density, mask_kind=mask_kind, seed=seed)
     if backend:
         smp.sparsify(model, backend)
     return model
@@ -102,7 +115,7 @@ def tokens(batch=4, seq=16, vocab=50, seed=0):
     return torch.randint(vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-__all__ = ["smp", "tiny_gpt", "tiny_mlp", "TwoLayer", "tokens", "block_gpt", "lm_loss", "train_steps",
+__all__ = ["smp", "tiny_gpt", "tiny_mlp", "TwoLayer", "tokens", "block_gpt", "rows_gpt", "lm_loss", "train_steps",
            "masked_zero_violations"]
 
 
@@ -157,3 +170,20 @@ def sweep_base(corpus: Path, steps: int = 4) -> dict:
         section, name = key.split(".")
         base.setdefault(section, {})[name] = getattr(getattr(cfg, section), name)
     return base
+
+
+def torchrun(args: list[str], where: Path, env: dict[str, str] | None = None, nproc: int = 2,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone`` with ``args`` on ``nproc`` processes (one thread each); each
+    rank's stdout and stderr go to files in a new folder under ``where``, and a failure's message holds every rank's
+    tail (torchrun's own output names only the rank that died, not why)."""
+    logs = Path(tempfile.mkdtemp(prefix="torchrun-logs-", dir=where))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--log-dir", str(logs), "--redirects", "3", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if proc.returncode != 0:
+        ranks = "".join(f"\n--- {path.relative_to(logs)} ---\n{path.read_text(errors='replace')[-3000:]}"
+                        for path in sorted(logs.rglob("*.log")))
+        raise AssertionError(f"torchrun exited {proc.returncode}\n{proc.stdout[-1500:]}{proc.stderr[-2500:]}{ranks}")
+    return proc

@@ -1,9 +1,6 @@
 """Block masks, the block-sparse layer and backend: same numbers as masked dense, ρ of the memory."""
 
-import copy
-import io
 import math
-import pickle
 
 import pytest
 import torch
@@ -13,11 +10,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsemup as smp
-from helpers import assert_state_dicts_convert_both_ways, block_gpt, lm_loss, tokens, train_steps
+from helpers import block_gpt, lm_loss, tokens
 from sparsemup.core.masks import block_layout, random_mask
-from sparsemup.models import GPTConfig, build_gpt, build_mlp
+from sparsemup.models import GPTConfig, build_gpt
 from sparsemup.sparse.backend import get_backends, sparsify
 from sparsemup.sparse.blocksparse import BlockSparseLinear, block_sparse_linear, to_blocks, to_dense
+from tolerances import matmul_atol
 
 # ---- block masks -------------------------------------------------------------------------------------
 
@@ -84,13 +82,18 @@ def test_layer_matches_masked_dense_fp32(out_blocks, in_blocks, block, keep, lea
     x = torch.randn(*lead, shape[1], requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     y, y2 = linear(x), sparse(x2)
-    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
+    # Two summation orders of the same products differ by at most 2·γ_k·(|x| @ |W|ᵀ) entrywise (tolerances).
+    flat_x = x.detach().reshape(-1, shape[1])
+    bound = matmul_atol(flat_x, linear.weight.detach()).reshape(y.shape)
+    assert ((y2 - y).double().abs() <= bound).all()
     grad = torch.randn_like(y)
     y.backward(grad)
     y2.backward(grad)
-    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(to_dense(sparse.weight.grad, sparse.weight_index, shape[1]),
-                               linear.weight.grad * mask, rtol=1e-5, atol=1e-5)
+    flat_g = grad.reshape(-1, shape[0])
+    assert ((x2.grad - x.grad).double().abs() <= matmul_atol(flat_g, linear.weight.detach().t()).reshape(x.shape)).all()
+    dw_bound = matmul_atol(flat_g.t(), flat_x.t())  # dW = gradᵀ x sums over the tokens
+    dw = to_dense(sparse.weight.grad, sparse.weight_index, shape[1])
+    assert ((dw - linear.weight.grad * mask).double().abs() <= dw_bound).all()
     if bias:
         torch.testing.assert_close(sparse.bias.grad, linear.bias.grad)
 
@@ -132,40 +135,6 @@ def test_layer_dtype_mismatch_is_an_error():
 # ---- the backend on a whole model -----------------------------------------------------------------
 
 
-def test_sparsify_trains_like_masked_dense_with_rho_memory():
-    dense, sparse = block_gpt(), block_gpt("blocks")
-    x = tokens(batch=3, seq=17, vocab=64)
-    torch.testing.assert_close(lm_loss(sparse, x), lm_loss(dense, x), rtol=1e-5, atol=1e-6)
-    opts = [smp.make_optimizer(m, torch.optim.AdamW, lr=1e-2, weight_decay=0.1) for m in (dense, sparse)]
-    assert [g["lr"] for g in opts[0].param_groups] == [g["lr"] for g in opts[1].param_groups]
-    for model, opt in zip((dense, sparse), opts):
-        train_steps(model, opt, 4, x, clip=1.0)
-    torch.testing.assert_close(lm_loss(sparse, x), lm_loss(dense, x), rtol=1e-4, atol=1e-5)
-    for name in get_backends(sparse):
-        in_features = smp.core.get_mask(dense, name).shape[1]
-        torch.testing.assert_close(to_dense(sparse.get_parameter(name).detach(), sparse.get_buffer(name + "_index"),
-                                            in_features),
-                                   dense.get_parameter(name).detach(), rtol=1e-3, atol=5e-5)  # Adam: ~1e-2 steps
-    # Weights and AdamW state of every hidden layer: ρ of dense (≤ 2ρ is the target).
-    for name in get_backends(sparse):
-        state = opts[1].state[sparse.get_parameter(name)]
-        stored = sparse.get_parameter(name).numel() + state["exp_avg"].numel() + state["exp_avg_sq"].numel()
-        dense_stored = 3 * dense.get_parameter(name).numel()
-        assert stored <= 2 * smp.get_parameterization(sparse).info(name).density * dense_stored
-
-
-def test_state_dicts_convert_both_ways():
-    assert_state_dicts_convert_both_ways(lambda backend, seed: block_gpt(backend and "blocks", seed=seed))
-
-
-def test_loading_another_layout_is_refused_before_any_copy():
-    sparse, other = block_gpt("blocks", seed=1), block_gpt(seed=2)
-    before = {k: v.clone() for k, v in sparse.state_dict().items()}
-    with pytest.raises(ValueError, match="block layout"):
-        sparse.load_state_dict(other.state_dict())
-    assert all(torch.equal(before[k], v) for k, v in sparse.state_dict().items())
-
-
 def test_sparsify_errors_and_choices():
     with pytest.raises(ValueError, match="mask_kind='blocks'"):
         cfg = GPTConfig(vocab_size=64, width=128, depth=1, head_dim=32, context=16)
@@ -175,7 +144,7 @@ def test_sparsify_errors_and_choices():
         sparsify(model, "fast")
     with pytest.raises(ValueError, match="unknown backends"):
         sparsify(model, {"blocks.0.attn.qkv.weight": "csr"})
-    assert sparsify(model, "masked_dense") == {n: "masked_dense" for n in get_backends(model)}
+    assert sparsify(model, "masked_dense") == {} and get_backends(model) == {}  # a recorded no-op
     with pytest.raises(ValueError, match="already sparsified"):
         sparsify(model, "blocks")
     with pytest.raises(ValueError, match="before wrapping"):
@@ -183,40 +152,6 @@ def test_sparsify_errors_and_choices():
     # A replayed choice per weight, e.g. from a checkpoint.
     mixed = sparsify(block_gpt(), {"blocks.1.mlp.proj.weight": "blocks"})
     assert mixed["blocks.1.mlp.proj.weight"] == "blocks" and mixed["blocks.0.mlp.proj.weight"] == "masked_dense"
-
-
-def test_copies_and_hooks_survive():
-    sparse = block_gpt("blocks")
-    x = tokens(batch=2, seq=17, vocab=64)
-    want = lm_loss(sparse, x)
-    for clone in (copy.deepcopy(sparse), pickle.loads(pickle.dumps(sparse))):
-        torch.testing.assert_close(lm_loss(clone, x), want)
-    buffer = io.BytesIO()
-    torch.save(sparse, buffer)
-    buffer.seek(0)
-    torch.testing.assert_close(lm_loss(torch.load(buffer, weights_only=False), x), want)
-
-
-def test_coordinate_check_runs_on_the_block_backend():
-    from sparsemup.coord import measure
-
-    def build(width):
-        model, _ = build_mlp(16, width, 4, 32, depth=2, scheme="supar", density=0.25, mask_kind="blocks",
-                             block_size=8)
-        sparsify(model, "blocks")
-        return model
-
-    x, y = torch.randn(32, 16), torch.randint(4, (32,))
-    rows = {}
-    for width in (64, 256):
-        model = build(width)
-        opt = smp.make_optimizer(model, torch.optim.AdamW, lr=1e-2)
-        rows[width] = {(r["layer"], r["quantity"], r["step"]): r["rms"]
-                       for r in measure(model, x, y, F.cross_entropy, opt, steps=2)}
-    assert ("hidden.0", "act", 2) in rows[64]  # block-sparse layers are observed under their names
-    # SµPar keeps hidden activations Θ(1) across a 4× width change on this backend too.
-    ratio = rows[256][("hidden.1", "act", 2)] / rows[64][("hidden.1", "act", 2)]
-    assert 0.5 < ratio < 2
 
 
 def test_bench_quick_writes_the_documented_rows(tmp_path, capsys):
@@ -333,16 +268,15 @@ def test_a_block_checkpoint_of_another_layout_is_refused():
 def test_every_strategy_matches_masked_dense(strategy, dtype, tol, monkeypatch):
     # The CPU runs the native kernels; without them per-block GEMMs or batched GEMMs on gathered blocks (by dtype and
     # tokens), as every other device does: all exact.
-    import sparsemup.sparse.blocksparse as bs
-    from sparsemup.sparse import native
+    from sparsemup.sparse import kernels, native
 
     if strategy == "native":
         if native.load() is None:
             pytest.skip(f"native kernels unavailable here: {native.status()['reason']}")
-        monkeypatch.setattr(bs, "_use_loop", lambda x, values: pytest.fail("the plain-torch path ran"))
+        monkeypatch.setattr(kernels, "_use_loop", lambda x, values: pytest.fail("the plain-torch path ran"))
     else:
-        monkeypatch.setattr(bs.native, "kernels_for", lambda *tensors: None)
-        monkeypatch.setattr(bs, "_use_loop", lambda x, values: strategy == "loop")
+        monkeypatch.setattr(kernels.native, "kernels_for", lambda *tensors: None)
+        monkeypatch.setattr(kernels, "_use_loop", lambda x, values: strategy == "loop")
     shape, block = (96, 160), 16
     mask = random_mask(shape, 0.4, 3, "w", "blocks", block)
     index = block_layout(mask, block)

@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 import sparsemup as smp
 import sparsemup.sparse.backend as backend_module
-from helpers import block_gpt
+from helpers import block_gpt, torchrun
 from sparsemup.sparse import calibration, native
 from sparsemup.sparse.backend import auto_choice, get_backends, sparsify
 from sparsemup.sparse.calibration import MARGIN, LayerCase, calibrated, decide
@@ -100,10 +98,7 @@ def test_every_process_of_a_job_runs_rank_zeros_choice(tmp_path):
     script = tmp_path / "choose.py"
     script.write_text(SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
     # Injected timings: the kernels are not needed (and would be built again in the empty cache).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSEMUP_CACHE": str(tmp_path / "cache"), "SPARSEMUP_NATIVE": "0"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun([str(script)], tmp_path, env={"SPARSEMUP_CACHE": str(tmp_path / "cache"), "SPARSEMUP_NATIVE": "0"})
     choices = [json.loads((tmp_path / f"choice{rank}.json").read_text()) for rank in (0, 1)]
     assert choices[0] == choices[1] and set(choices[0].values()) == {"rows"}
 

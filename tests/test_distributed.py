@@ -1,14 +1,10 @@
 """Multi-process training on CPU: DDP and FSDP2 under torchrun (2 processes, gloo) match one process."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import sparsemup as smp
-from helpers import read_metrics, tiny_config, tiny_overrides
+from helpers import read_metrics, tiny_config, tiny_overrides, torchrun
 from sparsemup.train import build_model, checkpoint
 from sparsemup.train.distributed import check_same_masks, mask_digest
 from sparsemup.train.trainer import train
@@ -23,11 +19,8 @@ def reference(corpus, tmp_path_factory):
     return out, train(tiny_config(corpus, *COMMON), out)
 
 
-def torchrun(out, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sparsemup.cli", "train", "--out", str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+def torchrun_train(out, *args):
+    torchrun(["-m", "sparsemup.cli", "train", "--out", str(out), *args], out.parent)
 
 
 def losses(out):
@@ -52,7 +45,7 @@ def assert_masks_exact(out, corpus):
 def test_ddp_on_two_processes_matches_one_process(corpus, reference, tmp_path):
     ref_out, ref = reference
     out = tmp_path / "ddp"
-    torchrun(out, "--set", *tiny_overrides(corpus, *COMMON))
+    torchrun_train(out, "--set", *tiny_overrides(corpus, *COMMON))
     assert losses(out)[0] == pytest.approx(losses(ref_out)[0], rel=1e-4)
     assert losses(out)[1] == pytest.approx(losses(ref_out)[1], rel=1e-4)
     result = (out / "result.json").read_text()
@@ -70,10 +63,10 @@ def test_ddp_on_two_processes_matches_one_process(corpus, reference, tmp_path):
 def test_fsdp2_on_two_processes_matches_one_process_across_a_resume(corpus, reference, tmp_path):
     ref_out, _ = reference
     out = tmp_path / "fsdp"
-    torchrun(out, "--fsdp", "--set", *tiny_overrides(corpus, *COMMON, "train.steps=4"))
+    torchrun_train(out, "--fsdp", "--set", *tiny_overrides(corpus, *COMMON, "train.steps=4"))
     assert checkpoint.load(out)["step"] == 4 and checkpoint.load(out)["world_size"] == 2
     # The config comes from the run directory; the rest runs with 2 accumulation micro-steps per process.
-    torchrun(out, "--fsdp", "--resume", "--set", "train.steps=8", "train.grad_accum=2")
+    torchrun_train(out, "--fsdp", "--resume", "--set", "train.steps=8", "train.grad_accum=2")
     assert losses(out)[0] == pytest.approx(losses(ref_out)[0], rel=1e-4)
     assert losses(out)[1] == pytest.approx(losses(ref_out)[1], rel=1e-4)
     assert '"fsdp":true' in (out / "result.json").read_text()
@@ -99,7 +92,7 @@ def test_block_backend_on_two_processes_matches_one_process(corpus, tmp_path, fs
               "model.backend=blocks")
     single = train(tiny_config(corpus, *blocks), tmp_path / "single")
     out = tmp_path / "multi"
-    torchrun(out, *(["--fsdp"] if fsdp else []), "--set", *tiny_overrides(corpus, *blocks))
+    torchrun_train(out, *(["--fsdp"] if fsdp else []), "--set", *tiny_overrides(corpus, *blocks))
     assert losses(out)[0] == pytest.approx(losses(tmp_path / "single")[0], rel=1e-4)
     result = (out / "result.json").read_text()
     assert single["mask_sha256"] in result and '"backends":{"blocks":4}' in result

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsemup.core.masks import random_mask
-from sparsemup.sparse.dynamic import drop_and_grow, gmp_density, prune_to_density, random_scores, update_fraction
+from sparsemup.dynamic.methods import drop_and_grow, gmp_density, prune_to_density, random_scores, update_fraction
 
 
 def test_gmp_follows_the_cubic_schedule():

@@ -3,19 +3,26 @@ schedule and LR, bitwise resume, load-time checks, identical masks on two proces
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import sparsemup as smp
-from helpers import curve, lm_loss, masked_zero_violations, read_metrics, tiny_config, tiny_gpt, tiny_overrides, tokens
+from helpers import (
+    curve,
+    lm_loss,
+    masked_zero_violations,
+    read_metrics,
+    tiny_config,
+    tiny_gpt,
+    tiny_overrides,
+    tokens,
+    torchrun,
+)
 from sparsemup.core.masks import nonzeros_per_row
 from sparsemup.core.record import dense_gradients
 from sparsemup.core.rules import Family, Multipliers, Role, lr_multiplier
-from sparsemup.sparse import GMP, SET, DynamicSparsity, RigL
+from sparsemup.dynamic import GMP, SET, DynamicSparsity, RigL
 from sparsemup.train import ConfigError, build_model, checkpoint, evaluate_checkpoint
 from sparsemup.train.trainer import Trainer, train
 from sparsemup.train.validate import validate
@@ -251,10 +258,7 @@ def test_a_sparse_by_storage_model_is_refused():
 def test_rigl_on_two_processes_takes_the_single_process_masks(corpus, tmp_path):
     items = tiny_overrides(corpus, *RIGL, "optim.schedule=constant")
     single = train(tiny_config(corpus, *RIGL, "optim.schedule=constant"), tmp_path / "one")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sparsemup.cli",
-           "train", "--out", str(tmp_path / "two"), "--set", *items]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun(["-m", "sparsemup.cli", "train", "--out", str(tmp_path / "two"), "--set", *items], tmp_path)
     result = json.loads((tmp_path / "two" / "result.json").read_text())
     # Each rank checked after every update that both hold the same masks; they are the one-process masks.
     assert result["world_size"] == 2 and result["mask_sha256"] == single["mask_sha256"]

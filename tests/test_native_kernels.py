@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsemup.sparse import native, rowkernels
+from sparsemup.sparse import kernels, native
 from sparsemup.sparse.blocksparse import block_sparse_linear, to_blocks, to_dense
 
 
@@ -34,7 +34,7 @@ def _case(tokens, fan_in, fan_out, k, seed, dtype=torch.float32):
 
 def _reference(x, values, index, grad_y):
     """fp64 masked dense: y = x Wᵀ, dx = g W, dW = (gᵀ x) at the kept entries."""
-    weight = rowkernels.dense_weight(values.double(), index, x.shape[1])
+    weight = kernels.rows_dense(values.double(), index, x.shape[1])
     x64, g64 = x.double(), grad_y.double()
     return x64 @ weight.t(), g64 @ weight, (g64.t() @ x64).gather(1, index.long())
 
@@ -176,7 +176,8 @@ def test_a_failed_build_warns_once_and_gives_the_same_results(monkeypatch):
     def run():
         blocks_x, blocks_values = bx.clone().requires_grad_(), bvalues.clone().requires_grad_()
         block_sparse_linear(blocks_x, blocks_values, bindex.long()).backward(bgrad)
-        return (rowkernels.rows_forward(x, values, index), *rowkernels.rows_backward(grad_y, x, values, index),
+        return (kernels.ROWS.forward(x, values, index)[0],
+                *kernels.ROWS.backward((x, values, index), None, grad_y, True, True),
                 blocks_x.grad, blocks_values.grad)
 
     expected = run()
@@ -187,7 +188,7 @@ def test_a_failed_build_warns_once_and_gives_the_same_results(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = run()
-        rowkernels.rows_forward(x, values, index)
+        kernels.ROWS.forward(x, values, index)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "SPARSEMUP_NATIVE_FORCE_FAIL" in messages[0] and "plain-torch" in messages[0]
     status = native.status()

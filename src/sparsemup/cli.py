@@ -15,14 +15,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .benchmark import BENCH_MASKS
 from .coord import QUANTITIES, UNSTABLE, Case, CheckSettings, run_check, write_check
 from .coord.reference import parse_model
 from .core import explain
 from .core.rules import Family
 from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES
+from .dynamic import METHOD_NAMES
 from .models import GPTConfig, build_gpt
-from .sparse.bench import BENCH_MASKS, DTYPES
-from .sparse.dynamic import METHOD_NAMES
+from .sparse.timing import DTYPES
 from .train import evaluate_checkpoint, load_config, train
 from .train.config import describe
 
@@ -219,8 +220,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .sparse.bench import FULL, GPU, QUICK
-    from .tuning.benchmark import run
+    from .benchmark import FULL, GPU, QUICK, run
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("sparsemup bench --device cuda: no CUDA device is visible; use --device cpu")

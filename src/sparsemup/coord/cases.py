@@ -77,9 +77,14 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _built(build: Callable[[], tuple[nn.Module, object]], backend: BackendChoice) -> nn.Module:
-    model = build()[0]
-    if backend != "masked_dense":
-        sparsify(model, backend)
+    """The model of a (model, config) builder, its masked layers on ``backend``."""
+    return _model_built(lambda: build()[0], backend)
+
+
+def _model_built(build: Callable[[], nn.Module], backend: BackendChoice) -> nn.Module:
+    """The model of a builder, its masked layers on ``backend`` (masked dense: recorded, unchanged)."""
+    model = build()
+    sparsify(model, backend)
     return model
 
 
@@ -146,10 +151,11 @@ def _logits_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
 def hf_cases(
     spec: str, scheme: str, widths: Sequence[int], densities: Sequence[float], seeds: int, base_width: int,
     batch_size: int | None = None, depth: int | None = None, head_dim: int | None = None,
+    backend: BackendChoice = "masked_dense",
 ) -> Iterator[Case]:
     """Cases for a transformers causal LM: ``spec`` is a model type (``llama``) or a config.json, built by
     ``sparsemup.hf.build`` at every width with vocab 256, ``depth`` layers and a fixed head dim, on the
-    reference GPT's Markov-chain batch."""
+    reference GPT's Markov-chain batch; the sparse cases run on ``backend``, the dense base on masked dense."""
     from .. import hf  # needs sparsemup[hf]; its error names the extra
 
     d = HF_DEFAULTS
@@ -159,4 +165,5 @@ def hf_cases(
         for width, density, base in _with_base(widths, densities, base_width):
             build = partial(hf.build, template, width, base_width, head_dim=head_dim or d["head_dim"],
                             scheme=scheme, density=density, seed=seed, init_std=d["init_std"])
-            yield Case(width, density, seed, build, tokens[:, :-1], tokens[:, 1:], _logits_loss, base)
+            yield Case(width, density, seed, partial(_model_built, build, "masked_dense" if base else backend),
+                       tokens[:, :-1], tokens[:, 1:], _logits_loss, base)

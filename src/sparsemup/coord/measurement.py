@@ -26,7 +26,7 @@ from torch import nn
 from ..core import Role, get_parameterization, make_optimizer
 from ..core.record import dense_gradients
 from ..core.structure import named_modules
-from ..sparse import DynamicSparsity
+from ..dynamic import DynamicSparsity
 
 __all__ = ["QUANTITIES", "THRESHOLD", "UNSTABLE", "MaskUpdates", "Case", "measure", "run", "fit_slopes",
            "unstable_cases", "verdict", "evaluate", "check"]
@@ -38,7 +38,7 @@ THRESHOLD = 0.25
 # normalises this away), so they do not count against width (docs/THEORY.md).
 JUDGED = {"width": ("act", "delta"), "density": ("act", "grad", "delta")}
 UNSTABLE = "unstable at this LR: lower --lr"  # the verdict's reason when training itself diverged
-# ``mask_updates(model, seed)``: the dynamic sparsity a sparse case trains with (``sparsemup.sparse``).
+# ``mask_updates(model, seed)``: the dynamic sparsity a sparse case trains with (``sparsemup.dynamic``).
 MaskUpdates = Callable[[nn.Module, int], DynamicSparsity]
 # A loss rise from one step to the next above this fraction is instability (stable runs measured here fall at
 # every step; an untuned transformers Llama's base at 2^-7 rises 17% in one step): docs/MODELS.md.

@@ -15,7 +15,8 @@ import torch
 
 from ..core.atomic import write_json_atomic
 from ..core.vocab import BackendChoice, hf_model_spec
-from ..sparse import SET, DynamicSparsity, RigL
+from ..dynamic import SET, DynamicSparsity, RigL
+from ..sparse import Fixes, check_backend
 from .cases import COORD_DEFAULTS, GPT_DEFAULTS, HF_DEFAULTS, MLP_DEFAULTS, gpt_cases, hf_cases, mlp_cases
 from .measurement import THRESHOLD, Case, MaskUpdates, evaluate
 
@@ -38,6 +39,10 @@ def parse_model(text: str) -> str:
 def model_family(model: str) -> str:
     """The key of ``COORD_DEFAULTS`` for a --model value: mlp, gpt or hf."""
     return "hf" if hf_model_spec(model) is not None else model
+
+
+COORD_FIXES = Fixes(block_masks="add --blocks B, or use --backend rows for the paper's row masks",
+                    masked_dense="drop --backend", element_masks="drop --blocks")
 
 
 @dataclass(frozen=True)
@@ -75,15 +80,8 @@ class CheckSettings:
             raise ValueError(f"unknown sparsity method {sparsity_method!r} for the coordinate check: use "
                              f"{', '.join(COORD_METHODS)} (gmp changes the density during the check, so the "
                              "density axis would not hold one density)")
-        if sparsity_method != "static" and block:
-            raise ValueError("dynamic masks are element masks: drop --blocks")
         backend = backend or ("blocks" if block else "masked_dense")
-        if backend == "blocks" and not block:
-            raise ValueError("--backend blocks runs block masks: add --blocks B, or use --backend rows for the "
-                             "paper's row masks")
-        if backend != "masked_dense" and (sparsity_method != "static" or family == "hf"):
-            raise ValueError(f"--backend {backend} runs static masks of the reference models; dynamic masks and "
-                             "--model hf:TYPE run on masked_dense: drop --backend")
+        check_backend(backend, "blocks" if block else "rows", sparsity_method, COORD_FIXES)
         steps = steps if steps is not None else 5 if sparsity_method == "static" else 20
         defaults = COORD_DEFAULTS[family]
         sizes = {"mlp": MLP_DEFAULTS, "gpt": GPT_DEFAULTS, "hf": HF_DEFAULTS}[family]
@@ -156,7 +154,7 @@ def run_check(settings: CheckSettings, progress: Callable[[Case], None] | None =
     spec = hf_model_spec(s.model)
     if spec is not None:
         cases = hf_cases(spec, s.scheme, s.widths, s.densities, s.seeds, s.base_width,
-                         s.batch_size, s.depth, s.head_dim)
+                         s.batch_size, s.depth, s.head_dim, s.backend)
     else:
         make = gpt_cases if s.model == "gpt" else mlp_cases
         cases = make(s.scheme, s.widths, s.densities, s.seeds, s.base_width, s.batch_size, s.block, s.backend)

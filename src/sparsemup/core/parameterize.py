@@ -74,7 +74,7 @@ def parameterize(
         forward_multipliers: "hooks" installs them on nn.Linear/nn.Embedding owners;
             "manual" installs none (apply ``ParamInfo.forward_multipliers`` yourself).
         mask_dense: give hidden weights at density 1 an all-ones mask too, so that dynamic sparsity
-            (``sparsemup.sparse.DynamicSparsity``, e.g. GMP starting dense) can prune them.
+            (``sparsemup.dynamic.DynamicSparsity``, e.g. GMP starting dense) can prune them.
 
     Returns the ``Parameterization`` (also stored on the model; see ``get_parameterization``).
     Raises ValueError, naming the parameter and the fix, on any inconsistent input, before

@@ -13,6 +13,7 @@ for every process of a job); the recorded ``sparsemup bench`` files are document
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,16 +25,49 @@ from ..core.record import RECORD_PREFIX, get_parameterization
 from ..core.storage import storage_formats
 from ..core.structure import unwrap
 from ..core.vocab import BACKEND_CHOICES, BACKENDS, Backend, BackendChoice
-from .bench import time_case
 from .blocksparse import BlockSparseLinear
 from .calibration import LayerCase, broadcast_choice, calibrated
 from .rowsparse import RowSparseLinear, row_layout
+from .timing import time_case
 
-__all__ = ["auto_choice", "sparsify", "get_backends", "to_masked_dense"]
+__all__ = ["Fixes", "PYTHON_FIXES", "auto_choice", "check_backend", "sparsify", "get_backends", "to_masked_dense"]
 
 _ATTR = RECORD_PREFIX + "backends"  # {weight name: backend} on the model sparsify was called on
 _STATE_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                 "_load_state_dict_post_hooks")
+
+
+@dataclass(frozen=True)
+class Fixes:
+    """How a caller tells its user to mend each part of the backend rule, in the caller's own words
+    (config keys, command-line flags or Python arguments)."""
+
+    block_masks: str  # the blocks backend without block masks
+    masked_dense: str  # a dynamic method on another backend
+    element_masks: str  # a dynamic method on block masks
+
+
+PYTHON_FIXES = Fixes(
+    block_masks="parameterize with mask_kind='blocks' (and a block_size dividing the layers), or use backend='auto'",
+    masked_dense="keep the model masked dense (sparsify(model, 'masked_dense'), or no sparsify)",
+    element_masks="parameterize with mask_kind='rows'",
+)
+
+
+def check_backend(backend: str, mask_kind: str, method: str = "static", fixes: Fixes = PYTHON_FIXES) -> None:
+    """The backend rule, checked once for the trainer, the coordinate check and ``sparsify``: the blocks backend
+    runs block masks only; a dynamic method (gmp, set, rigl) drops and regrows single weights of masked-dense
+    layers. Raises ValueError naming the broken part and the fix in ``fixes``."""
+    if backend == "blocks" and mask_kind != "blocks":
+        raise ValueError(f"the blocks backend runs block masks only (these are {mask_kind!r} masks); "
+                         f"{fixes.block_masks}")
+    if method != "static" and backend != "masked_dense":
+        raise ValueError(f"dynamic sparsity ({method}) updates masked-dense weights only, not the {backend} "
+                         f"backend's; {fixes.masked_dense}")
+    if method != "static" and mask_kind != "rows":
+        raise ValueError(f"dynamic sparsity ({method}) drops and regrows single weights, not {mask_kind}; "
+                         f"{fixes.element_masks}")
+
 
 def auto_choice(target: nn.Module, places: Mapping[str, tuple[Any, dict[str, torch.Tensor | None]]],
                 dtype: torch.dtype | None,
@@ -96,7 +130,8 @@ def sparsify(
     Args:
         model: a parameterized model, before its optimizer is built and before DDP/FSDP wrap it.
         backend: "auto" (per layer, timed on this machine: ``sparsemup.sparse.calibration``), "blocks"
-            or "rows" (every layer that can, an error for one that cannot), "masked_dense" (no change),
+            or "rows" (every layer that can, an error for one that cannot), "masked_dense" (no change, recorded
+            as {} so that a second call is refused like any other),
             or {name: backend} to replay an earlier choice (a checkpoint's).
         dtype: the compute dtype to time "auto" in (bf16 under autocast); default the weight's.
 
@@ -113,6 +148,11 @@ def sparsify(
     record = get_parameterization(target)
     if isinstance(backend, str) and backend not in BACKEND_CHOICES:
         raise ValueError(f"unknown backend {backend!r}; choose auto, {' or '.join(BACKENDS)}")
+    if isinstance(backend, str):
+        check_backend(backend, record.mask_kind)
+    if backend == "masked_dense":  # a recorded no-op: nothing swapped, and the record stays {} as before
+        target.__dict__[_ATTR] = {}
+        return {}
     masked = [info for info in record.params.values() if info.masked]
     if isinstance(backend, Mapping):
         wrong = {n: b for n, b in backend.items() if b not in BACKENDS}

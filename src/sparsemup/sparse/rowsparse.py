@@ -3,8 +3,8 @@
 A weight of logical shape (out, in) whose mask keeps the same number k of entries in every row
 (``rows`` masks: exactly round(ρ·fan_in) per neuron; ``blocks`` masks too) is stored as ``values``
 (out, k) and ``index`` (out, k), the sorted columns they sit in (int16 when the layer has at most
-32767 inputs, else int32). Forward, dX and dW run in the native kernels of ``rowkernels`` (or its
-plain-torch path where they cannot be built), so work and memory are ρ of a dense layer's.
+32767 inputs, else int32). Forward, dX and dW run in ``kernels.ROWS`` (the native kernels, or plain torch
+where they cannot be built), so work and memory are ρ of a dense layer's.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..core.hooks import MASK_SUFFIX
 from ..core.storage import StorageFormat, register_storage
-from .rowkernels import rows_backward, rows_forward
-from .sparselinear import SparseLinear, autocast_linear
+from .kernels import ROWS, rows_dense
+from .sparselinear import SparseLinear, sparse_linear
 
 __all__ = ["RowSparseLinear", "RowStorage", "row_layout", "row_sparse_linear", "index_dtype"]
 
@@ -38,36 +37,14 @@ def row_layout(mask: torch.Tensor) -> torch.Tensor | None:
     return columns.view(mask.shape[0], int(counts[0])).to(index_dtype(mask.shape[1]))
 
 
-def _dense(values: torch.Tensor, index: torch.Tensor, in_features: int) -> torch.Tensor:
-    return values.new_zeros(values.shape[0], in_features).scatter_(1, index.long(), values)
-
-
 def _mask(index: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    ones = torch.ones(index.shape, dtype=dtype, device=index.device)
-    return torch.zeros(index.shape[0], in_features, dtype=dtype, device=index.device).scatter_(1, index.long(), ones)
-
-
-class _RowSparseMatmul(torch.autograd.Function):
-    """y = x Wᵀ for row-sparse W; dX and dW (on the kept entries) in one fused pass."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, values, index)
-        return rows_forward(x, values, index)
-
-    @staticmethod
-    @once_differentiable  # the saved inputs carry no history: a second derivative would be wrong
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, values, index = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x, grad_values = rows_backward(grad_y.contiguous(), x, values, index, need_dx, need_dw)
-        return (grad_x if need_dx else None), (grad_values if need_dw else None), None
+    return rows_dense(torch.ones(index.shape, dtype=dtype, device=index.device), index, in_features)
 
 
 def row_sparse_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a row-sparse weight (values, index); any leading dims, autocast-aware."""
-    return autocast_linear(_RowSparseMatmul.apply, "row_sparse_linear", x, values, index.to(torch.int32), bias)
+    return sparse_linear(ROWS, "row_sparse_linear", x, values, index.to(torch.int32), bias)
 
 
 class RowSparseLinear(SparseLinear):
@@ -97,7 +74,7 @@ class RowSparseLinear(SparseLinear):
 
     def dense_weight(self) -> torch.Tensor:
         """The logical (out, in) weight, zero off the mask."""
-        return _dense(self.weight.detach(), self.weight_index, self.in_features)
+        return rows_dense(self.weight.detach(), self.weight_index, self.in_features)
 
     def compress(self, weight: torch.Tensor) -> torch.Tensor:
         """The entries of a dense (out, in) weight at this layer's columns."""
@@ -130,7 +107,7 @@ class RowStorage(StorageFormat):
         state_dict.pop(key + "_shape", None)
         index = state_dict.pop(key + "_index").to(state_dict[key].device)
         values = state_dict.pop(key)
-        state_dict[key] = _dense(values, index, shape[1])
+        state_dict[key] = rows_dense(values, index, shape[1])
         state_dict[key + MASK_SUFFIX] = _mask(index, shape[1], values.dtype)
 
     def from_masked_dense(self, state_dict: dict[str, Any], key: str, owner: nn.Module, name: str) -> None:

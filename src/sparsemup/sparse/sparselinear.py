@@ -1,20 +1,23 @@
 """What the compressed twins of ``nn.Linear`` share: a logical (out, in) weight kept as only its mask's entries.
 
 ``RowSparseLinear`` and ``BlockSparseLinear`` differ in how they lay out the kept entries and which kernels
-multiply them; copying from an ``nn.Linear``, back to one, and checking inputs are the same for both.
+multiply them (``kernels.ROWS``, ``kernels.BLOCKS``); the autograd function, copying from an ``nn.Linear`` and back,
+autocast and the input checks are the same for both.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..core.storage import SparseStorage
+from .kernels import FormatKernels
 
-__all__ = ["SparseLinear", "autocast_linear"]
+__all__ = ["SparseLinear", "sparse_linear"]
 
 
 class SparseLinear(SparseStorage):
@@ -74,11 +77,30 @@ class SparseLinear(SparseStorage):
         return self.linear(x)
 
 
-def autocast_linear(matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], name: str,
-                    x: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` through ``matmul`` (2-D input, values, index → output) for inputs with any leading dims; under
-    autocast both operands run in its dtype, elsewhere their dtypes must agree (``name`` says who refused)."""
+class _SparseMatmul(torch.autograd.Function):
+    """y = x Wᵀ for a sparse W in the format of ``kernels``; dX and dW (on the kept entries only) in one backward."""
+
+    @staticmethod
+    def forward(ctx: Any, kernels: FormatKernels, x: torch.Tensor, values: torch.Tensor,
+                index: torch.Tensor) -> torch.Tensor:
+        y, saved, ctx.plan = kernels.forward(x, values, index)
+        ctx.kernels = kernels
+        ctx.save_for_backward(*saved)
+        return y
+
+    @staticmethod
+    @once_differentiable  # the saved inputs carry no history: a second derivative would be wrong
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[None, torch.Tensor | None, torch.Tensor | None, None]:
+        need_dx, need_dw = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_x, grad_values = ctx.kernels.backward(ctx.saved_tensors, ctx.plan, grad_y.contiguous(), need_dx, need_dw)
+        return None, grad_x, grad_values, None
+
+
+def sparse_linear(kernels: FormatKernels, name: str, x: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` for a sparse weight (``values`` at ``index`` in the format of ``kernels``) on inputs with any
+    leading dims; under autocast both operands run in its dtype, elsewhere their dtypes must agree (``name`` says
+    who refused)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
@@ -88,6 +110,6 @@ def autocast_linear(matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
         raise TypeError(f"{name}: input dtype {x.dtype} differs from the weight's {values.dtype}")
     lead = x.shape[:-1]
     with torch.autocast(device, enabled=False):
-        y = matmul(x.reshape(-1, x.shape[-1]).contiguous(), values, index)
+        y = _SparseMatmul.apply(kernels, x.reshape(-1, x.shape[-1]).contiguous(), values, index)
     y = y.view(*lead, y.shape[-1])
     return y if bias is None else y + bias

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..core.vocab import Backend, hf_model_spec
+from ..dynamic import GMP, SET, DynamicSparsity, Method, RigL
 from ..models import GPTConfig, build_gpt
-from ..sparse import GMP, SET, DynamicSparsity, RigL, sparsify
-from ..sparse.dynamic import Method
+from ..sparse import sparsify
 from .data import VOCAB_SIZE
 from .schema import Config
 from .validate import stop_step
@@ -44,10 +44,7 @@ def build_model(cfg: Config, device: torch.device | str = "cpu",
         gpt = GPTConfig(vocab_size=VOCAB_SIZE, width=m.width, depth=m.depth, head_dim=m.head_dim,
                         context=cfg.train.seq_len, ffn_multiple=m.block_size if blocks else 8)
         model, _ = build_gpt(gpt, m.base_width, device=device, **options)
-    if backends:  # a checkpoint's per-layer choice ({} when the run never sparsified)
-        sparsify(model, backends)
-    elif m.backend != "masked_dense":
-        sparsify(model, m.backend)
+    sparsify(model, backends or m.backend)  # a checkpoint's per-layer choice ({} for masked dense) replayed
     return model
 
 

@@ -1,8 +1,8 @@
 """Training checkpoints: model (with masks), optimizer, scheduler, RNG states, step and config in one file.
 
-State dicts are gathered with ``torch.distributed.checkpoint.state_dict`` as full
-(unsharded) tensors keyed by parameter name, so one format serves one process, DDP and
-FSDP2, and a checkpoint from any of them resumes into any other. Rank 0 writes it to a
+State dicts are taken with ``torch.distributed.checkpoint.state_dict`` and gathered into full
+(unsharded) tensors keyed by parameter name (``core.shards``: plain collectives), so one format serves
+one process, DDP and FSDP2, and a checkpoint from any of them resumes into any other. Rank 0 writes it to a
 temp file and renames it over the old one: a kill at any moment leaves a loadable file.
 """
 
@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..core.atomic import write_atomic
+from ..core.shards import full_state
 from ..sparse import get_backends
 from .build import dynamic_sparsity
 from .distributed import Context
@@ -62,14 +63,14 @@ def _gather_rng(ctx: Context) -> list[dict[str, torch.Tensor]]:
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, cfg: Config,
          ctx: Context) -> None:
     """Gather the full state on every rank (a collective) and write it atomically from rank 0."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sharded = StateDictOptions(full_state_dict=False)  # gathered by full_state: see core.shards for why
     state = {
         "format": FORMAT,
         "step": step,
         "config": cfg.to_dict(),
         "world_size": ctx.world,
-        "model": get_model_state_dict(model, options=options),
-        "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
+        "model": full_state(get_model_state_dict(model, options=sharded)),
+        "optimizer": full_state(get_optimizer_state_dict(model, optimizer, options=sharded)),
         "scheduler": scheduler.state_dict(),
         "rng": _gather_rng(ctx),
         "backends": get_backends(model),  # replayed on resume, so a run keeps its layers' storage

@@ -16,8 +16,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from ..core.vocab import BACKEND_CHOICES, SCHEME_NAMES, WEIGHT_DECAY_MODES, BackendChoice, SchemeName, WeightDecayMode
-from ..sparse.dynamic import METHOD_NAMES, MethodName
-from ..sparse.mask_updates import REGROW_INITS, RegrowInit
+from ..dynamic import METHOD_NAMES, REGROW_INITS, MethodName, RegrowInit
 
 __all__ = [
     "ModelConfig", "SparsityConfig", "OptimConfig", "TrainConfig", "DataConfig", "DistConfig", "Config", "ConfigError",

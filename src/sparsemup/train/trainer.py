@@ -25,8 +25,9 @@ from ..core import get_mask, get_parameterization, make_optimizer
 from ..core.atomic import write_json_atomic, write_text_atomic
 from ..core.record import dense_gradients
 from ..core.rules import Multipliers, Role, init_std
+from ..core.shards import clip_grad_norm
+from ..dynamic import kept_weight_stats
 from ..sparse import get_backends
-from ..sparse.mask_updates import kept_weight_stats
 from . import checkpoint, distributed
 from .build import build_model, dynamic_sparsity, fsdp_units, logits_of
 from .config import to_toml, to_yaml
@@ -196,8 +197,7 @@ class Trainer:
         gradients = self.dynamic.take_gradients() if dense and self.dynamic is not None else None
         train_loss = float(distributed.all_mean(total, ctx))
         clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = clip_grad_norm(self.model.parameters(), clip if clip > 0 else math.inf)
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
             self._finish_diverged(self.step + 1, train_loss, grad_norm)
             return False

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from ..core.masks import nonzeros_per_row
 from ..core.vocab import hf_model_spec
+from ..sparse import Fixes, check_backend
 from .data import VOCAB_SIZE, corpus_files
 from .schema import Config, ConfigError, field_specs, flatten
 
 __all__ = ["validate"]
+
+CONFIG_FIXES = Fixes(block_masks="set model.mask_kind = 'blocks'", masked_dense="set model.backend = 'masked_dense'",
+                     element_masks="set model.mask_kind = 'rows'")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -44,8 +48,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(0.0 < value <= 1.0, f"model.{key} = {value}: must be in (0, 1] (1 is dense; 0.25 keeps a quarter)")
     for key in ("init_std", "input_alpha", "output_alpha"):
         _require(getattr(m, key) > 0, f"model.{key} = {getattr(m, key)}: must be positive")
-    _require(m.backend != "blocks" or m.mask_kind == "blocks",
-             "model.backend = 'blocks' runs block masks only; set model.mask_kind = 'blocks'")
+    try:
+        check_backend(m.backend, m.mask_kind, cfg.sparsity.method, CONFIG_FIXES)
+    except ValueError as error:
+        raise ConfigError(f"model.backend = {m.backend!r}, model.mask_kind = {m.mask_kind!r}, sparsity.method = "
+                          f"{cfg.sparsity.method!r}: {error}") from None
     if m.mask_kind == "blocks":
         _require(m.block_size >= 1 and m.width % m.block_size == 0
                  and (m.base_density == 1 or m.base_width % m.block_size == 0),
@@ -115,10 +122,6 @@ def _check_sparsity(cfg: Config) -> None:
     method = f"sparsity.method = {s.method!r}"
     _require(m.density < 1.0, f"{method} needs a target model.density below 1 (got {m.density:g}); set model.density "
              "(e.g. 0.25) or sparsity.method = 'static'")
-    _require(m.backend == "masked_dense", f"{method} updates masked-dense weights only; set model.backend = "
-             f"'masked_dense' (got {m.backend!r})")
-    _require(m.mask_kind == "rows", f"{method} drops and regrows single weights, not blocks; set model.mask_kind = "
-             "'rows'")
     _require(not cfg.dist.fsdp, f"{method} is not supported with FSDP yet; train with DDP (dist.fsdp = false)")
     stop = stop_step(cfg)
     first = s.update_every if s.method == "gmp" else s.update_every + 1

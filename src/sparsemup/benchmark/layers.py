@@ -1,4 +1,4 @@
-"""The layer benchmark behind ``sparsemup bench``: one sparse layer's training step on every backend.
+"""The layer benchmark: one sparse layer's training step on every backend, side by side.
 
 Each row times forward and backward (dX and the weight gradient on the mask only) of one
 layer, side by side in one process, and reports the speedup over masked dense of the same
@@ -14,10 +14,7 @@ CUDA of the peak memory torch allocated;
 from __future__ import annotations
 
 import ctypes
-import math
 import platform
-import statistics
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..core.masks import block_layout, random_mask
-from ..core.vocab import Backend, MaskKind
-from .blocksparse import block_sparse_linear, to_blocks
-from .calibration import TOKENS, LayerCase
-from .rowsparse import row_layout, row_sparse_linear
+from ..sparse.timing import DTYPES, LayerStep, Memory, layer_step, masked_weight, time_step
 
-__all__ = ["Grid", "FULL", "QUICK", "GPU", "DTYPES", "BENCH_MASKS", "run_layers", "block_for",
-           "blocks_for", "main_table", "derive_thresholds", "sync", "time_case"]
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+__all__ = ["Grid", "FULL", "QUICK", "GPU", "BENCH_MASKS", "run_layers", "block_for", "blocks_for", "main_table",
+           "derive_thresholds"]
 
 
 BENCH_MASKS = ("rows", "blocks")  # unstructured row-exact masks; b×b block masks
@@ -132,35 +123,6 @@ class _CudaMemory:
         return round((torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20, 1)
 
 
-class _NoMemory:
-    """No memory reading: calibration only times."""
-
-    def start(self) -> None:
-        pass
-
-    def peak_mb(self) -> None:
-        return None
-
-
-def time_case(case: LayerCase, backend: Backend, tokens: int = TOKENS, repeats: int = 2) -> float | None:
-    """Median fwd + bwd ms of one layer case on ``backend`` (None where it cannot run): what ``auto`` decides on."""
-    try:
-        forward, after, _ = _layer(backend, case.shape, case.density, DTYPES[case.dtype], case.block,
-                                   torch.device("cpu"), "blocks" if case.block else "rows")
-        x = torch.randn(tokens, case.shape[1]).to(DTYPES[case.dtype]).requires_grad_()
-        grad_y = torch.randn(tokens, case.shape[0]).to(DTYPES[case.dtype])
-        fwd, bwd, _ = _time_step(forward, after, x, grad_y, repeats, _NoMemory())
-    except (RuntimeError, NotImplementedError):
-        return None
-    return fwd + bwd
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock timers measure it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _CSRLinear(torch.autograd.Function):
     """y = x Wᵀ with W in torch CSR; dX with a transposed CSR, dW with sampled_addmm on the pattern."""
 
@@ -195,64 +157,13 @@ def _csr_layer(weight: torch.Tensor, mask: torch.Tensor) -> Callable[[torch.Tens
 
 
 def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dtype, block: int,
-           device: torch.device, kind: MaskKind | None = None
-           ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], None], int]:
-    """(forward, after-backward, bytes of weights + AdamW state + mask or indices) of one layer (``kind``: its
-    mask; default blocks for the blocks backend, rows otherwise)."""
-    kind = kind or ("blocks" if backend == "blocks" else "rows")
-    mask = random_mask(shape, density, 0, "bench", kind, block) if density < 1 else torch.ones(shape, dtype=torch.bool)
-    mask = mask.to(device)
-    weight = (torch.randn(shape) / math.sqrt(shape[1])).to(device, dtype) * mask
-    if backend == "masked_dense":
-        param = weight.requires_grad_()
-        mask_t = mask.to(dtype)
-        state = 4 * param.numel() * param.element_size()  # weight, mask, exp_avg, exp_avg_sq
-
-        def mask_grad() -> None:
-            assert param.grad is not None
-            param.grad.mul_(mask_t)
-
-        return (lambda x: F.linear(x, param)), mask_grad, state
-    if backend == "torch_csr":
-        forward = _csr_layer(weight, mask)
-        return forward, lambda: None, int(mask.sum()) * (3 * weight.element_size() + 8) + 8 * (shape[0] + 1)
-    if backend == "rows":
-        columns = row_layout(mask)
-        assert columns is not None  # a rows mask
-        kept = weight.gather(1, columns.long()).requires_grad_()
-        return (lambda x: row_sparse_linear(x, kept, columns)), lambda: None, \
-            3 * kept.numel() * kept.element_size() + columns.numel() * columns.element_size()
-    index = block_layout(mask, block)
-    assert index is not None  # a blocks mask
-    values = to_blocks(weight, index, block).requires_grad_()
-    return (lambda x: block_sparse_linear(x, values, index)), lambda: None, \
-        3 * values.numel() * values.element_size() + index.numel() * 8
-
-
-def _time_step(forward: Callable, after: Callable, x: torch.Tensor, grad_y: torch.Tensor, repeats: int,
-               memory: _Memory | _CudaMemory | _NoMemory) -> tuple[float, float, float | None]:
-    fwd, bwd = [], []
-    peak = None
-    for i in range(repeats + 1):  # the first is a warm-up (and the memory measurement)
-        if i == 0:
-            memory.start()
-        sync(x.device)
-        t0 = time.perf_counter()
-        y = forward(x)
-        sync(x.device)
-        t1 = time.perf_counter()
-        y.backward(grad_y)
-        after()
-        sync(x.device)
-        t2 = time.perf_counter()
-        if i == 0:
-            peak = memory.peak_mb()
-        else:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-        del y
-        x.grad = None
-    return statistics.median(fwd) * 1e3, statistics.median(bwd) * 1e3, peak
+           device: torch.device) -> LayerStep:
+    """``sparse.timing.layer_step``, and torch's CSR kernels as a baseline (``torch_csr``, on a rows mask)."""
+    if backend != "torch_csr":
+        return layer_step(backend, shape, density, dtype, block, device)  # type: ignore[arg-type]
+    weight, mask = masked_weight(shape, density, dtype, device)
+    csr_bytes = int(mask.sum()) * (3 * weight.element_size() + 8) + 8 * (shape[0] + 1)
+    return _csr_layer(weight, mask), lambda: None, csr_bytes
 
 
 def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = None,
@@ -294,12 +205,12 @@ def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = N
 
 
 def _measure(backend: str, shape: tuple[int, int], tokens: int, density: float, dtype_name: str, block: int,
-             x: torch.Tensor, grad_y: torch.Tensor, repeats: int, memory: _Memory | _CudaMemory) -> dict[str, Any]:
+             x: torch.Tensor, grad_y: torch.Tensor, repeats: int, memory: Memory) -> dict[str, Any]:
     row: dict[str, Any] = {"shape": list(shape), "tokens": tokens, "density": density, "dtype": dtype_name,
                            "backend": backend, "block": block if backend == "blocks" else None}
     try:
         forward, after, weight_bytes = _layer(backend, shape, density, DTYPES[dtype_name], block, x.device)
-        fwd, bwd, peak = _time_step(forward, after, x, grad_y, repeats, memory)
+        fwd, bwd, peak = time_step(forward, after, x, grad_y, repeats, memory)
     except (RuntimeError, NotImplementedError) as err:  # e.g. a dtype torch's CSR kernels lack
         return {**row, "fwd_ms": None, "bwd_ms": None, "total_ms": None, "peak_mem_mb": None,
                 "state_mb": None, "error": str(err).splitlines()[0][:160]}

@@ -1,4 +1,4 @@
-"""``sparsemup bench``: the layer benchmark (``sparsemup.sparse.bench``) and a reference-GPT training step.
+"""``sparsemup bench``: the layer benchmark (``layers``) and a reference-GPT training step.
 
 The GPT step times one AdamW step of the parameterized reference GPT with masked dense,
 block-sparse (block masks) and row-sparse (the paper's unstructured masks) layers, fp32 and bf16
@@ -24,8 +24,9 @@ from ..core.atomic import write_text_atomic
 from ..core.vocab import Backend, MaskKind
 from ..models import GPTConfig, build_gpt
 from ..sparse import sparsify
-from ..sparse.bench import Grid, block_for, derive_thresholds, main_table, run_layers, sync
 from ..sparse.machine import cpu_facts
+from ..sparse.timing import sync
+from .layers import Grid, block_for, derive_thresholds, main_table, run_layers
 
 __all__ = ["run_gpt_step", "run"]
 

@@ -1,6 +1,6 @@
 """Dynamic sparsity applied to a model: a method's mask updates on masked-dense weights and their optimizer.
 
-``DynamicSparsity`` owns the plumbing the pure rules of ``sparsemup.sparse.dynamic`` leave out: it
+``DynamicSparsity`` owns the plumbing the pure rules of ``sparsemup.dynamic.methods`` leave out: it
 reads each masked weight as (output neurons, fan-in), writes the new mask into its ``<param>_mask``
 buffer (``sparsemup.core.record.set_mask``: the weight is zeroed outside it and the load-time check
 follows), starts regrown weights at zero or at the layer's init std, resets the optimizer state of
@@ -27,10 +27,11 @@ from ..core.masks import stable_seed
 from ..core.optim import optimizer_rule
 from ..core.record import ParamInfo, expect_mask_nonzeros, get_parameterization, set_mask
 from ..core.rules import Family, Multipliers, lr_multiplier, weight_decay_multiplier
+from ..core.shards import full_tensor
 from ..core.storage import SparseStorage
 from ..core.structure import unwrap, weight_layout
 from ..core.vocab import WEIGHT_DECAY_MODES, WeightDecayMode, check_choice
-from .dynamic import GMP, Method, random_scores
+from .methods import GMP, Method, random_scores
 
 __all__ = ["DynamicSparsity", "RegrowInit", "REGROW_INITS", "kept_weight_stats"]
 
@@ -261,8 +262,7 @@ def kept_weight_stats(model: nn.Module, supar_std: Mapping[str, float]) -> dict[
         if isinstance(owner, SparseStorage):  # kept entries only: no mask buffer to read
             continue
         weight = owner.get_parameter(attr).detach()
-        if hasattr(weight, "full_tensor"):  # an FSDP2 shard: gather it (a collective: every rank calls this)
-            weight = weight.full_tensor()
+        weight = full_tensor(weight)  # an FSDP2 shard gathered (a collective: every rank calls this)
         weight = weight.double()
         kept = weight[owner.get_buffer(attr + MASK_SUFFIX) != 0]
         rms = float(kept.pow(2).mean().sqrt())
