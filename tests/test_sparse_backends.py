@@ -138,3 +138,53 @@ def test_coordinate_check_on_the_backend_measures_what_masked_dense_does(kind, t
               if m["layer"] == "hidden.1" and m["quantity"] == "act"}
     # SµPar keeps hidden activations Θ(1) across the width change on this backend too.
     assert 0.5 < hidden[(128, steps)] / hidden[(64, steps)] < 2
+
+
+def test_the_backend_rule_is_one_check_worded_for_each_caller(corpus, tmp_path, capsys):
+    from helpers import tiny_config
+    from sparsemup.cli import main
+    from sparsemup.sparse import check_backend
+    from sparsemup.train import ConfigError
+    from sparsemup.train.validate import validate
+
+    with pytest.raises(ValueError, match="blocks backend runs block masks only.*mask_kind='blocks'"):
+        check_backend("blocks", "rows")
+    with pytest.raises(ValueError, match=r"dynamic sparsity \(rigl\) updates masked-dense weights only"):
+        check_backend("rows", "rows", "rigl")
+    with pytest.raises(ValueError, match="drops and regrows single weights, not blocks"):
+        check_backend("masked_dense", "blocks", "set")
+    check_backend("auto", "blocks")  # auto picks per layer what can run
+    # sparsify: the Python words.
+    with pytest.raises(ValueError, match="parameterize with mask_kind='blocks'"):
+        smp.sparsify(rows_gpt(), "blocks")
+    # The trainer's validation: config keys.
+    with pytest.raises(ConfigError, match="set model.mask_kind = 'blocks'"):
+        validate(tiny_config(corpus, "model.backend=blocks"))
+    with pytest.raises(ConfigError, match="set model.backend = 'masked_dense'"):
+        validate(tiny_config(corpus, "model.backend=rows", "sparsity.method=rigl"))
+    # The coordinate check: its flags.
+    assert main(["coord-check", "--model", "mlp", "--backend", "blocks", "--out", str(tmp_path / "x")]) == 2
+    assert "add --blocks B, or use --backend rows" in capsys.readouterr().err
+    assert main(["coord-check", "--model", "mlp", "--sparsity-method", "rigl", "--blocks", "8", "--backend",
+                 "masked_dense", "--out", str(tmp_path / "y")]) == 2
+    assert "drop --blocks" in capsys.readouterr().err
+
+
+def test_masked_dense_is_a_recorded_no_op():
+    model = rows_gpt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert smp.sparsify(model, "masked_dense") == {} and get_backends(model) == {}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="already sparsified"):
+        smp.sparsify(model, "rows")
+
+
+def test_the_old_dynamic_sparsity_names_still_work_with_a_warning():
+    import sparsemup.dynamic
+    import sparsemup.sparse
+
+    for name in ("GMP", "SET", "RigL", "DynamicSparsity"):
+        with pytest.warns(DeprecationWarning, match=f"sparsemup.sparse.{name} moved to sparsemup.dynamic.{name}"):
+            assert getattr(sparsemup.sparse, name) is getattr(sparsemup.dynamic, name)
+    with pytest.raises(AttributeError):
+        sparsemup.sparse.NotAName  # noqa: B018

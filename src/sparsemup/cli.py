@@ -26,6 +26,7 @@ from .models import GPTConfig, build_gpt
 from .sparse.timing import DTYPES
 from .train import evaluate_checkpoint, load_config, train
 from .train.config import describe
+from .train.distributed import exit_process
 
 __all__ = ["main"]
 
@@ -379,10 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             build_parser().error(f"--{flag.replace('_', '-')} must be at least 1")
     try:
-        return args.func(args)
+        status = args.func(args)
     except ValueError as err:
         print(f"sparsemup: error: {err}", file=sys.stderr)
-        return 2
+        status = 2
+    exit_process(status)  # under torchrun: see train.distributed.exit_process for why
+    return status
 
 
 if __name__ == "__main__":

@@ -75,9 +75,9 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> float
     import torch.distributed as dist
 
     local = [g.to_local() for g in grads]
-    squares = torch.nn.utils.get_total_norm(local, 2.0) ** 2.0
+    squares = torch.stack(torch._foreach_norm(local, 2.0)) ** 2.0  # each tensor's norm, whole over the ranks
     dist.all_reduce(squares, group=grads[0].device_mesh.get_group())
-    total = squares ** (1.0 / 2.0)
+    total = torch.linalg.vector_norm(squares ** (1.0 / 2.0), 2.0)
     coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in local:
         g.mul_(coefficient)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from ..core import get_mask, get_parameterization
 from ..sparse import get_backends
 
 __all__ = [
-    "Context", "init", "shutdown", "mask_digest", "check_same_masks", "gather_mask_digests", "wrap",
+    "Context", "init", "shutdown", "exit_process", "mask_digest", "check_same_masks", "gather_mask_digests", "wrap",
     "all_mean", "all_sum",
 ]
 
@@ -58,13 +59,35 @@ def init(device: str = "auto") -> Context:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        _JOINED.append(True)
     return Context(rank, world, local_rank, dev)
+
+
+_JOINED: list[bool] = []  # non-empty once this process has joined a process group
 
 
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(status: int) -> None:
+    """End a command-line process that joined a process group with ``status`` and without Python's finalization
+    (``os._exit`` after flushing); return if it never joined one.
+
+    gloo's worker threads (torch 2.13) release a finished collective's tensors a moment after the caller sees it
+    finish. If the interpreter is finalizing by then, the thread blocks on the GIL, Python ends it from inside
+    a noexcept destructor, and the process aborts ("terminate called without an active exception", SIGABRT)
+    after all its work is done and written: seen in about one 2-process run in five with the other core busy.
+    A process that skips finalization cannot meet it.
+    """
+    if not _JOINED:
+        return
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def mask_digest(model: nn.Module) -> str:
@@ -124,6 +147,10 @@ def wrap(model: nn.Module, ctx: Context, fsdp: bool, units: Sequence[nn.Module])
     # Masks are fixed buffers checked identical at start: no need to sync them every forward
     # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers).
     ddp = nn.parallel.DistributedDataParallel
+    # Nor at start for the layouts' integer buffers (the row-sparse index is int16, which gloo cannot send):
+    # they follow from the masks, whose digest every rank has just compared.
+    ddp._set_params_and_buffers_to_ignore_for_model(
+        model, [name for name, buffer in model.named_buffers() if not buffer.is_floating_point()])
     no_sync: dict[str, Any] = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
                else "broadcast_buffers": False}
     return ddp(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **no_sync)
