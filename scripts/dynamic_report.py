@@ -21,7 +21,7 @@ from sparsemup.core.rules import Multipliers, Role, init_std
 from sparsemup.core.structure import match
 from sparsemup.models.gpt import GPTConfig, gpt_init_scale
 from sparsemup.tuning.analysis import analyze
-from sparsemup.tuning.report import load_records, plot_curves, tables
+from sparsemup.tuning.report import load_records, optimum_cell, plot_curves, tables, with_interval
 
 SCHEMES = ("sp", "supar")
 DENSITIES = (1.0, 0.25, 0.0625)
@@ -41,20 +41,6 @@ def combined(dynamic: Path, static: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _optimum(row: dict[str, Any] | None) -> str:
-    if row is None or row["best_log2_x"] is None:
-        return "—"
-    if row["edge"]:
-        return f"{'≥' if row['edge'] == 'high' else '≤'} {row['best_log2_x']:.2f}"
-    return "flat" if row["flat"] else f"{row['best_log2_x']:.2f} ± {row['se']:.2f}"
-
-
-def _bracket(value: float | None, interval: list[float] | None, fmt: str) -> str:
-    if value is None:
-        return "—"
-    return format(value, fmt) + ("" if interval is None else f" [{interval[0]:{fmt}}, {interval[1]:{fmt}}]")
-
-
 def summary(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """One table: what keeping the dense LR costs (regret), the signed shift of the optimum from ρ = 1 to 1/16
     (negative: sparser wants a lower LR, the paper's over-correction), the optima and their drift."""
@@ -69,14 +55,14 @@ def summary(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                 continue
             rows = {r["model.density"]: r for r in drift["rows"]}
             sparse = rows.get(0.0625)
-            regrets = "; ".join(_bracket(rows[rho]["regret"], rows[rho]["regret_interval"], ".3f") if rho in rows
+            regrets = "; ".join(with_interval(rows[rho]["regret"], rows[rho]["regret_interval"], ".3f") if rho in rows
                                 else "—" for rho in (0.25, 0.0625))
-            shift = "—" if sparse is None or sparse["flat"] else _bracket(sparse["shift"], sparse["shift_interval"],
-                                                                           "+.2f")
+            shift = ("—" if sparse is None or sparse["flat"]
+                     else with_interval(sparse["shift"], sparse["shift_interval"], "+.2f"))
             edge = "≥ " if drift["edge_involved"] else ""
             moved = "—" if drift["drift_log2"] is None else f"{edge}{drift['drift_log2']:.2f}"
-            lines.append(f"| {method} | {scheme} | {regrets} | {shift} | "
-                         + " | ".join(_optimum(rows.get(rho)) for rho in DENSITIES) + f" | {moved} |")
+            optima = " | ".join(optimum_cell(rows[rho]) if rho in rows else "—" for rho in DENSITIES)
+            lines.append(f"| {method} | {scheme} | {regrets} | {shift} | {optima} | {moved} |")
             found[f"{method}/{scheme}"] = {"rows": drift["rows"], "drift_log2": drift["drift_log2"],
                                            "edge_involved": drift["edge_involved"], "flat": drift["flat"],
                                            "shift_1_to_1_16": None if sparse is None else sparse["shift"],

@@ -21,7 +21,7 @@ from dynamic_report import combined, kept_table
 from sparsemup.core.atomic import write_text_atomic
 from sparsemup.tuning.analysis import analyze
 from sparsemup.tuning.estimate import point_estimate
-from sparsemup.tuning.report import merge_records, write_report
+from sparsemup.tuning.report import merge_records, optimum_cell, with_interval, write_report
 
 R = Path("results")
 # (label, stores merged, axis): the readings compared; "+" merges stores as `sparsemup report A --with B` does.
@@ -91,22 +91,6 @@ def _opt_old(o: dict[str, Any] | None) -> str:
     return (f"{'≥' if o['edge'] == 'high' else '≤'} {o['log2_x']:.2f}" if o["edge"] else f"{o['log2_x']:.2f}")
 
 
-def _opt_new(r: dict[str, Any]) -> str:
-    if r["best_log2_x"] is None:
-        return "—"
-    if r["edge"]:
-        return f"{'≥' if r['edge'] == 'high' else '≤'} {r['best_log2_x']:.2f}"
-    if r["flat"]:
-        return f"flat [{r['interval'][0]:.1f}, {r['interval'][1]:.1f}]"
-    return f"{r['best_log2_x']:.2f} ± {r['se']:.2f}"
-
-
-def _interval(value: float | None, interval: list[float] | None, fmt: str) -> str:
-    if value is None:
-        return "—"
-    return format(value, fmt) + ("" if interval is None else f" [{interval[0]:{fmt}}, {interval[1]:{fmt}}]")
-
-
 def _drift(value: float | None, edge: bool) -> str:
     return "—" if value is None else ("≥ " if edge else "") + f"{value:.2f}"
 
@@ -129,17 +113,17 @@ def reading_tables(label: str, result: dict[str, Any]) -> list[str]:
                   + (f" (flat, left out: {', '.join(format(v, 'g') for v in d['flat'])})" if d["flat"] else "")
                   + f"; worst cost of the reference's value: old gap "
                   f"{'—' if worst_old is None else format(worst_old, '.3f')}"
-                  f" | new regret {_interval(worst.get('regret'), worst.get('interval'), '.3f')}", "",
+                  f" | new regret {with_interval(worst.get('regret'), worst.get('interval'), '.3f')}", "",
                   f"| {along} | optimum old | optimum new | gap old | regret new | shift new |",
                   "|---|---|---|---|---|---|"]
         for k, (r, o) in enumerate(zip(d["rows"], old["rows"])):
             value = f"{r[d['along']]:g}" + (f" (w {r['model.width']})" if "model.width" in r
                                              and d["along"] != "model.width" else "")
-            lines.append(f"| {value} | {_opt_old(o['optimum'])} | {_opt_new(r)} | "
+            lines.append(f"| {value} | {_opt_old(o['optimum'])} | {optimum_cell(r)} | "
                          + ("reference | reference | 0 |" if k == 0 else
                             f"{'—' if o['gap'] is None else format(o['gap'], '.3f')} | "
-                            f"{_interval(r['regret'], r['regret_interval'], '.3f')} | "
-                            f"{'—' if r['flat'] else _interval(r['shift'], r['shift_interval'], '+.2f')} |"))
+                            f"{with_interval(r['regret'], r['regret_interval'], '.3f')} | "
+                            f"{'—' if r['flat'] else with_interval(r['shift'], r['shift_interval'], '+.2f')} |"))
         lines.append("")
     return lines
 

@@ -13,7 +13,8 @@ from ..core.atomic import write_json_atomic, write_text_atomic
 from .analysis import SEED_KEY, analyze, setting_label
 from .store import STORE_NAME, ResultStore, StoreError
 
-__all__ = ["load_records", "merge_records", "preset_values", "tables", "plot_curves", "write_report", "write_preset"]
+__all__ = ["load_records", "merge_records", "optimum_cell", "preset_values", "tables", "plot_curves", "with_interval",
+           "write_report", "write_preset"]
 
 LINE_KEYS = ("model.density", "model.width")  # a line per value of the first that varies
 
@@ -30,7 +31,7 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def _opt(row: dict[str, Any]) -> str:
+def optimum_cell(row: dict[str, Any]) -> str:
     """An optimum as ``x ± se``; ``flat (lo … hi)`` when it has none; ``≥ x (edge)`` on the grid's edge."""
     if row["best_log2_x"] is None:
         return "all diverged"
@@ -41,7 +42,8 @@ def _opt(row: dict[str, Any]) -> str:
     return f"{row['best_log2_x']:.2f} ± {row['se']:.2f}"
 
 
-def _with_interval(value: float | None, interval: list[float] | None, fmt: str) -> str:
+def with_interval(value: float | None, interval: list[float] | None, fmt: str) -> str:
+    """``value [lo, hi]`` in ``fmt``; — for None."""
     if value is None:
         return "—"
     return format(value, fmt) + ("" if interval is None else f" [{interval[0]:{fmt}}, {interval[1]:{fmt}}]")
@@ -53,11 +55,11 @@ def _shift(row: dict[str, Any]) -> str:
         return "—"
     if row["edge"]:
         return f"{'≤' if row['edge'] == 'low' else '≥'} {row['shift']:+.2f}"
-    return _with_interval(row["shift"], row["shift_interval"], "+.2f")
+    return with_interval(row["shift"], row["shift_interval"], "+.2f")
 
 
 def _regret(value: float | None, interval: list[float] | None) -> str:
-    return "diverged or off the grid" if value is None else _with_interval(value, interval, ".3f")
+    return "diverged or off the grid" if value is None else with_interval(value, interval, ".3f")
 
 
 def noise_line(result: dict[str, Any]) -> str:
@@ -191,7 +193,7 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
               f"| setting | seeds | best log2 {axis} | best loss |", "|---|---|---|---|"]
     for c in result["curves"]:
         o = c["optimum"]
-        best = "all diverged" if o is None else _opt({"best_log2_x": o["log2_x"], **o})
+        best = "all diverged" if o is None else optimum_cell({"best_log2_x": o["log2_x"], **o})
         lines.append(f"| {c['label'] or 'all'} | {c['seeds']} | {best} | {_num(None if o is None else o['loss'])} |")
     for d in result["drifts"]:
         along = d["along"].split(".")[-1]
@@ -202,7 +204,7 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
                   "| loss at transferred |", "|---|---|---|---|---|---|"]
         for n, r in enumerate(d["rows"]):
             moved = ("reference | 0" if n == 0 else f"{_regret(r['regret'], r['regret_interval'])} | {_shift(r)}")
-            lines.append(f"| {_along_value(d, r)} | {moved} | {_opt(r)} | {_num(r['best_loss'])} | "
+            lines.append(f"| {_along_value(d, r)} | {moved} | {optimum_cell(r)} | {_num(r['best_loss'])} | "
                          f"{_num(r['loss_at_transferred'])} |")
     return "\n".join(lines) + "\n"
 
