@@ -1,8 +1,9 @@
 """Best LR per density and its drift, for several sweep stores side by side (docs/MODELS.md).
 
 Reads each store's report.json (``sparsemup report DIR`` writes it) and prints, per scheme, the
-optimum log2 LR at each of the given densities (the report's fitted optimum; an optimum on the
-grid's edge is marked) and the drift: the largest minus the smallest of them. Run from the
+optimum log2 LR at each of the given densities (the report's optimum, sparsemup.tuning.estimate; an
+optimum on the grid's edge is marked, a flat curve, with no optimum within noise, is marked and left
+out) and the drift: the largest minus the smallest of the located ones. Run from the
 repository root, e.g.:
 
     sparsemup report results/hf-llama-lr-density > /dev/null
@@ -17,14 +18,14 @@ from pathlib import Path
 
 
 def optima(directory: Path) -> dict[tuple[str, float], tuple[float, str | None, float]]:
-    """{(scheme, density): (best log2 lr, edge, best loss)} from a store's report.json."""
+    """{(scheme, density): (best log2 lr, edge or "flat", best loss)} from a store's report.json."""
     report = json.loads((directory / "report.json").read_text())
     out = {}
     for curve in report["curves"]:
         setting, best = curve["setting"], curve["optimum"]
         if best is not None:
-            out[(setting["model.scheme"], float(setting["model.density"]))] = (best["log2_x"], best.get("edge"),
-                                                                               best["loss"])
+            mark = best.get("edge") or ("flat" if best.get("flat") else None)
+            out[(setting["model.scheme"], float(setting["model.density"]))] = (best["log2_x"], mark, best["loss"])
     return out
 
 
@@ -45,11 +46,11 @@ def main() -> None:
                 if (scheme, density) not in found:
                     cells.append("–")
                     continue
-                x, edge, loss = found[(scheme, density)]
-                values.append(x)
-                mark = " (edge)" if edge else ""
-                cells.append(f"{x:.2f}{mark}, loss {loss:.3f}")
-            drift = f"{max(values) - min(values):.2f}" if len(values) == len(densities) else "–"
+                x, mark, loss = found[(scheme, density)]
+                if mark != "flat":
+                    values.append(x)
+                cells.append(f"{x:.2f}" + {None: "", "flat": " (flat)"}.get(mark, " (edge)") + f", loss {loss:.3f}")
+            drift = f"{max(values) - min(values):.2f}" if len(values) > 1 else "–"
             print(f"| {store.name} | {scheme} | " + " | ".join(cells) + f" | {drift} |")
 
 

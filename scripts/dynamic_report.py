@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from sparsemup.core.atomic import write_json_atomic, write_text_atomic
+from sparsemup.core.rules import Multipliers, Role, init_std
+from sparsemup.core.structure import match
+from sparsemup.models.gpt import GPTConfig, gpt_init_scale
 from sparsemup.tuning.analysis import analyze
-from sparsemup.tuning.report import load_records, plot_curves, tables
+from sparsemup.tuning.report import load_records, optimum_cell, plot_curves, tables, with_interval
 
 SCHEMES = ("sp", "supar")
 DENSITIES = (1.0, 0.25, 0.0625)
@@ -39,9 +42,10 @@ def combined(dynamic: Path, static: Path) -> list[dict[str, Any]]:
 
 
 def summary(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """One table: best log2 LR per density, drift, and the sign of the shift (over-correction: sparser lower)."""
-    lines = ["| method | scheme | ρ=1 | 1/4 | 1/16 | drift | shift 1 → 1/16 | loss at dense LR − best, 1/4; 1/16 |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One table: what keeping the dense LR costs (regret), the signed shift of the optimum from ρ = 1 to 1/16
+    (negative: sparser wants a lower LR, the paper's over-correction), the optima and their drift."""
+    lines = ["| method | scheme | regret at the dense LR, 1/4; 1/16 (nats) [95 %] | shift 1 → 1/16 [95 %] "
+             "| ρ=1 | 1/4 | 1/16 | drift |", "|---|---|---|---|---|---|---|---|"]
     found: dict[str, Any] = {}
     for method in METHODS:
         for scheme in SCHEMES:
@@ -50,35 +54,61 @@ def summary(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             if drift is None:
                 continue
             rows = {r["model.density"]: r for r in drift["rows"]}
-            cells = []
-            for rho in DENSITIES:
-                r = rows.get(rho)
-                if r is None or r["best_log2_x"] is None:
-                    cells.append("—")
-                else:
-                    cells.append(("≥ " if r["edge"] == "high" else "≤ " if r["edge"] == "low" else "")
-                                 + f"{r['best_log2_x']:.2f}")
-            dense, sparse = rows.get(1.0), rows.get(0.0625)
-            shift = (None if dense is None or sparse is None or None in (dense["best_log2_x"], sparse["best_log2_x"])
-                     else sparse["best_log2_x"] - dense["best_log2_x"])
-            gaps = [rows[rho]["transfer_gap"] if rho in rows else None for rho in (0.25, 0.0625)]
+            sparse = rows.get(0.0625)
+            regrets = "; ".join(with_interval(rows[rho]["regret"], rows[rho]["regret_interval"], ".3f") if rho in rows
+                                else "—" for rho in (0.25, 0.0625))
+            shift = ("—" if sparse is None or sparse["flat"]
+                     else with_interval(sparse["shift"], sparse["shift_interval"], "+.2f"))
             edge = "≥ " if drift["edge_involved"] else ""
-            lines.append(f"| {method} | {scheme} | " + " | ".join(cells)
-                         + f" | {edge}{drift['drift_log2']:.2f} | "
-                         + ("—" if shift is None else f"{shift:+.2f}") + " | "
-                         + "; ".join("—" if g is None else f"{g:.3f}" for g in gaps) + " |")
+            moved = "—" if drift["drift_log2"] is None else f"{edge}{drift['drift_log2']:.2f}"
+            optima = " | ".join(optimum_cell(rows[rho]) if rho in rows else "—" for rho in DENSITIES)
+            lines.append(f"| {method} | {scheme} | {regrets} | {shift} | {optima} | {moved} |")
             found[f"{method}/{scheme}"] = {"rows": drift["rows"], "drift_log2": drift["drift_log2"],
-                                           "edge_involved": drift["edge_involved"], "shift_1_to_1_16": shift}
+                                           "edge_involved": drift["edge_involved"], "flat": drift["flat"],
+                                           "shift_1_to_1_16": None if sparse is None else sparse["shift"],
+                                           "shift_1_to_1_16_interval": None if sparse is None
+                                           else sparse["shift_interval"]}
     return "\n".join(lines) + "\n", found
 
 
-def _layer_kind(name: str) -> str:
-    return name.split(".")[-2]  # qkv, proj, up / gate, down: the module's own name
+def layer_supar_std(config: dict[str, Any], name: str, density: float) -> float:
+    """The init std SµPar gives hidden weight ``name`` of the reference GPT at ``density``, with the init factor the
+    layer really got (GPT-2's 1/√(2·depth) on the residual projections attn.proj and mlp.proj)."""
+    def fan_in(width: int) -> int:  # the residual FFN projection reads the FFN's hidden units, the rest the width
+        shape = GPTConfig(width=width, head_dim=config["model.head_dim"],
+                          ffn_multiple=config["model.block_size"] if config["model.mask_kind"] == "blocks" else 8)
+        return shape.ffn_hidden if name.endswith("mlp.proj.weight") else width
+
+    m = Multipliers(width=fan_in(config["model.width"]) / fan_in(config["model.base_width"]),
+                    density=density / config["model.base_density"])
+    pattern = match(gpt_init_scale(config["model.depth"]), (name,))
+    factor = gpt_init_scale(config["model.depth"])[pattern] if pattern is not None else 1.0
+    return init_std(Role.HIDDEN, "supar", m, config["model.init_std"]) * factor
+
+
+def layer_ratios(record: dict[str, Any]) -> dict[str, float]:
+    """Per hidden weight, kept RMS over ``layer_supar_std``: as stored by runs after the trainer's fix
+    (``rms_over_layer_supar_std``), else recomputed from the stored RMS. A record's old ratio (``rms_over_supar_std``,
+    no depth factor) is checked to be the stored RMS over the factor-free std before it is replaced."""
+    out = {}
+    for name, s in record["kept_weights"].items():
+        if "rms_over_layer_supar_std" in s:
+            out[name] = s["rms_over_layer_supar_std"]
+            continue
+        std = layer_supar_std(record["config"], name, s["density"])
+        factor_free = std / (gpt_init_scale(record["config"]["model.depth"]).get(
+            match(gpt_init_scale(record["config"]["model.depth"]), (name,)) or "", 1.0))
+        if not math.isclose(s["rms"] / s["rms_over_supar_std"], factor_free, rel_tol=1e-6):
+            raise ValueError(f"{record['id']} {name}: stored ratio implies std {s['rms'] / s['rms_over_supar_std']}, "
+                             f"not {factor_free}")
+        out[name] = s["rms"] / std
+    return out
 
 
 def kept_table(records: list[dict[str, Any]], result: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
-    """Mean over hidden layers (and range) of the kept weights' RMS / SµPar's std and excess kurtosis, at 2⁻⁷
-    and at each curve's best grid LR."""
+    """Mean over hidden layers (and range) of the kept weights' RMS over the init std SµPar gives each layer
+    (``layer_supar_std``; beside it the stored ratio without the depth factor, where a record has one) and their excess
+    kurtosis, at 2⁻⁷ and at each curve's best grid LR."""
     best_lr = {}
     for c in result["curves"]:
         points = [(y, x) for x, y in zip(c["log2_x"], c["loss"]) if y is not None]
@@ -95,21 +125,24 @@ def kept_table(records: list[dict[str, Any]], result: dict[str, Any]) -> tuple[s
         at = "2⁻⁷" if math.isclose(lr, KEPT_LR) else "best" if math.isclose(lr, best_lr.get(key, -1)) else None
         if at is None:
             continue
-        stats = r["kept_weights"].values()
-        ratio = [s["rms_over_supar_std"] for s in stats]
-        kurt = [s["excess_kurtosis"] for s in stats]
+        ratio = list(layer_ratios(r).values())
+        old = [s["rms_over_supar_std"] for s in r["kept_weights"].values() if "rms_over_supar_std" in s]
+        kurt = [s["excess_kurtosis"] for s in r["kept_weights"].values()]
         rows.append({"method": key[0], "scheme": key[1], "density": key[2], "lr": lr, "at": at,
                      "final_val_loss": r["final_val_loss"],
-                     "rms_over_supar_std": statistics.fmean(ratio), "rms_range": [min(ratio), max(ratio)],
+                     "rms_over_layer_supar_std": statistics.fmean(ratio), "rms_range": [min(ratio), max(ratio)],
+                     "old_rms_over_supar_std": statistics.fmean(old) if old else None,
                      "excess_kurtosis": statistics.fmean(kurt), "kurtosis_range": [min(kurt), max(kurt)],
                      "per_layer": r["kept_weights"]})
     rows.sort(key=lambda x: (x["at"] != "2⁻⁷", METHODS.index(x["method"]), x["scheme"], -x["density"]))
-    lines = ["| at LR | method | scheme | ρ | log2 LR | RMS / σ_SµPar(ρ): mean (range) "
-             "| excess kurtosis: mean (range) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| at LR | method | scheme | ρ | log2 LR | RMS / layer's SµPar std: mean (range) | old ratio, no depth "
+             "factor: mean | excess kurtosis: mean (range) |",
+             "|---|---|---|---|---|---|---|---|"]
     for x in rows:
+        old_mean = "—" if x["old_rms_over_supar_std"] is None else f"{x['old_rms_over_supar_std']:.2f}"
         lines.append(f"| {x['at']} | {x['method']} | {x['scheme']} | {x['density']:g} | {math.log2(x['lr']):.0f} | "
-                     f"{x['rms_over_supar_std']:.2f} ({x['rms_range'][0]:.2f}–{x['rms_range'][1]:.2f}) | "
+                     f"{x['rms_over_layer_supar_std']:.2f} ({x['rms_range'][0]:.2f}–{x['rms_range'][1]:.2f}) | "
+                     f"{old_mean} | "
                      f"{x['excess_kurtosis']:+.2f} ({x['kurtosis_range'][0]:+.2f}–{x['kurtosis_range'][1]:+.2f}) |")
     return "\n".join(lines) + "\n", rows
 
@@ -135,11 +168,13 @@ def main() -> None:
     body = ["# Experiment (f): dynamic sparsity, LR × density (scripts/dynamic_report.py)", "",
             f"Runs: {len(load_records(args.dynamic))} dynamic (results/f-dynamic) with the static SP/SµPar runs of "
             f"{args.static} at ρ = 1, 1/4, 1/16 (ρ = 1 shared by every method).", "",
-            "Best log2 LR (quadratic fit around the grid minimum; ≥/≤: on the grid's edge), drift across densities, "
-            "shift of the optimum from ρ = 1 to 1/16 (negative: sparser wants a lower LR), and the loss lost by "
-            "keeping the dense optimum:", "", head,
+            "What keeping the dense optimum costs (regret: loss at the dense LR − best, 95 % interval), the shift of "
+            "the optimum from ρ = 1 to 1/16 (negative: sparser wants a lower LR), and the optima (± standard error; "
+            "flat: no optimum within noise; ≥/≤: on the grid's edge) with the drift of the located ones "
+            "(sparsemup.tuning.estimate):", "", head,
             "Kept weights at the end (hidden layers): RMS over the init std SµPar gives the layer at its final "
-            "density (σ_base/√(m_d·m_ρ)), and excess kurtosis (0 for a Gaussian):", "", kept,
+            "density, σ_base/√(m_d·m_ρ) times the layer's own init factor (1/√(2·depth) on attn.proj and mlp.proj), "
+            "beside the stored ratio that left that factor out; and excess kurtosis (0 for a Gaussian):", "", kept,
             "All curves:", "", tables(result), ""]
     body += [f"![{p.stem}]({p.name})" for p in figures]
     write_text_atomic(args.dynamic / "report.md", "\n".join(body) + "\n")

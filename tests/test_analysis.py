@@ -1,4 +1,5 @@
-"""Optimum fits, seed averaging, drift and transfer tables, and the report on a tiny synthetic store."""
+"""Seed averaging, optima, regret and drift tables, and the report on a tiny synthetic store (the estimator's own
+tests: test_estimate.py)."""
 
 import json
 import math
@@ -6,7 +7,8 @@ import math
 import pytest
 
 from sparsemup.cli import main
-from sparsemup.tuning.analysis import analyze, fit_optimum
+from sparsemup.tuning.analysis import analyze
+from sparsemup.tuning.estimate import point_estimate
 from sparsemup.tuning.report import preset_values
 from sparsemup.tuning.store import ResultStore, StoreError
 from sparsemup.tuning.sweep import load_sweep
@@ -15,7 +17,7 @@ GRID = [-10, -9, -8, -7, -6, -5, -4]
 
 
 def test_interior_minimum_is_recovered_between_grid_points():
-    found = fit_optimum(GRID, [(x + 6.3) ** 2 + 2.0 for x in GRID])
+    found = point_estimate(GRID, [(x + 6.3) ** 2 + 2.0 for x in GRID])
     assert found["edge"] is None
     assert found["log2_x"] == pytest.approx(-6.3) and found["loss"] == pytest.approx(2.0)
 
@@ -26,13 +28,13 @@ def test_interior_minimum_is_recovered_between_grid_points():
     ([7.0, 6, 5, 4, None, float("nan"), 9], "high", -7),  # the minimum next to diverged points is an edge
 ])
 def test_edge_minimum_is_flagged_not_fitted(losses, edge, x):
-    found = fit_optimum(GRID, losses)
+    found = point_estimate(GRID, losses)
     assert found["edge"] == edge and found["log2_x"] == x
 
 
 def test_diverged_points_are_excluded_and_all_diverged_is_none():
-    assert fit_optimum(GRID, [None] * 7) is None
-    found = fit_optimum(GRID, [5.0, float("nan"), 3.0, 2.1, 2.0, 2.1, None])
+    assert point_estimate(GRID, [None] * 7) is None
+    found = point_estimate(GRID, [5.0, float("nan"), 3.0, 2.1, 2.0, 2.1, None])
     assert found["edge"] is None and found["log2_x"] == pytest.approx(-6.0)
 
 
@@ -66,8 +68,13 @@ def test_drift_and_transfer_tables():
     assert drifts["sp"]["transferred_log2_x"] == pytest.approx(-8.0)
     rows = {r["model.density"]: r for r in drifts["sp"]["rows"]}
     assert rows[0.25]["loss_at_transferred"] == pytest.approx(2.1 + 0.4)  # two steps off its optimum
-    assert rows[0.25]["transfer_gap"] == pytest.approx(0.4)
-    assert all(r["transfer_gap"] == pytest.approx(0.0, abs=1e-9) for r in drifts["supar"]["rows"])
+    assert rows[0.25]["regret"] == pytest.approx(0.4) and rows[0.25]["shift"] == pytest.approx(2.0)
+    assert all(r["regret"] == pytest.approx(0.0, abs=1e-9) for r in drifts["supar"]["rows"])
+    lo, hi = rows[0.25]["shift_interval"]
+    assert lo < 2.0 < hi and hi - lo < 1.5  # both seeds differ by 0.02 everywhere: the pooled noise
+    assert result["noise"]["pairs"] > 0 and result["noise"]["pair_median"] == pytest.approx(0.02)
+    assert result["regret"][0]["setting"] == {"model.scheme": "sp"} and result["regret"][0]["regret"] == \
+        pytest.approx(0.4)  # the JSON leads with what transfer costs
     curve = next(c for c in result["curves"] if c["setting"] == {"model.density": 1.0, "model.scheme": "sp"})
     assert curve["seeds"] == 2 and curve["loss"][-1] is None  # seeds averaged (noise cancels), diverged kept None
     assert curve["loss"][2] == pytest.approx(2.0)
@@ -79,7 +86,10 @@ def test_report_writes_tables_figures_and_json(tmp_path, capsys):
         store.append(record)
     assert main(["report", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert "drift of the optimum 2.00" in text and "| 0.25 |" in text
+    lead = text.index("**What transfer costs.**")
+    assert lead < text.index("| setting | seeds | best log2 lr |")  # the regret comes first
+    assert "| scheme=sp | density | 0.400 [" in text and "| 0.25 | 2.00 | — |" in text  # worst regret, drift
+    assert "| 0.25 | 0.400 [" in text and "| +2.00 [" in text and "| -6.00 ± 0.06 | 2.100 | 2.500 |" in text
     assert "| 1.9900 | model.scheme=sp, model.density=1, optim.lr=0.003906, train.seed=1 |" in text  # best run
     for name in ("report.md", "report.json", "loss-vs-lr.png"):
         assert (tmp_path / name).stat().st_size > 100
@@ -172,7 +182,8 @@ def test_records_from_before_a_config_key_existed_join_the_same_curve():
     for r in new:  # stored by a later sparsemup, whose configs carry the new keys at their defaults
         r["config"].update({"model.mask_kind": "rows", "model.block_size": 32, "model.backend": "masked_dense"})
     (curve,) = curves(old + new)
-    assert len(curve["log2_x"]) == len(GRID) and curve["optimum"]["log2_x"] == pytest.approx(-7)
+    assert len(curve["log2_x"]) == len(GRID)
+    assert analyze(old + new)["curves"][0]["optimum"]["log2_x"] == pytest.approx(-7)
 
 
 def test_preset_of_the_top_runs_is_their_geometric_mean():

@@ -3,6 +3,7 @@ schedule and LR, bitwise resume, load-time checks, identical masks on two proces
 
 import contextlib
 import json
+import math
 
 import pytest
 import torch
@@ -205,6 +206,14 @@ def test_a_rigl_run_resumed_after_a_kill_is_the_uninterrupted_run_bitwise(corpus
     assert all(torch.equal(row_counts(initial[k]), row_counts(final[k])) for k in initial)
     kept = whole["kept_weights"]
     assert set(kept) == set(initial) and all(v["density"] == pytest.approx(0.25) for v in kept.values())
+    # The ratio's reference is the init std each layer got: residual projections carry GPT-2's 1/√(2·depth), and
+    # the ratio has a key of its own, so records that left the factor out (rms_over_supar_std) cannot mix with it.
+    depth = tiny_config(corpus, *RIGL).model.depth
+    first = {k.split(".", 2)[2]: v for k, v in kept.items() if k.startswith("blocks.0.")}
+    assert first["attn.proj.weight"]["layer_supar_std"] == pytest.approx(
+        first["attn.qkv.weight"]["layer_supar_std"] / math.sqrt(2 * depth))
+    assert all(v["rms_over_layer_supar_std"] == pytest.approx(v["rms"] / v["layer_supar_std"])
+               and "rms_over_supar_std" not in v for v in kept.values())
 
 
 @pytest.mark.parametrize("every", [3, 2])  # a checkpoint between updates (3) or right after one (2, 4)

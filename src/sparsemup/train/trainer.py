@@ -26,6 +26,7 @@ from ..core.atomic import write_json_atomic, write_text_atomic
 from ..core.record import dense_gradients
 from ..core.rules import Multipliers, Role, init_std
 from ..core.shards import clip_grad_norm
+from ..core.structure import match
 from ..dynamic import kept_weight_stats
 from ..sparse import get_backends
 from . import checkpoint, distributed
@@ -238,17 +239,24 @@ class Trainer:
                                t.batch_size // (self.ctx.world * t.grad_accum), self.ctx)
 
     def _kept_weights(self) -> dict[str, dict[str, float]]:
-        """Per masked weight at the end: density, RMS and excess kurtosis of the kept entries, and RMS over
-        the init std SµPar gives that layer at its final density (what dynamic masks may move away from)."""
+        """Per masked weight at the end: density, RMS and excess kurtosis of the kept entries, and RMS over the init
+        std SµPar gives that layer at its final density, with the layer's own init factor (GPT-2's 1/√(2·depth) on
+        residual projections): what dynamic masks may move away from. The ratio is stored as
+        ``rms_over_layer_supar_std``; records before it hold ``rms_over_supar_std``, which left the factor out."""
+        record = get_parameterization(self.inner)
+        scales = record.options.init_scale or {}
         reference = {}
-        for name, info in get_parameterization(self.inner).params.items():
+        for name, info in record.params.items():
             mask = get_mask(self.inner, name)
             if mask is not None:
                 m, density = info.multipliers, float(mask.count_nonzero()) / mask.numel()
+                pattern = match(scales, info.names)
                 reference[name] = init_std(Role.HIDDEN, "supar", Multipliers(m.width, m.fan_out,
                                                                              density / info.base_density),
-                                           self.cfg.model.init_std)
-        return kept_weight_stats(self.inner, reference)
+                                           self.cfg.model.init_std) * (scales[pattern] if pattern is not None else 1.0)
+        stats = kept_weight_stats(self.inner, reference)
+        return {name: {**{k: v for k, v in s.items() if k != "rms_over_supar_std"}, "layer_supar_std": reference[name],
+                       "rms_over_layer_supar_std": s["rms_over_supar_std"]} for name, s in stats.items()}
 
     def _write_result(self, result: dict[str, Any]) -> None:
         if self.ctx.main:

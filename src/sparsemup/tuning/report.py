@@ -13,7 +13,8 @@ from ..core.atomic import write_json_atomic, write_text_atomic
 from .analysis import SEED_KEY, analyze, setting_label
 from .store import STORE_NAME, ResultStore, StoreError
 
-__all__ = ["load_records", "merge_records", "preset_values", "tables", "plot_curves", "write_report", "write_preset"]
+__all__ = ["load_records", "merge_records", "optimum_cell", "preset_values", "tables", "plot_curves", "with_interval",
+           "write_report", "write_preset"]
 
 LINE_KEYS = ("model.density", "model.width")  # a line per value of the first that varies
 
@@ -30,11 +31,60 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def _opt(row: dict[str, Any]) -> str:
+def optimum_cell(row: dict[str, Any]) -> str:
+    """An optimum as ``x ± se``; ``flat (lo … hi)`` when it has none; ``≥ x (edge)`` on the grid's edge."""
     if row["best_log2_x"] is None:
         return "all diverged"
-    edge = {"low": "≤ ", "high": "≥ "}.get(row["edge"] or "", "")
-    return f"{edge}{row['best_log2_x']:.2f}" + (" (edge)" if row["edge"] else "")
+    if row["edge"]:
+        return f"{'≤' if row['edge'] == 'low' else '≥'} {row['best_log2_x']:.2f} (edge)"
+    if row["flat"]:
+        return f"flat ({row['interval'][0]:.1f} … {row['interval'][1]:.1f})"
+    return f"{row['best_log2_x']:.2f} ± {row['se']:.2f}"
+
+
+def with_interval(value: float | None, interval: list[float] | None, fmt: str) -> str:
+    """``value [lo, hi]`` in ``fmt``; — for None."""
+    if value is None:
+        return "—"
+    return format(value, fmt) + ("" if interval is None else f" [{interval[0]:{fmt}}, {interval[1]:{fmt}}]")
+
+
+def _shift(row: dict[str, Any]) -> str:
+    """The signed shift with its interval; a bound when the optimum is on the grid's edge, none when flat."""
+    if row["shift"] is None or row["flat"]:
+        return "—"
+    if row["edge"]:
+        return f"{'≤' if row['edge'] == 'low' else '≥'} {row['shift']:+.2f}"
+    return with_interval(row["shift"], row["shift_interval"], "+.2f")
+
+
+def _regret(value: float | None, interval: list[float] | None) -> str:
+    return "diverged or off the grid" if value is None else with_interval(value, interval, ".3f")
+
+
+def noise_line(result: dict[str, Any]) -> str:
+    """Where the per-run noise behind the intervals came from."""
+    n = result["noise"]
+    source = (f"pooled from {n['pairs']} seed pairs within 0.1 nats of their curve's minimum" if n["pairs"]
+              else "the default (this store has too few seed pairs)")
+    return (f"Per-run noise: median seed-to-seed difference {n['pair_median']:.4f} nats, {source}; intervals are "
+            "95 % (parametric bootstrap, docs/SWEEPS.md).")
+
+
+def regret_summary(result: dict[str, Any]) -> list[str]:
+    """The lead table: per group, the worst transfer regret (what keeping the reference's optimum costs) and the
+    drift of the located optima."""
+    axis = result["axis"].split(".")[-1]
+    lines = [f"| setting | across | worst regret: loss at the reference's log2 {axis} − best (nats) [95 %] | at "
+             f"| drift of the located optima (log2 {axis}) | flat: no optimum |", "|---|---|---|---|---|---|"]
+    for d in result["drifts"]:
+        along = d["along"].split(".")[-1]
+        worst = d["worst_regret"] or {}
+        drift = "—" if d["drift_log2"] is None else ("≥ " if d["edge_involved"] else "") + f"{d['drift_log2']:.2f}"
+        lines.append(f"| {d['label'] or 'all'} | {along} | {_regret(worst.get('regret'), worst.get('interval'))} | "
+                     f"{'—' if not worst else format(worst[d['along']], 'g')} | {drift} | "
+                     f"{', '.join(format(v, 'g') for v in d['flat']) or '—'} |")
+    return lines
 
 
 def best_runs(records: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any]]:
@@ -133,24 +183,29 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
     if single:
         return "\n".join(lines + [f"Runs: {result['runs']} ({result['diverged']} diverged); every setting has one "
                                    f"{axis} (a random search): no optima to fit."]) + "\n"
-    lines += [f"Runs: {result['runs']} ({result['diverged']} diverged). Optima in log2 {axis}; "
-             "an optimum on the edge of the stable grid is marked, not fitted.", "",
-             f"| setting | seeds | best log2 {axis} | best loss |", "|---|---|---|---|"]
+    lines += [f"Runs: {result['runs']} ({result['diverged']} diverged). {noise_line(result)}", ""]
+    if result["drifts"]:
+        lines += ["**What transfer costs.** Per group, the largest loss paid for keeping the reference's optimum (the "
+                  "densest or narrowest setting's: where the hyperparameters are tuned) instead of each setting's own, "
+                  "and the spread of the optima that are located:", "", *regret_summary(result), ""]
+    lines += [f"Optima in log2 {axis} (± standard error; flat: no optimum within noise, with its 95 % interval; "
+              "an optimum on the edge of the stable grid is marked, not fitted):", "",
+              f"| setting | seeds | best log2 {axis} | best loss |", "|---|---|---|---|"]
     for c in result["curves"]:
         o = c["optimum"]
-        best = "all diverged" if o is None else _opt({"best_log2_x": o["log2_x"], "edge": o["edge"]})
+        best = "all diverged" if o is None else optimum_cell({"best_log2_x": o["log2_x"], **o})
         lines.append(f"| {c['label'] or 'all'} | {c['seeds']} | {best} | {_num(None if o is None else o['loss'])} |")
     for d in result["drifts"]:
         along = d["along"].split(".")[-1]
-        drift = _num(d["drift_log2"], ".2f")
-        drift = ("≥ " if d["edge_involved"] and d["drift_log2"] is not None else "") + drift
-        lines += ["", f"**{d['label'] or 'all'}**, across {along}: drift of the optimum {drift} (log2 {axis}); "
-                  f"transferred log2 {axis} {_num(d['transferred_log2_x'], '.2f')} (from the "
-                  f"{'densest' if along == 'density' else 'narrowest'} setting)", "",
-                  f"| {along} | best log2 {axis} | best loss | loss at transferred | gap |", "|---|---|---|---|---|"]
-        for r in d["rows"]:
-            lines.append(f"| {_along_value(d, r)} | {_opt(r)} | {_num(r['best_loss'])} | "
-                         f"{_num(r['loss_at_transferred'])} | {_num(r['transfer_gap'], '+.3f')} |")
+        lines += ["", f"**{d['label'] or 'all'}**, across {along}: transferred log2 {axis} "
+                  f"{_num(d['transferred_log2_x'], '.2f')} (the {'densest' if along == 'density' else 'narrowest'} "
+                  "setting's optimum)", "",
+                  f"| {along} | regret (nats) [95 %] | shift of the optimum [95 %] | best log2 {axis} | best loss "
+                  "| loss at transferred |", "|---|---|---|---|---|---|"]
+        for n, r in enumerate(d["rows"]):
+            moved = ("reference | 0" if n == 0 else f"{_regret(r['regret'], r['regret_interval'])} | {_shift(r)}")
+            lines.append(f"| {_along_value(d, r)} | {moved} | {optimum_cell(r)} | {_num(r['best_loss'])} | "
+                         f"{_num(r['loss_at_transferred'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,7 +248,7 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
                                color=colour.get(c["setting"].get(line_key)) if line_key else None)[0]
                 if c["optimum"] is not None:
                     ax.plot(c["optimum"]["log2_x"], c["optimum"]["loss"], marker="*", ms=11, color=line.get_color(),
-                            mfc="none" if c["optimum"]["edge"] else line.get_color())
+                            mfc="none" if c["optimum"]["edge"] or c["optimum"]["flat"] else line.get_color())
             ax.set_title(scheme or "all")
             ax.set_xlabel(f"log2 {axis}")
             ax.grid(alpha=0.3)
