@@ -84,7 +84,7 @@ def test_layer_matches_masked_dense_fp32(out_blocks, in_blocks, block, keep, lea
     y, y2 = linear(x), sparse(x2)
     # Two summation orders of the same products differ by at most 2·γ_k·(|x| @ |W|ᵀ) entrywise (tolerances).
     flat_x = x.detach().reshape(-1, shape[1])
-    bound = matmul_atol(flat_x, linear.weight.detach()).reshape(y.shape)
+    bound = matmul_atol(flat_x, linear.weight.detach(), linear.bias.detach() if bias else None).reshape(y.shape)
     assert ((y2 - y).double().abs() <= bound).all()
     grad = torch.randn_like(y)
     y.backward(grad)

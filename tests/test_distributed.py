@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparsemup as smp
-from helpers import read_metrics, tiny_config, tiny_overrides, torchrun
+from helpers import TINY_RTOL, read_metrics, tiny_config, tiny_overrides, torchrun
 from sparsemup.train import build_model, checkpoint
 from sparsemup.train.distributed import check_same_masks, mask_digest
 from sparsemup.train.trainer import train
@@ -46,8 +46,8 @@ def test_ddp_on_two_processes_matches_one_process(corpus, reference, tmp_path):
     ref_out, ref = reference
     out = tmp_path / "ddp"
     torchrun_train(out, "--set", *tiny_overrides(corpus, *COMMON))
-    assert losses(out)[0] == pytest.approx(losses(ref_out)[0], rel=1e-4)
-    assert losses(out)[1] == pytest.approx(losses(ref_out)[1], rel=1e-4)
+    assert losses(out)[0] == pytest.approx(losses(ref_out)[0], rel=TINY_RTOL)
+    assert losses(out)[1] == pytest.approx(losses(ref_out)[1], rel=TINY_RTOL)
     result = (out / "result.json").read_text()
     assert '"world_size":2' in result and '"fsdp":false' in result
     assert ref["mask_sha256"] in result  # both ranks hashed the masks; they equal the single-process ones
@@ -67,8 +67,8 @@ def test_fsdp2_on_two_processes_matches_one_process_across_a_resume(corpus, refe
     assert checkpoint.load(out)["step"] == 4 and checkpoint.load(out)["world_size"] == 2
     # The config comes from the run directory; the rest runs with 2 accumulation micro-steps per process.
     torchrun_train(out, "--fsdp", "--resume", "--set", "train.steps=8", "train.grad_accum=2")
-    assert losses(out)[0] == pytest.approx(losses(ref_out)[0], rel=1e-4)
-    assert losses(out)[1] == pytest.approx(losses(ref_out)[1], rel=1e-4)
+    assert losses(out)[0] == pytest.approx(losses(ref_out)[0], rel=TINY_RTOL)
+    assert losses(out)[1] == pytest.approx(losses(ref_out)[1], rel=TINY_RTOL)
     assert '"fsdp":true' in (out / "result.json").read_text()
     assert_masks_exact(out, corpus)
 
@@ -94,7 +94,7 @@ def test_sparse_backend_on_two_processes_matches_one_process(corpus, tmp_path, b
     single = train(tiny_config(corpus, *sparse), tmp_path / "single")
     out = tmp_path / "multi"
     torchrun_train(out, *(["--fsdp"] if fsdp else []), "--set", *tiny_overrides(corpus, *sparse))
-    assert losses(out)[0] == pytest.approx(losses(tmp_path / "single")[0], rel=1e-4)
+    assert losses(out)[0] == pytest.approx(losses(tmp_path / "single")[0], rel=TINY_RTOL)
     result = (out / "result.json").read_text()
     assert single["mask_sha256"] in result and f'"backends":{{"{backend}":4}}' in result
     assert checkpoint.load(out)["model"]["blocks.0.attn.qkv.weight"].dim() == (4 if backend == "blocks" else 2)

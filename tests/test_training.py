@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import curve, masked_zero_violations, read_metrics, tiny_config
+from helpers import TINY_RTOL, curve, masked_zero_violations, read_metrics, tiny_config
 from sparsemup.cli import main
 from sparsemup.train import ConfigError, build_model, checkpoint, evaluate_checkpoint, load_config
 from sparsemup.train.trainer import Schedule, Trainer, train
@@ -217,7 +217,7 @@ def test_sparse_backends_train_like_masked_dense_and_resume_bitwise(corpus, tmp_
     dense = train(tiny_config(corpus, *masks), tmp_path / "dense")
     whole = train(tiny_config(corpus, *masks, f"model.backend={backend}"), tmp_path / "whole")
     assert whole["backends"] == {backend: 4} and dense["backends"] == {}
-    assert whole["final_val_loss"] == pytest.approx(dense["final_val_loss"], rel=1e-4)
+    assert whole["final_val_loss"] == pytest.approx(dense["final_val_loss"], rel=TINY_RTOL)
     assert whole["mask_sha256"] != dense["mask_sha256"]  # same masks, but the digest covers the backend too
     killed = Trainer(tiny_config(corpus, *masks, f"model.backend={backend}"), tmp_path / "split")
     for _ in range(7):

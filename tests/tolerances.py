@@ -30,11 +30,15 @@ def gamma_probable(k: int, u: float = U_FP32) -> float:
     return LAMBDA * math.sqrt(k) * u
 
 
-def matmul_atol(x: torch.Tensor, weight: torch.Tensor, u: float = U_FP32) -> torch.Tensor:
-    """Elementwise bound on the difference between two summation orders of x @ weightᵀ: 2·γ_k·(|x| @ |weight|ᵀ),
-    k = the inner dimension (computed in float64)."""
-    k = weight.shape[-1]
-    return 2 * gamma(k, u) * (x.double().abs() @ weight.double().abs().t())
+def matmul_atol(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                u: float = U_FP32) -> torch.Tensor:
+    """Elementwise bound on the difference between two summation orders of x @ weightᵀ (+ bias):
+    2·γ_k·(|x| @ |weight|ᵀ + |bias|), k = the inner dimension, plus one for the bias (computed in float64)."""
+    k = weight.shape[-1] + (bias is not None)
+    magnitude = x.double().abs() @ weight.double().abs().t()
+    if bias is not None:
+        magnitude = magnitude + bias.double().abs()
+    return 2 * gamma(k, u) * magnitude
 
 
 def model_rtol(matmuls: int, k: int, steps: int = 1, u: float = U_FP32) -> float:
