@@ -180,6 +180,22 @@ def _draw_mask(shape: tuple[int, ...], neurons: tuple[int, int], layout: Layout,
     return from_neurons(rows, shape, layout, groups)
 
 
+def _check_not_narrower(inferred: Mapping[str, list[Inferred]], base_shapes: Mapping[str, tuple[int, ...]],
+                        params: Mapping[str, TiedParam]) -> None:
+    """Refuse a base wider than the model (a width multiplier below 1): almost always model and base swapped."""
+    for name, usages in inferred.items():
+        for usage in usages:
+            m = usage.multipliers
+            if m.width < 1 or m.fan_out < 1:
+                raise ValueError(
+                    f"parameter {name!r} is narrower in the model than in the base (shape "
+                    f"{tuple(params[name].param.shape)} vs base {base_shapes[name]}, width multiplier "
+                    f"{min(m.width, m.fan_out):g}); model and base look swapped: call parameterize(model, base) "
+                    "with the wide model first and the small base (the proxy the hyperparameters were tuned on) "
+                    "second, or build the base at a width no larger than the model's (width >= base_width)"
+                )
+
+
 def _decide(inferred: list[Inferred], name: str) -> tuple[UsagePlan, tuple[UsagePlan, ...]]:
     """The parameter's role and multipliers for init/LR, from those of its usages (ties: input + output)."""
     roles = {i.role for i in inferred}
@@ -230,6 +246,7 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
     scaling = _scaling_dims(params, base_shapes, o.delta)
     grouped = growing_groups(target, base, o.delta)
     inferred = infer_roles(target, params, base_shapes, scaling, role_overrides, grouped)
+    _check_not_narrower(inferred, base_shapes, params)
 
     decided = {name: _decide(inferred[name], name) for name in params}
     hidden = {n: t for n, t in params.items() if decided[n][0].role is Role.HIDDEN}

@@ -39,6 +39,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              "hf:path/to/config.json)")
     for key in ("width", "base_width", "depth", "head_dim"):
         _require(getattr(m, key) >= 1, f"model.{key} = {getattr(m, key)}: must be at least 1")
+    _require(m.base_width <= m.width,
+             f"model.base_width = {m.base_width} is wider than model.width = {m.width}: the base is the small proxy "
+             "the hyperparameters are tuned on and the model the (wider) one trained with them; the two look "
+             "swapped, set model.base_width <= model.width")
     for key in ("width", "base_width"):
         _require(getattr(m, key) % m.head_dim == 0,
                  f"model.{key} = {getattr(m, key)} is not a multiple of model.head_dim = {m.head_dim}; "
