@@ -17,6 +17,7 @@ from . import hooks
 from .attention import DotProductAttention
 from .export import guard_own_savers
 from .masks import DEFAULT_BLOCK, stable_seed
+from .optim import watch_optimizers
 from .plan import Options, Plan, UsagePlan, make_plan
 from .record import RECORD_ATTR, Parameterization
 from .rules import Role, Scheme
@@ -127,6 +128,8 @@ def apply_plan(plan: Plan) -> Parameterization:
     record = plan.record()
     target.__dict__[RECORD_ATTR] = record
     guard_own_savers(target)
+    if plan.scheme.width:
+        watch_optimizers(target)
     return record
 
 
