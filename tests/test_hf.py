@@ -53,8 +53,16 @@ def test_config_scaling_keeps_head_dim_and_ratios():
         hf.scale_config(llama_template(), 96)  # 3 heads: half a KV head
     with pytest.raises(ValueError, match=r"'nope' is not a transformers model type.*llama"):
         hf.load_config("nope")
+    with pytest.raises(ValueError, match=r"'lama' is not a transformers model type.*did you mean 'llama'") as err:
+        hf.load_config("lama")
+    assert "gpt2" not in str(err.value)  # a suggestion, not the whole list
     with pytest.raises(ValueError, match="no integer 'hidden_size'"):
         hf.scale_config(PretrainedConfig(), 128)
+
+
+def test_head_dim_error_names_the_option():
+    with pytest.raises(ValueError, match=r"width 64 must be a positive multiple of the head dim 128 .*head_dim="):
+        hf.build("llama", 128, 64, device="meta")
 
 
 def test_llama_build_roles_and_masks():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 from pathlib import Path
@@ -64,6 +65,10 @@ def small_config(config: PretrainedConfig | str | Path, vocab_size: int = 256, d
 
 def _check_type(kind: str) -> None:
     if kind not in CONFIG_MAPPING or kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        close = difflib.get_close_matches(kind, causal_lm_types(), n=3)
+        if close:
+            raise ValueError(f"{kind!r} is not a transformers model type with a causal LM; did you mean "
+                             f"{' or '.join(map(repr, close))}? (sparsemup.hf.causal_lm_types() lists them all)")
         raise ValueError(
             f"{kind!r} is not a transformers model type with a causal LM; valid types: {', '.join(causal_lm_types())}"
         )
@@ -92,9 +97,15 @@ def scale_config(config: PretrainedConfig, width: int, head_dim: int | None = No
     """``config`` at hidden size ``width``: heads = width / head_dim (head dim fixed), KV heads in the
     config's proportion, FFN size at the config's ratio to the hidden size."""
     hidden, heads = _field(config, "hidden_size"), _field(config, "num_attention_heads")
+    given = head_dim is not None
     head_dim = head_dim or head_dim_of(config)
     if width <= 0 or width % head_dim:
-        raise ValueError(f"width {width} must be a positive multiple of the head dim {head_dim}")
+        source = "given as head_dim=" if given else f"the {type(config).__name__}'s"
+        raise ValueError(
+            f"width {width} must be a positive multiple of the head dim {head_dim} ({source}); pick another width "
+            "or pass a head dim dividing it as head_dim= (sparsemup.hf.build(..., head_dim=32); model.head_dim in "
+            "a training config)"
+        )
     new_heads = width // head_dim
     if not any(hasattr(config, name) for name in _FFN_FIELDS):
         raise ValueError(
