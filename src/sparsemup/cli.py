@@ -25,6 +25,7 @@ from .dynamic import METHOD_NAMES
 from .models import GPTConfig, build_gpt
 from .sparse.timing import DTYPES
 from .train import evaluate_checkpoint, load_config, train
+from .train.checkpoint import ConfigOrigin
 from .train.config import describe
 
 __all__ = ["main"]
@@ -147,7 +148,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.set or []) + (["dist.fsdp=true"] if args.fsdp else [])
     cfg = load_config(config_file, overrides)
     config_format = "yaml" if config_file is not None and config_file.suffix in (".yaml", ".yml") else "toml"
-    result = train(cfg, args.out, resume=args.resume, config_format=config_format)
+    origin = ConfigOrigin(args.config, tuple(item.partition("=")[0].strip() for item in overrides))
+    result = train(cfg, args.out, resume=args.resume, config_format=config_format, origin=origin)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     if result.get("status") == "diverged":
