@@ -215,6 +215,14 @@ def test_coord_check_cli_rejects_an_unknown_type_and_the_reference_only_flags(tm
     assert "--model hf:TYPE only" in capsys.readouterr().err
 
 
+def test_cli_explain_builds_a_transformers_model(capsys):
+    assert main(["explain", "--model", "hf:llama", "--width", "128", "--base-width", "64", "--head-dim", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj.weight" in out and "lm_head.weight" in out and "hidden" in out
+    assert main(["explain", "--model", "hf:lama"]) == 2
+    assert "did you mean 'llama'" in capsys.readouterr().err
+
+
 def test_cli_without_transformers_exits_2_naming_the_extra(tmp_path):
     code = ("import sys; sys.modules['transformers'] = None\nfrom sparsemup.cli import main\n"
             f"sys.exit(main(['coord-check', '--model', 'hf:llama', '--out', {str(tmp_path / 'x')!r}]))")

@@ -20,13 +20,14 @@ from .coord import QUANTITIES, UNSTABLE, Case, CheckSettings, run_check, write_c
 from .coord.reference import parse_model
 from .core import explain
 from .core.rules import Family
-from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES
+from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES, hf_model_spec
 from .dynamic import METHOD_NAMES
 from .models import GPTConfig, build_gpt
 from .sparse.timing import DTYPES
 from .train import evaluate_checkpoint, load_config, train
 from .train.checkpoint import ConfigOrigin
 from .train.config import describe
+from .train.data import VOCAB_SIZE
 
 __all__ = ["main"]
 
@@ -135,8 +136,19 @@ def _print_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, fi
 
 
 def _explain(args: argparse.Namespace) -> int:
-    cfg = GPTConfig(width=args.width, depth=args.depth, head_dim=args.head_dim)
-    model, _ = build_gpt(cfg, args.base_width, scheme=args.scheme, density=args.density)
+    spec = hf_model_spec(args.model)
+    model: torch.nn.Module
+    if spec is not None:
+        from . import hf  # needs sparsemup[hf]; its error names the extra
+
+        template = hf.small_config(spec, VOCAB_SIZE, args.depth)
+        model = hf.build(template, args.width, args.base_width, head_dim=args.head_dim, scheme=args.scheme,
+                         density=args.density)
+    elif args.model == "gpt":
+        cfg = GPTConfig(width=args.width, depth=args.depth, head_dim=args.head_dim)
+        model, _ = build_gpt(cfg, args.base_width, scheme=args.scheme, density=args.density)
+    else:
+        raise ValueError(f"explain shows gpt or hf:TYPE, not {args.model!r}")
     print(explain(model, args.optimizer))
     return 0
 
@@ -361,7 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     dr.set_defaults(func=_doctor)
 
-    ex = sub.add_parser("explain", help="print the per-parameter table of the reference GPT")
+    ex = sub.add_parser("explain", help="print the per-parameter table of the reference GPT or a transformers model")
+    ex.add_argument("--model", type=_model, default="gpt",
+                    help="gpt (the reference GPT) or hf:TYPE, a transformers causal LM built by sparsemup.hf.build "
+                    "with a 256-token vocabulary (hf:llama, hf:gpt2, ..., hf:path/to/config.json; needs sparsemup[hf])")
     ex.add_argument("--scheme", choices=SCHEME_NAMES, default="supar")
     ex.add_argument("--width", type=int, default=256)
     ex.add_argument("--base-width", type=int, default=64)
