@@ -60,6 +60,21 @@ def test_config_scaling_keeps_head_dim_and_ratios():
         hf.scale_config(PretrainedConfig(), 128)
 
 
+def test_a_config_file_is_used_as_written(tmp_path, corpus):
+    file = tmp_path / "config.json"
+    file.write_text(llama_template().to_json_string())  # 2 layers, vocabulary 256
+    assert hf.small_config(str(file), 256, 2).num_hidden_layers == 2
+    assert hf.small_config("llama", 256, 3).num_hidden_layers == 3  # a model type is a template
+    with pytest.raises(ConfigError, match=r"num_hidden_layers = 2 but the depth asked for is 3 \(model.depth"):
+        train(tiny_config(corpus, f"model.arch=hf:{file}", "model.depth=3", "model.head_dim=32", "model.width=64",
+                          "model.base_width=32"), tmp_path / "run")
+    fields = json.loads(file.read_text())
+    file.write_text(json.dumps({**fields, "vocab_size": 32000}))
+    with pytest.raises(ValueError, match=r"vocab_size = 32000 but the data has 256 tokens"):
+        hf.small_config(str(file), 256, 2)
+    assert not (tmp_path / "run").exists()
+
+
 def test_head_dim_error_names_the_option():
     with pytest.raises(ValueError, match=r"width 64 must be a positive multiple of the head dim 128 .*head_dim="):
         hf.build("llama", 128, 64, device="meta")
