@@ -204,6 +204,17 @@ def _sweep(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _transfer(args: argparse.Namespace) -> int:
+    from .tuning.transfer import write_transfer
+
+    done = write_transfer(args.proxy, args.out, args.set or [], args.allow or [])
+    changed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in done["changed"].items()) or "nothing"
+    print(f"wrote {args.out}: the config of {done['proxy']}, changed {changed}; a run from it refuses any other "
+          f"difference (allowed: {', '.join(done['allow']) or 'none'})\nnext: sparsemup train --config {args.out} "
+          "--out RUN_DIR", file=sys.stderr)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .tuning import write_preset, write_report
 
@@ -328,6 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", help="--engine ray: local (default: a private instance), auto, or HOST:PORT")
     sw.add_argument("--dry-run", action="store_true", help="list the planned runs (id and overrides) and exit")
     sw.set_defaults(func=_sweep)
+
+    tf = sub.add_parser("transfer", help="write a target config: a tuned proxy's whole config with the listed "
+                        "changes (width, density), refusing any other difference when run",
+                        description="Write TARGET.toml holding every setting of the proxy (a run directory, its "
+                        "config file, or a sweep directory: its best run) with the --set changes. A run started "
+                        "from it refuses any other difference from the proxy, naming the key and --allow. "
+                        "See docs/TRANSFER.md.")
+    tf.add_argument("proxy", type=Path, help="the tuned proxy: a run directory, a config file or a sweep directory")
+    tf.add_argument("--out", type=Path, required=True, help="the target config to write (.toml)")
+    tf.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                    help="the changes, e.g. --set model.width=1024 model.density=1/16")
+    tf.add_argument("--allow", action="extend", nargs="+", metavar="KEY",
+                    help="keys a run may change further without refusal (e.g. optim.lr to sweep it around the "
+                    "tuned value)")
+    tf.set_defaults(func=_transfer)
 
     rp = sub.add_parser("report", help="optima, drift and transfer tables and figures of a sweep directory")
     rp.add_argument("dir", type=Path, help="a sweep directory (holding results.jsonl)")

@@ -35,7 +35,7 @@ from .config import to_toml, to_yaml
 from .data import load_corpus, train_batch
 from .evaluate import validation_loss
 from .schema import OPTIMIZERS, Config, ConfigError
-from .validate import validate
+from .validate import transfer_note, validate
 
 __all__ = ["Schedule", "MetricsLog", "Trainer", "train", "METRIC_COLUMNS"]
 
@@ -100,6 +100,9 @@ class Trainer:
                  origin: ConfigOrigin | None = None) -> None:
         self.ctx = ctx = distributed.init(cfg.train.device)
         validate(cfg, ctx.world)
+        note = transfer_note(cfg)
+        if note is not None and ctx.main:
+            print(note, file=sys.stderr)
         self.cfg, self.out = cfg, Path(out)
         ckpt_file = self.out / checkpoint.CHECKPOINT_NAME
         state = None
