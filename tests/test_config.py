@@ -93,6 +93,7 @@ def test_bad_files_name_the_problem(tmp_path, text, message):
     (["model.base_density=-1"], "model.base_density = -1.0: must be in (0, 1]"),
     (["model.scheme=mu-p"], "model.scheme = 'mu-p': choose one of"),
     (["model.width=100"], "model.width = 100 is not a multiple of model.head_dim = 16"),
+    (["model.width=32", "model.base_width=64"], "model.base_width = 64 is wider than model.width = 32"),
     (["optim.name=lion"], "optim.name = 'lion': choose adamw or sgd"),
     (["train.batch_size=3"], "make it a multiple of 2"),
     (["optim.warmup_steps=100"], "optim.warmup_steps = 100: must be between 0 and train.steps = 8"),

@@ -53,8 +53,31 @@ def test_config_scaling_keeps_head_dim_and_ratios():
         hf.scale_config(llama_template(), 96)  # 3 heads: half a KV head
     with pytest.raises(ValueError, match=r"'nope' is not a transformers model type.*llama"):
         hf.load_config("nope")
+    with pytest.raises(ValueError, match=r"'lama' is not a transformers model type.*did you mean 'llama'") as err:
+        hf.load_config("lama")
+    assert "gpt2" not in str(err.value)  # a suggestion, not the whole list
     with pytest.raises(ValueError, match="no integer 'hidden_size'"):
         hf.scale_config(PretrainedConfig(), 128)
+
+
+def test_a_config_file_is_used_as_written(tmp_path, corpus):
+    file = tmp_path / "config.json"
+    file.write_text(llama_template().to_json_string())  # 2 layers, vocabulary 256
+    assert hf.small_config(str(file), 256, 2).num_hidden_layers == 2
+    assert hf.small_config("llama", 256, 3).num_hidden_layers == 3  # a model type is a template
+    with pytest.raises(ConfigError, match=r"num_hidden_layers = 2 but the depth asked for is 3 \(model.depth"):
+        train(tiny_config(corpus, f"model.arch=hf:{file}", "model.depth=3", "model.head_dim=32", "model.width=64",
+                          "model.base_width=32"), tmp_path / "run")
+    fields = json.loads(file.read_text())
+    file.write_text(json.dumps({**fields, "vocab_size": 32000}))
+    with pytest.raises(ValueError, match=r"vocab_size = 32000 but the data has 256 tokens"):
+        hf.small_config(str(file), 256, 2)
+    assert not (tmp_path / "run").exists()
+
+
+def test_head_dim_error_names_the_option():
+    with pytest.raises(ValueError, match=r"width 64 must be a positive multiple of the head dim 128 .*head_dim="):
+        hf.build("llama", 128, 64, device="meta")
 
 
 def test_llama_build_roles_and_masks():
@@ -205,6 +228,14 @@ def test_coord_check_cli_rejects_an_unknown_type_and_the_reference_only_flags(tm
     assert "valid types" in capsys.readouterr().err
     assert main(["coord-check", "--model", "gpt", "--depth", "3", "--out", str(tmp_path / "y")]) == 2
     assert "--model hf:TYPE only" in capsys.readouterr().err
+
+
+def test_cli_explain_builds_a_transformers_model(capsys):
+    assert main(["explain", "--model", "hf:llama", "--width", "128", "--base-width", "64", "--head-dim", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj.weight" in out and "lm_head.weight" in out and "hidden" in out
+    assert main(["explain", "--model", "hf:lama"]) == 2
+    assert "did you mean 'llama'" in capsys.readouterr().err
 
 
 def test_cli_without_transformers_exits_2_naming_the_extra(tmp_path):

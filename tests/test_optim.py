@@ -1,5 +1,7 @@
 """Parameter groups: the optimizer contract."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -138,3 +140,48 @@ def test_param_groups_of_wrapped_model():
     wrapped = torch.nn.DataParallel(model)
     names = sorted(n for g in smp.param_groups(wrapped, torch.optim.AdamW, lr=1e-3) for n in g["param_names"])
     assert names == sorted(smp.get_parameterization(model).params)
+
+
+# ---- the guard: an optimizer that bypasses the groups is caught at its first step ----
+
+def _step(optimizer, model):
+    optimizer.zero_grad()
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+
+
+def test_plain_optimizer_over_a_parameterized_model_warns_once():
+    model = tiny_mlp(width=128, base_width=32, density=0.25)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match=r"AdamW holds \d+ parameter\(s\) of a parameterized model.*make_optimizer"):
+        _step(plain, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step(plain, model)  # once per optimizer
+
+
+@pytest.mark.parametrize("scheme, build", [
+    ("supar", lambda m: smp.make_optimizer(m, torch.optim.AdamW, lr=1e-3)),
+    ("supar", lambda m: torch.optim.SGD(smp.param_groups(m, torch.optim.SGD, lr=1e-3), lr=1e-3)),
+    ("sp", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)),
+])
+def test_no_warning_for_sparsemup_groups_or_sp(scheme, build):
+    model = tiny_mlp(width=128, base_width=32, density=0.25, scheme=scheme)
+    optimizer = build(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step(optimizer, model)
+
+
+def test_strict_guard_refuses_every_step():
+    model = tiny_mlp(width=128, base_width=32)
+    plain = torch.optim.SGD(model.parameters(), lr=1e-3)
+    smp.set_optimizer_guard("error")
+    try:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="per-layer learning rates"):
+                _step(plain, model)
+    finally:
+        smp.set_optimizer_guard("warn")
+    with pytest.raises(ValueError, match="unknown optimizer guard mode"):
+        smp.set_optimizer_guard("strict")

@@ -186,6 +186,15 @@ def test_base_density_leaving_empty_rows():
 
 
 
+def test_base_wider_than_model_is_refused_naming_the_swap():
+    model, base = fresh_pair(width=16)  # the base has width 32
+    with pytest.raises(ValueError, match=r"narrower in the model than in the base .*width multiplier 0.5.*swapped"):
+        smp.parameterize(model, base)
+    assert not smp.core.is_parameterized(model)
+    with pytest.raises(ValueError, match="swapped"):
+        build_gpt(GPTConfig(width=32, depth=1, head_dim=16, context=8), 64)
+
+
 def test_applying_twice_raises():
     model, base = fresh_pair()
     smp.parameterize(model, base, density=0.5)

@@ -9,6 +9,7 @@ import torch
 from helpers import TINY_RTOL, curve, masked_zero_violations, read_metrics, tiny_config
 from sparsemup.cli import main
 from sparsemup.train import ConfigError, build_model, checkpoint, evaluate_checkpoint, load_config
+from sparsemup.train.config import to_toml
 from sparsemup.train.trainer import Schedule, Trainer, train
 
 
@@ -81,6 +82,21 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(corpus, tm
     assert train(tiny_config(corpus, "train.steps=6"), out, resume=True)["status"] == "completed"
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # cleaned up on resume
     assert checkpoint.load(out)["step"] == 6
+
+
+def test_resume_hint_names_the_option_that_was_used(corpus, tmp_path, capsys):
+    out, config = tmp_path / "run", tmp_path / "c.toml"
+    config.write_text(to_toml(tiny_config(corpus, "train.steps=2")))
+    assert main(["train", "--config", str(config), "--out", str(out)]) == 0
+    assert main(["train", "--resume", "--out", str(out), "--set", "model.width=64"]) == 2
+    err = capsys.readouterr().err
+    assert "model.width: checkpoint 32, config 64" in err and "drop --set model.width=..." in err
+    assert "--config" not in err  # only --set was used
+    wider = tmp_path / "wider.toml"
+    wider.write_text(to_toml(tiny_config(corpus, "train.steps=2", "model.width=64")))
+    assert main(["train", "--resume", "--out", str(out), "--config", str(wider), "--set", "train.steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"drop --config {wider}" in err and "drop --set" not in err  # the width came from the file
 
 
 def test_divergence_is_recorded_and_keeps_the_last_good_checkpoint(corpus, tmp_path, capsys):

@@ -31,6 +31,7 @@ from .core import (
     param_groups,
     parameterize,
     register_layout,
+    set_optimizer_guard,
 )
 from .sparse import sparsify
 
@@ -51,5 +52,6 @@ __all__ = [
     "parameterize",
     "register_layout",
     "rules",
+    "set_optimizer_guard",
     "sparsify",
 ]

@@ -20,12 +20,14 @@ from .coord import QUANTITIES, UNSTABLE, Case, CheckSettings, run_check, write_c
 from .coord.reference import parse_model
 from .core import explain
 from .core.rules import Family
-from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES
+from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES, hf_model_spec
 from .dynamic import METHOD_NAMES
 from .models import GPTConfig, build_gpt
 from .sparse.timing import DTYPES
 from .train import evaluate_checkpoint, load_config, train
+from .train.checkpoint import ConfigOrigin
 from .train.config import describe
+from .train.data import VOCAB_SIZE
 from .train.distributed import exit_process
 
 __all__ = ["main"]
@@ -135,8 +137,19 @@ def _print_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, fi
 
 
 def _explain(args: argparse.Namespace) -> int:
-    cfg = GPTConfig(width=args.width, depth=args.depth, head_dim=args.head_dim)
-    model, _ = build_gpt(cfg, args.base_width, scheme=args.scheme, density=args.density)
+    spec = hf_model_spec(args.model)
+    model: torch.nn.Module
+    if spec is not None:
+        from . import hf  # needs sparsemup[hf]; its error names the extra
+
+        template = hf.small_config(spec, VOCAB_SIZE, args.depth)
+        model = hf.build(template, args.width, args.base_width, head_dim=args.head_dim, scheme=args.scheme,
+                         density=args.density)
+    elif args.model == "gpt":
+        cfg = GPTConfig(width=args.width, depth=args.depth, head_dim=args.head_dim)
+        model, _ = build_gpt(cfg, args.base_width, scheme=args.scheme, density=args.density)
+    else:
+        raise ValueError(f"explain shows gpt or hf:TYPE, not {args.model!r}")
     print(explain(model, args.optimizer))
     return 0
 
@@ -148,7 +161,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.set or []) + (["dist.fsdp=true"] if args.fsdp else [])
     cfg = load_config(config_file, overrides)
     config_format = "yaml" if config_file is not None and config_file.suffix in (".yaml", ".yml") else "toml"
-    result = train(cfg, args.out, resume=args.resume, config_format=config_format)
+    origin = ConfigOrigin(args.config, tuple(item.partition("=")[0].strip() for item in overrides))
+    result = train(cfg, args.out, resume=args.resume, config_format=config_format, origin=origin)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     if result.get("status") == "diverged":
@@ -189,6 +203,17 @@ def _sweep(args: argparse.Namespace) -> int:
           f"{counts['diverged']} diverged, {counts['failed']} failed; results in {args.out / 'results.jsonl'}; "
           f"next: sparsemup report {args.out}", file=sys.stderr)
     return 1 if counts["failed"] else 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from .tuning.transfer import write_transfer
+
+    done = write_transfer(args.proxy, args.out, args.set or [], args.allow or [])
+    changed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in done["changed"].items()) or "nothing"
+    print(f"wrote {args.out}: the config of {done['proxy']}, changed {changed}; a run from it refuses any other "
+          f"difference (allowed: {', '.join(done['allow']) or 'none'})\nnext: sparsemup train --config {args.out} "
+          "--out RUN_DIR", file=sys.stderr)
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -316,6 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="list the planned runs (id and overrides) and exit")
     sw.set_defaults(func=_sweep)
 
+    tf = sub.add_parser("transfer", help="write a target config: a tuned proxy's whole config with the listed "
+                        "changes (width, density), refusing any other difference when run",
+                        description="Write TARGET.toml holding every setting of the proxy (a run directory, its "
+                        "config file, or a sweep directory: its best run) with the --set changes. A run started "
+                        "from it refuses any other difference from the proxy, naming the key and --allow. "
+                        "See docs/TRANSFER.md.")
+    tf.add_argument("proxy", type=Path, help="the tuned proxy: a run directory, a config file or a sweep directory")
+    tf.add_argument("--out", type=Path, required=True, help="the target config to write (.toml)")
+    tf.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                    help="the changes, e.g. --set model.width=1024 model.density=1/16")
+    tf.add_argument("--allow", action="extend", nargs="+", metavar="KEY",
+                    help="keys a run may change further without refusal (e.g. optim.lr to sweep it around the "
+                    "tuned value)")
+    tf.set_defaults(func=_transfer)
+
     rp = sub.add_parser("report", help="optima, drift and transfer tables and figures of a sweep directory")
     rp.add_argument("dir", type=Path, help="a sweep directory (holding results.jsonl)")
     rp.add_argument("--axis", default="optim.lr", help="the swept key to optimise over (default optim.lr; "
@@ -360,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     dr.set_defaults(func=_doctor)
 
-    ex = sub.add_parser("explain", help="print the per-parameter table of the reference GPT")
+    ex = sub.add_parser("explain", help="print the per-parameter table of the reference GPT or a transformers model")
+    ex.add_argument("--model", type=_model, default="gpt",
+                    help="gpt (the reference GPT) or hf:TYPE, a transformers causal LM built by sparsemup.hf.build "
+                    "with a 256-token vocabulary (hf:llama, hf:gpt2, ..., hf:path/to/config.json; needs sparsemup[hf])")
     ex.add_argument("--scheme", choices=SCHEME_NAMES, default="supar")
     ex.add_argument("--width", type=int, default=256)
     ex.add_argument("--base-width", type=int, default=64)

@@ -9,7 +9,7 @@ from .attention import DotProductAttention
 from .explain import explain, explain_rows
 from .export import export
 from .layout import Layout, register_layout
-from .optim import make_optimizer, param_groups, register_optimizer
+from .optim import make_optimizer, param_groups, register_optimizer, set_optimizer_guard
 from .parameterize import parameterize
 from .record import Parameterization, ParamInfo, apply_masks, get_mask, get_parameterization, is_parameterized
 from .rules import SCHEMES, Family, Multipliers, Role, Scheme, get_scheme
@@ -19,5 +19,5 @@ __all__ = [
     "Scheme",
     "apply_masks", "explain", "explain_rows", "export", "get_mask", "get_parameterization", "get_scheme",
     "is_parameterized", "make_optimizer", "param_groups", "parameterize", "register_layout",
-    "register_optimizer",
+    "register_optimizer", "set_optimizer_guard",
 ]

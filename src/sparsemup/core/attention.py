@@ -8,7 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DotProductAttention"]
+__all__ = ["DotProductAttention", "SCALING_ATTR"]
+
+# The logit scale that transformers' attention modules keep and pass to every attention backend; sparsemup
+# multiplies it by sqrt(d_head,base / d_head) where the head dim differs from the base's.
+SCALING_ATTR = "scaling"
 
 
 class DotProductAttention(nn.Module):

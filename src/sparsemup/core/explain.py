@@ -83,4 +83,6 @@ def explain(
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
     for name, scale in record.attention_scales.items():
         lines.append(f"attention {name}: logit scale {scale:.6g}")
+    for name, factor in record.attention_factors.items():
+        lines.append(f"attention {name}: its scaling multiplied by {factor:.6g} (sqrt(base head dim / head dim))")
     return "\n".join(lines)

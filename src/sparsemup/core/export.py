@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import hooks
+from .attention import SCALING_ATTR
 from .record import RECORD_PREFIX, get_parameterization
 from .rules import Role
 from .storage import SparseStorage
 from .structure import named_modules, unwrap
 
-__all__ = ["export", "SaveGuard", "guard_own_savers"]
+__all__ = ["export", "export_with_folds", "Probe", "SaveGuard", "guard_own_savers"]
+
+Probe = Callable[[nn.Module], object]  # runs a model on an example batch
+Captured = tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]  # a module's args, kwargs and output
 
 # Serializers of model libraries that write a model's weights as they are: for a parameterized model
 # they would drop its forward multipliers (and write masks and the signature as weights).
@@ -50,7 +58,7 @@ def _strip_hooks(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def export(model: nn.Module) -> nn.Module:
+def export(model: nn.Module, probe: Probe | None = None) -> nn.Module:
     """A copy of ``model`` with forward multipliers folded into the weights and no hooks or masks.
 
     Masked entries are already exact zeros in the weights. α_input is folded into
@@ -59,12 +67,27 @@ def export(model: nn.Module) -> nn.Module:
     become their plain dense modules. The copy's state_dict has the model's keys minus the
     ``*_mask`` buffers. The original is not changed.
 
+    An attention module whose ``scaling`` the parameterization multiplied (transformers' attention at a head dim
+    other than the base's) gets its own scale back and the factor folded into its projections: into one of them
+    where q (or k) is a projection of its own, else √c into the fused projection and 1/√c into the output
+    projection. Each fold is verified on a probe batch, ``probe(model)`` (default: random token ids through a
+    model with ``get_input_embeddings``); a module where no fold reproduces the outputs (a norm on q and k, say)
+    is refused by name.
+
     Example::
 
         plain = sparsemup.export(model)
         torch.save(plain.state_dict(), "weights.pt")  # loads into the model class with no sparsemup
     """
+    return export_with_folds(model, probe)[0]
+
+
+@torch.no_grad()
+def export_with_folds(model: nn.Module, probe: Probe | None = None) -> tuple[nn.Module, dict[str, float]]:
+    """``export``, and the factor folded into each weight and bias for the attention scales ({name: factor}),
+    which must be divided out again to restore the parameterized model from the plain one's weights."""
     record = get_parameterization(model)
+    captured = _capture_attention(unwrap(model), record.attention_factors, probe)
     plain = copy.deepcopy(unwrap(model))
     modules = named_modules(plain)
     for info in record.params.values():
@@ -99,5 +122,103 @@ def export(model: nn.Module) -> nn.Module:
     for key, value in list(plain.__dict__.items()):  # the record, backend choices, save guards, ...
         if key.startswith(RECORD_PREFIX) or isinstance(value, SaveGuard):
             del plain.__dict__[key]
-    return plain
+    folds: dict[str, float] = {}
+    for name, factor in record.attention_factors.items():
+        module = modules[name]
+        setattr(module, SCALING_ATTR, getattr(module, SCALING_ATTR) / factor)
+        training = module.training
+        module.eval()
+        try:
+            for param_name, value in _fold(name, module, factor, *captured[name]).items():
+                folds[f"{name}.{param_name}" if name else param_name] = value
+        finally:
+            module.train(training)
+    return plain, folds
+
+
+def _token_probe(model: nn.Module) -> object:
+    """Random token ids through a model with ``get_input_embeddings`` (a transformers model), no KV cache."""
+    embeddings = getattr(model, "get_input_embeddings", None)
+    embedding = embeddings() if callable(embeddings) else None
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(
+            f"export folds attention scales by checking the outputs on a probe batch, and cannot make one for a "
+            f"{type(model).__name__}; pass probe=lambda m: m(example_inputs)"
+        )
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, embedding.num_embeddings, (2, 16), generator=gen).to(embedding.weight.device)
+    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    return model(tokens, **kwargs)
+
+
+def _first_tensor(output: object) -> torch.Tensor:
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(f"an attention module returned {type(output).__name__}, not a tensor (or a tuple starting "
+                         "with one); sparsemup cannot check a fold of its scale")
+    return output
+
+
+def _capture_attention(model: nn.Module, factors: Mapping[str, float],
+                       probe: Probe | None) -> dict[str, Captured]:
+    """The inputs and output of every attention module in ``factors`` on the probe batch, in eval mode."""
+    if not factors:
+        return {}
+    captured: dict[str, Captured] = {}
+    modules = named_modules(model)
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: object) -> None:
+            captured.setdefault(name, (args, dict(kwargs), _first_tensor(output).detach().clone()))
+        return record
+
+    handles = [modules[name].register_forward_hook(recorder(name), with_kwargs=True) for name in factors]
+    training = model.training
+    try:
+        model.eval()
+        (probe or _token_probe)(model)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    missing = sorted(set(factors) - set(captured))
+    if missing:
+        raise ValueError(f"the probe batch did not run attention module(s) {missing}; pass a probe= that does")
+    return captured
+
+
+def _fold(name: str, module: nn.Module, factor: float, args: tuple[Any, ...], kwargs: dict[str, Any],
+          expected: torch.Tensor) -> dict[str, float]:
+    """Fold ``factor`` into ``module``'s projections (its scale already reset), the first way that reproduces
+    ``expected`` on the captured inputs; return {parameter name in the module: factor multiplied in}."""
+    projections = [n for n, m in module.named_modules() if m is not module
+                   and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+    root = math.sqrt(factor)
+    tries: list[dict[str, float]] = [{f"{p}.weight": factor, f"{p}.bias": factor} for p in projections]
+    tries += [{f"{p}.weight": root, f"{p}.bias": root, f"{o}.weight": 1 / root}
+              for p in projections for o in projections if o != p]
+    params = dict(module.named_parameters())
+    tolerance = 1e-5 * float(expected.abs().max()) + 1e-9  # fp32 rounding; at init the scale moves outputs ~1e-3
+
+    def error() -> float:
+        return float((_first_tensor(module(*args, **kwargs)) - expected).abs().max())
+
+    if error() <= 10 * tolerance:
+        raise ValueError(f"{name}: the probe batch does not tell the attention scale apart (outputs barely change "
+                         "with it); pass a probe= with longer sequences")
+    for scales in tries:
+        applied = {k: v for k, v in scales.items() if k in params}
+        saved = {k: params[k].detach().clone() for k in applied}
+        for key, value in applied.items():
+            params[key].mul_(value)
+        if error() <= tolerance:
+            return applied
+        for key, before in saved.items():
+            params[key].copy_(before)
+    raise ValueError(
+        f"{name}: no scaling of its projections ({', '.join(projections) or 'none found'}) reproduces its attention "
+        f"scale factor {factor:.6g} (a norm on q and k, say), so a plain copy cannot compute the same function; keep "
+        "the head dim equal to the base's (add heads as width grows) for this model"
+    )
 

@@ -7,20 +7,27 @@ that scales groups proportionally, and sharded optimizers work unchanged.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
-from .record import get_parameterization
+from .record import get_parameterization, is_parameterized
 from .rules import Family, lr_multiplier, weight_decay_multiplier
 from .structure import strip_wrappers, unwrap
 from .vocab import WEIGHT_DECAY_MODES, WeightDecayMode, check_choice
 
 __all__ = ["OptimizerRule", "register_optimizer", "optimizer_rule", "optimizer_family", "param_groups",
-           "make_optimizer"]
+           "make_optimizer", "GuardMode", "set_optimizer_guard", "watch_optimizers"]
+
+GuardMode = Literal["warn", "error", "off"]
+GROUP_TAG = "lr_mult"  # every group of ``param_groups`` carries it (and checkpoints of its optimizers keep it)
 
 
 @dataclass(frozen=True)
@@ -166,3 +173,51 @@ def make_optimizer(
     groups = param_groups(model, optimizer_class, lr, weight_decay, weight_decay_mode, decay_vectors)
     build: Callable[..., torch.optim.Optimizer] = optimizer_class  # every torch optimizer takes lr
     return build(groups, lr=lr, **kwargs)
+
+
+# ---- the guard against optimizers that bypass the groups: checked once, at each optimizer's first step ----
+
+_WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # parameterized models whose groups carry multipliers
+_CHECKED: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+_guard_mode: GuardMode = "warn"
+_hook: RemovableHandle | None = None
+
+
+def set_optimizer_guard(mode: GuardMode) -> None:
+    """What happens at the first step of an optimizer holding a parameterized model's parameters in groups not
+    built by ``param_groups``/``make_optimizer`` (their per-layer LRs would be lost): ``"warn"`` (default) warns
+    once per optimizer, ``"error"`` refuses the step (the strict setting), ``"off"`` checks nothing."""
+    global _guard_mode
+    check_choice(mode, get_args(GuardMode), "optimizer guard mode")
+    _guard_mode = mode
+
+
+def watch_optimizers(model: nn.Module) -> None:
+    """Have the optimizer guard check optimizers for ``model``'s parameters (``parameterize`` calls it for every
+    scheme but SP, whose multipliers are all 1). Installs the one global step pre-hook on first use."""
+    global _hook
+    _WATCHED.add(model)
+    if _hook is None:
+        _hook = register_optimizer_step_pre_hook(_check_first_step)
+
+
+def _check_first_step(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Global step pre-hook: O(1) after an optimizer's first step; at it, look for parameterized parameters in
+    untagged groups."""
+    if _guard_mode == "off" or optimizer in _CHECKED:
+        return
+    watched = {id(p) for model in list(_WATCHED) if is_parameterized(model) for p in model.parameters()}
+    untagged = sum(1 for g in optimizer.param_groups if GROUP_TAG not in g for p in g["params"] if id(p) in watched)
+    if not untagged:
+        _CHECKED.add(optimizer)
+        return
+    message = (
+        f"this {type(optimizer).__name__} holds {untagged} parameter(s) of a parameterized model in groups not built "
+        "by sparsemup, so their per-layer learning rates (the parameterization's LR multipliers) are lost; build it "
+        "with sparsemup.make_optimizer(model, cls, lr=...) or cls(sparsemup.param_groups(model, cls, lr=...)). "
+        "Silence with sparsemup.set_optimizer_guard('off')"
+    )
+    if _guard_mode == "error":
+        raise RuntimeError(message)  # unchecked still: every step is refused
+    _CHECKED.add(optimizer)
+    warnings.warn(message, stacklevel=3)

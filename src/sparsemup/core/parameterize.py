@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from . import hooks
-from .attention import DotProductAttention
+from .attention import SCALING_ATTR, DotProductAttention
 from .export import guard_own_savers
 from .masks import DEFAULT_BLOCK, stable_seed
+from .optim import watch_optimizers
 from .plan import Options, Plan, UsagePlan, make_plan
 from .record import RECORD_ATTR, Parameterization
 from .rules import Role, Scheme
@@ -124,9 +125,14 @@ def apply_plan(plan: Plan) -> Parameterization:
         attention = modules[name]
         assert isinstance(attention, DotProductAttention)  # the plan found it so
         attention.scale = scale
+    for name, factor in plan.attention_factors.items():
+        module = modules[name]
+        setattr(module, SCALING_ATTR, getattr(module, SCALING_ATTR) * factor)
     record = plan.record()
     target.__dict__[RECORD_ATTR] = record
     guard_own_savers(target)
+    if plan.scheme.width:
+        watch_optimizers(target)
     return record
 
 

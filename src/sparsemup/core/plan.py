@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .attention import DotProductAttention
+from .attention import SCALING_ATTR, DotProductAttention
 from .hooks import MASK_SUFFIX
 from .layout import Layout, from_neurons, group_count, layout_of, neurons_shape, neurons_view
 from .masks import blocks_per_row, random_mask, row_nonzeros, validate_mask
@@ -69,6 +70,7 @@ class Plan:
     params: tuple[ParamPlan, ...]
     attention_scales: Mapping[str, float]
     options: Options
+    attention_factors: Mapping[str, float]
 
     def record(self) -> Parameterization:
         """The ``Parameterization`` this plan stores on the model."""
@@ -83,12 +85,15 @@ class Plan:
             input_alpha=o.input_alpha,
             output_alpha=o.output_alpha,
             options=dataclasses.replace(o, delta=None, masks=None),
+            attention_factors=dict(self.attention_factors),
         )
 
     def signature(self) -> torch.Tensor:
         """sha256 of what the weights do not show (scheme, roles, multipliers, α's) as a uint8 tensor."""
         o = self.options
         parts = [f"{self.scheme}|{o.input_alpha!r}|{o.output_alpha!r}|{sorted(self.attention_scales.items())!r}"]
+        if self.attention_factors:  # absent when there are none, so that older signatures stay valid
+            parts.append(f"attention factors|{sorted(self.attention_factors.items())!r}")
         for p in self.params:
             m = p.info.multipliers
             parts.append(f"{p.info.names}|{p.info.role.value}|{m.width!r}|{m.fan_out!r}|{m.density!r}|"
@@ -180,6 +185,22 @@ def _draw_mask(shape: tuple[int, ...], neurons: tuple[int, int], layout: Layout,
     return from_neurons(rows, shape, layout, groups)
 
 
+def _check_not_narrower(inferred: Mapping[str, list[Inferred]], base_shapes: Mapping[str, tuple[int, ...]],
+                        params: Mapping[str, TiedParam]) -> None:
+    """Refuse a base wider than the model (a width multiplier below 1): almost always model and base swapped."""
+    for name, usages in inferred.items():
+        for usage in usages:
+            m = usage.multipliers
+            if m.width < 1 or m.fan_out < 1:
+                raise ValueError(
+                    f"parameter {name!r} is narrower in the model than in the base (shape "
+                    f"{tuple(params[name].param.shape)} vs base {base_shapes[name]}, width multiplier "
+                    f"{min(m.width, m.fan_out):g}); model and base look swapped: call parameterize(model, base) "
+                    "with the wide model first and the small base (the proxy the hyperparameters were tuned on) "
+                    "second, or build the base at a width no larger than the model's (width >= base_width)"
+                )
+
+
 def _decide(inferred: list[Inferred], name: str) -> tuple[UsagePlan, tuple[UsagePlan, ...]]:
     """The parameter's role and multipliers for init/LR, from those of its usages (ties: input + output)."""
     roles = {i.role for i in inferred}
@@ -230,6 +251,7 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
     scaling = _scaling_dims(params, base_shapes, o.delta)
     grouped = growing_groups(target, base, o.delta)
     inferred = infer_roles(target, params, base_shapes, scaling, role_overrides, grouped)
+    _check_not_narrower(inferred, base_shapes, params)
 
     decided = {name: _decide(inferred[name], name) for name in params}
     hidden = {n: t for n, t in params.items() if decided[n][0].role is Role.HIDDEN}
@@ -321,7 +343,45 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
         )
         planned.append(ParamPlan(tied, info, mask, usages))
     attention = _attention_scales(target, base, scheme)
-    return Plan(target, modules, scheme, tuple(planned), attention, o)
+    factors = _scaling_factors(target, base, scheme)
+    return Plan(target, modules, scheme, tuple(planned), attention, o, factors)
+
+
+HEAD_DIM_ATTRS = ("head_dim", "head_size")
+
+
+def _head_dim(module: nn.Module) -> int | None:
+    for attr in HEAD_DIM_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _scaling_factors(model: nn.Module, base: nn.Module, scheme: Scheme) -> dict[str, float]:
+    """sqrt(d_head,base / d_head) for every attention module with a ``scaling`` attribute (transformers') whose
+    head dim differs from its base counterpart's: multiplied into that scale it gives µP's sqrt(d_head,base)/d_head
+    (times any factor the module adds, such as GPT-2's per-layer one)."""
+    if not scheme.width:
+        return {}
+    base_modules = named_modules(base)
+    factors: dict[str, float] = {}
+    for name, module in named_modules(model).items():
+        scaling = getattr(module, SCALING_ATTR, None)
+        if isinstance(module, DotProductAttention) or not isinstance(scaling, (int, float)) or isinstance(scaling,
+                                                                                                         bool):
+            continue
+        head_dim, base_head_dim = _head_dim(module), _head_dim(base_modules.get(name, nn.Module()))
+        if head_dim is None or base_head_dim is None:
+            raise ValueError(
+                f"{name}: a {type(module).__name__} with an attention scale {SCALING_ATTR!r} but no head dim "
+                f"attribute ({' or '.join(HEAD_DIM_ATTRS)}) here or in the base, so sparsemup cannot tell whether "
+                f"{scheme.name} needs its scale changed; give the module a head_dim attribute, or use "
+                "sparsemup.DotProductAttention"
+            )
+        if head_dim != base_head_dim:
+            factors[name] = math.sqrt(base_head_dim / head_dim)
+    return factors
 
 
 def _attention_scales(model: nn.Module, base: nn.Module, scheme: Scheme) -> dict[str, float]:

@@ -79,7 +79,7 @@ class Parameterization:
 
     scheme: Scheme
     params: Mapping[str, ParamInfo]
-    attention_scales: Mapping[str, float]
+    attention_scales: Mapping[str, float]  # scale set on each DotProductAttention
     seed: int
     mask_kind: MaskKind
     block_size: int  # b of "blocks" masks (recorded for every kind; used only by "blocks")
@@ -87,6 +87,9 @@ class Parameterization:
     output_alpha: float
     # The arguments it was called with (delta and user masks dropped: the masks are in the model).
     options: Options = field(default_factory=lambda: Options())
+    # Factor multiplied into the ``scaling`` of each attention module that has one (transformers' attention
+    # modules) where the head dim differs from the base's: sqrt(d_head,base / d_head).
+    attention_factors: Mapping[str, float] = field(default_factory=dict)
 
     def info(self, name: str) -> ParamInfo:
         """The entry for a parameter, by any of its (canonical or wrapped) names."""

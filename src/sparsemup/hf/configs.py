@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 from pathlib import Path
@@ -49,12 +50,41 @@ def load_config(config: PretrainedConfig | str | Path, **overrides: object) -> P
     return loaded
 
 
+def _config_file(config: PretrainedConfig | str | Path) -> Path | None:
+    """The config.json ``config`` names (a file, or a directory holding one); None for an instance or a type."""
+    if isinstance(config, PretrainedConfig):
+        return None
+    path = Path(config)
+    if path.is_dir():
+        return path / "config.json"
+    return path if path.suffix == ".json" or path.exists() else None
+
+
 def small_config(config: PretrainedConfig | str | Path, vocab_size: int = 256, depth: int = 2,
                  context: int | None = None) -> PretrainedConfig:
     """``load_config`` with a small vocabulary, ``depth`` layers and (if given) ``context`` positions, token
-    ids outside the vocabulary dropped: the template of sparsemup's coordinate checks and byte-level training."""
-    extra = {"max_position_embeddings": context} if context is not None else {}
-    loaded = load_config(config, vocab_size=vocab_size, num_hidden_layers=depth, **extra)
+    ids outside the vocabulary dropped: the template of sparsemup's coordinate checks and byte-level training.
+
+    A model type's default config is a template and takes ``vocab_size`` and ``depth``; a config.json is used as
+    written: a layer count or vocabulary that disagrees with ``depth`` or ``vocab_size`` is refused, naming both."""
+    extra: dict[str, object] = {"max_position_embeddings": context} if context is not None else {}
+    file = _config_file(config)
+    if file is None:
+        extra.update(vocab_size=vocab_size, num_hidden_layers=depth)
+    loaded = load_config(config, **extra)
+    if file is not None:
+        layers, vocab = getattr(loaded, "num_hidden_layers", None), getattr(loaded, "vocab_size", None)
+        if layers != depth:
+            raise ValueError(
+                f"{file} has num_hidden_layers = {layers} but the depth asked for is {depth} (model.depth in a "
+                f"training config, --depth on the command line); a config.json is used as written, so set the depth "
+                f"to {layers} or edit the file"
+            )
+        if vocab != vocab_size:
+            raise ValueError(
+                f"{file} has vocab_size = {vocab} but the data has {vocab_size} tokens (sparsemup's byte-level "
+                f"data); a config.json is used as written, so write \"vocab_size\": {vocab_size} into it"
+            )
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(loaded, name, None)
         if isinstance(value, int) and value >= vocab_size:
@@ -64,6 +94,10 @@ def small_config(config: PretrainedConfig | str | Path, vocab_size: int = 256, d
 
 def _check_type(kind: str) -> None:
     if kind not in CONFIG_MAPPING or kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        close = difflib.get_close_matches(kind, causal_lm_types(), n=3)
+        if close:
+            raise ValueError(f"{kind!r} is not a transformers model type with a causal LM; did you mean "
+                             f"{' or '.join(map(repr, close))}? (sparsemup.hf.causal_lm_types() lists them all)")
         raise ValueError(
             f"{kind!r} is not a transformers model type with a causal LM; valid types: {', '.join(causal_lm_types())}"
         )
@@ -92,9 +126,15 @@ def scale_config(config: PretrainedConfig, width: int, head_dim: int | None = No
     """``config`` at hidden size ``width``: heads = width / head_dim (head dim fixed), KV heads in the
     config's proportion, FFN size at the config's ratio to the hidden size."""
     hidden, heads = _field(config, "hidden_size"), _field(config, "num_attention_heads")
+    given = head_dim is not None
     head_dim = head_dim or head_dim_of(config)
     if width <= 0 or width % head_dim:
-        raise ValueError(f"width {width} must be a positive multiple of the head dim {head_dim}")
+        source = "given as head_dim=" if given else f"the {type(config).__name__}'s"
+        raise ValueError(
+            f"width {width} must be a positive multiple of the head dim {head_dim} ({source}); pick another width "
+            "or pass a head dim dividing it as head_dim= (sparsemup.hf.build(..., head_dim=32); model.head_dim in "
+            "a training config)"
+        )
     new_heads = width // head_dim
     if not any(hasattr(config, name) for name in _FFN_FIELDS):
         raise ValueError(

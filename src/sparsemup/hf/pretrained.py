@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from ..core import export, get_mask, get_parameterization, parameterize
+from ..core import get_mask, get_parameterization, parameterize
 from ..core.atomic import current_umask
+from ..core.export import export_with_folds
 from ..core.record import Options, Parameterization
 from ..core.rules import SCHEMES, Role, Scheme
 from ..core.structure import unwrap
@@ -97,7 +98,7 @@ def save_pretrained(
             "this model was not built by sparsemup.hf.build, so its base is unknown; pass base_config=<the base "
             "model's config> (and delta_config=, if it has the base's width)"
         )
-    plain = export(target)
+    plain, folds = export_with_folds(target)
     assert isinstance(plain, PreTrainedModel)  # export keeps the class
     if not _tied(plain):
         plain.config.tie_word_embeddings = False  # export untied them to give each its own multiplier
@@ -117,6 +118,8 @@ def save_pretrained(
             for name, info in record.params.items()
         },
     }
+    if folds:  # attention scales folded into weights (written only when there are any: older files stay as they were)
+        meta["attention_folds"] = folds
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
@@ -176,7 +179,7 @@ def from_pretrained(directory: str | Path, *, device: torch.device | str | None 
     record = parameterize(model, base, delta=delta, masks=masks or None, **_options_from_json(meta["options"]))
     saved = _load_weights(directory, plain_config)
     _check_same_record(record, meta, meta_path)
-    _load_unfolded(model, record, saved, meta_path)
+    _load_unfolded(model, record, saved, meta_path, meta.get("attention_folds", {}))
     model.__dict__[HF_RECORD] = {"base_config": meta["base_config"], "delta_config": meta["delta_config"]}
     return model
 
@@ -199,8 +202,9 @@ def _check_same_record(record: Parameterization, meta: dict[str, Any], path: Pat
 
 @torch.no_grad()
 def _load_unfolded(model: PreTrainedModel, record: Parameterization, saved: Mapping[str, torch.Tensor],
-                   path: Path) -> None:
-    """Copy the saved weights in, dividing out the multipliers ``export`` folded into them."""
+                   path: Path, attention_folds: Mapping[str, float]) -> None:
+    """Copy the saved weights in, dividing out the multipliers and attention scale factors ``export`` folded into
+    them."""
     divisor: dict[str, float] = {}
     source: dict[str, str] = {}
     for info in record.params.values():
@@ -212,7 +216,7 @@ def _load_unfolded(model: PreTrainedModel, record: Parameterization, saved: Mapp
             if info.usage_roles[usage] is Role.INPUT and f"{usage.rpartition('.')[0]}.bias" in saved:
                 divisor[f"{usage.rpartition('.')[0]}.bias"] = factor  # export scaled the embedding's bias too
     for name, info in record.params.items():
-        value = saved[source.get(name, name)] / divisor.get(name, 1.0)
+        value = saved[source.get(name, name)] / divisor.get(name, 1.0) / attention_folds.get(name, 1.0)
         param = model.get_parameter(name)
         if info.masked:
             mask = get_mask(model, name)

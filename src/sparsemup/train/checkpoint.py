@@ -8,6 +8,7 @@ temp file and renames it over the old one: a kill at any moment leaves a loadabl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .build import dynamic_sparsity
 from .distributed import Context
 from .schema import RESUMABLE_KEYS, Config, ConfigError, flatten, with_defaults
 
-__all__ = ["CHECKPOINT_NAME", "FORMAT", "checkpoint_path", "save", "load", "check_compatible",
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "ConfigOrigin", "checkpoint_path", "save", "load", "check_compatible",
            "restore_model", "restore_training_state", "remove_stale_temps"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -96,21 +97,44 @@ def load(path: Path) -> dict[str, Any]:
     return state
 
 
-def check_compatible(saved: dict[str, dict[str, Any]], cfg: Config, file: Path) -> None:
+@dataclass(frozen=True)
+class ConfigOrigin:
+    """Where a run's config came from on the command line: the ``--config`` file given (None: none) and the keys
+    of the ``--set`` items."""
+
+    config_file: Path | None = None
+    set_keys: tuple[str, ...] = ()
+
+
+def check_compatible(saved: dict[str, dict[str, Any]], cfg: Config, file: Path,
+                     origin: ConfigOrigin = ConfigOrigin()) -> None:
     """Refuse to resume with settings that change the computation (any key not flagged resumable), naming
-    each differing key; keys the checkpoint predates take their defaults."""
+    each differing key and, from ``origin``, the option that brought the difference; keys the checkpoint
+    predates take their defaults."""
     new = flatten(cfg.to_dict())
     old = with_defaults(flatten(saved))
     resumable = set(RESUMABLE_KEYS)
     if old.get("sparsity.method", "static") != "static":  # a dynamic schedule is laid out over train.steps
         resumable.discard("train.steps")
-    diffs = [f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if k not in resumable and old.get(k) != new.get(k)]
-    if diffs:
-        raise ConfigError(
-            f"cannot resume from {file}: the config differs in " + "; ".join(diffs)
-            + ". Resume with the run's own config (drop --config to use the run directory's) or start a new --out"
-        )
+    differing = [k for k in sorted(set(old) | set(new)) if k not in resumable and old.get(k) != new.get(k)]
+    if differing:
+        diffs = "; ".join(f"{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}" for k in differing)
+        raise ConfigError(f"cannot resume from {file}: the config differs in {diffs}. "
+                          f"{_resume_fix(differing, origin)}, or start a new --out")
+
+
+def _resume_fix(differing: list[str], origin: ConfigOrigin) -> str:
+    """How to resume with the run's own settings, naming the sources of the config that were used."""
+    fixes = []
+    if origin.config_file is not None:
+        fixes.append(f"drop --config {origin.config_file} (--resume alone continues with the run directory's "
+                     "config)")
+    overridden = [k for k in differing if k in origin.set_keys]
+    if overridden:
+        fixes.append("drop " + " ".join(f"--set {k}=..." for k in overridden))
+    if not fixes:
+        return "Resume with the run's own config (the config file in the run directory)"
+    return "To resume, " + " and ".join(fixes)
 
 
 def restore_model(model: nn.Module, state: dict[str, Any], file: Path) -> None:

@@ -19,7 +19,8 @@ from ..core.vocab import BACKEND_CHOICES, SCHEME_NAMES, WEIGHT_DECAY_MODES, Back
 from ..dynamic import METHOD_NAMES, REGROW_INITS, MethodName, RegrowInit
 
 __all__ = [
-    "ModelConfig", "SparsityConfig", "OptimConfig", "TrainConfig", "DataConfig", "DistConfig", "Config", "ConfigError",
+    "ModelConfig", "SparsityConfig", "OptimConfig", "TrainConfig", "DataConfig", "DistConfig", "TransferConfig",
+    "Config", "ConfigError",
     "OPTIMIZERS", "OptimizerName", "TRAINED_MASK_KINDS", "TrainedMaskKind", "ScheduleName", "DeviceName",
     "RESUMABLE_KEYS", "LAYOUT_KEYS", "flatten", "flat_defaults",
     "with_defaults", "run_identity", "field_specs",
@@ -155,6 +156,19 @@ class DistConfig:
 
 
 @dataclass
+class TransferConfig:
+    """Written by ``sparsemup transfer``: the proxy whose tuned values a config carries. A run refuses any other
+    difference from the proxy's settings (not part of a run's identity: it changes no computation)."""
+
+    proxy: str = _f("", "where the values came from (a run directory, config file or sweep store); empty: no "
+                    "transfer, nothing is checked", layout=True)
+    proxy_config: str = _f("", "the proxy's settings as JSON ({\"section.key\": value}) that a run must keep",
+                           layout=True)
+    allow: str = _f("", "comma-separated keys that may differ from the proxy's (the transfer's --set and --allow)",
+                    layout=True)
+
+
+@dataclass
 class Config:
     """The whole training configuration."""
 
@@ -164,6 +178,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict, as written to config.toml."""

@@ -31,11 +31,12 @@ from ..dynamic import kept_weight_stats
 from ..sparse import get_backends
 from . import checkpoint, distributed
 from .build import build_model, dynamic_sparsity, fsdp_units, logits_of
+from .checkpoint import ConfigOrigin
 from .config import to_toml, to_yaml
 from .data import load_corpus, train_batch
 from .evaluate import validation_loss
 from .schema import OPTIMIZERS, Config, ConfigError
-from .validate import validate
+from .validate import transfer_note, validate
 
 __all__ = ["Schedule", "MetricsLog", "Trainer", "train", "METRIC_COLUMNS"]
 
@@ -96,15 +97,19 @@ class MetricsLog:
 class Trainer:
     """Sets up (validating everything before any work) and runs one training run writing into ``out``."""
 
-    def __init__(self, cfg: Config, out: Path, resume: bool = False, config_format: str = "toml") -> None:
+    def __init__(self, cfg: Config, out: Path, resume: bool = False, config_format: str = "toml",
+                 origin: ConfigOrigin | None = None) -> None:
         self.ctx = ctx = distributed.init(cfg.train.device)
         validate(cfg, ctx.world)
+        note = transfer_note(cfg)
+        if note is not None and ctx.main:
+            print(note, file=sys.stderr)
         self.cfg, self.out = cfg, Path(out)
         ckpt_file = self.out / checkpoint.CHECKPOINT_NAME
         state = None
         if resume:
             state = checkpoint.load(ckpt_file)
-            checkpoint.check_compatible(state["config"], cfg, ckpt_file)
+            checkpoint.check_compatible(state["config"], cfg, ckpt_file, origin or ConfigOrigin())
             if state["step"] > cfg.train.steps:
                 raise ConfigError(f"{ckpt_file} is at step {state['step']}, beyond train.steps = {cfg.train.steps}; "
                                   f"set train.steps to at least {state['step']}")
@@ -299,9 +304,11 @@ class Trainer:
             self.bar.close()
 
 
-def train(cfg: Config, out: Path, resume: bool = False, config_format: str = "toml") -> dict[str, Any]:
-    """Run (or resume) a training run in ``out`` on this process or the torchrun group; returns result.json."""
+def train(cfg: Config, out: Path, resume: bool = False, config_format: str = "toml",
+          origin: ConfigOrigin | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run in ``out`` on this process or the torchrun group; returns result.json.
+    ``origin`` (the CLI's) names the config's sources in the error when a resume's config differs."""
     try:
-        return Trainer(cfg, out, resume, config_format).fit()
+        return Trainer(cfg, out, resume, config_format, origin).fit()
     finally:
         distributed.shutdown()

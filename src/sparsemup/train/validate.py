@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from ..core.masks import nonzeros_per_row
 from ..core.vocab import hf_model_spec
 from ..sparse import Fixes, check_backend
 from .data import VOCAB_SIZE, corpus_files
-from .schema import Config, ConfigError, field_specs, flatten
+from .schema import Config, ConfigError, field_specs, flatten, run_identity, with_defaults
 
-__all__ = ["validate"]
+__all__ = ["validate", "TRANSFER_EXEMPT", "transfer_note"]
+
+# Keys a transferred config may change without --allow: not hyperparameters (the seed) or not part of what a
+# run computes (evaluation cadence and size, gradient accumulation, sharding). train.steps may grow (with a note).
+TRANSFER_EXEMPT = frozenset({"train.seed", "train.eval_every", "train.eval_batches", "train.grad_accum", "dist.fsdp"})
 
 CONFIG_FIXES = Fixes(block_masks="set model.mask_kind = 'blocks'", masked_dense="set model.backend = 'masked_dense'",
                      element_masks="set model.mask_kind = 'rows'")
@@ -23,8 +30,52 @@ def _choose(choices: tuple[str, ...]) -> str:
     return f"choose {choices[0]} or {choices[1]}" if len(choices) == 2 else f"choose one of {', '.join(choices)}"
 
 
+def _proxy_settings(cfg: Config) -> dict[str, Any]:
+    """The proxy's settings recorded by ``sparsemup transfer``, completed with defaults (keys it predates)."""
+    try:
+        proxy = json.loads(cfg.transfer.proxy_config)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"transfer.proxy_config is not JSON ({err}); write the config again with sparsemup "
+                          "transfer") from None
+    if not isinstance(proxy, dict):
+        raise ConfigError("transfer.proxy_config must be a JSON object; write the config again with sparsemup transfer")
+    return run_identity(with_defaults(proxy))
+
+
+def _check_transfer(cfg: Config) -> None:
+    """A config written by ``sparsemup transfer`` keeps every setting of its proxy but the allowed ones."""
+    t = cfg.transfer
+    if not t.proxy_config:
+        return
+    proxy = _proxy_settings(cfg)
+    allowed = {k.strip() for k in t.allow.split(",") if k.strip()}
+    for key, value in run_identity(flatten(cfg.to_dict())).items():
+        if key in allowed or key in TRANSFER_EXEMPT or value == proxy.get(key):
+            continue
+        if key == "train.steps" and value > proxy[key]:
+            continue  # allowed, with a note (transfer_note)
+        raise ConfigError(
+            f"{key} = {value!r} differs from the proxy's {proxy.get(key)!r} (transferred from {t.proxy}); the tuned "
+            "values transfer only to a model that differs from its proxy in the keys the transfer allowed ("
+            f"{', '.join(sorted(allowed)) or 'none'}). Keep the proxy's value, or write the config again with "
+            f"sparsemup transfer {t.proxy} --out FILE ... --allow {key}"
+        )
+
+
+def transfer_note(cfg: Config) -> str | None:
+    """A note when a transferred config trains longer than its proxy (µP does not promise transfer across steps)."""
+    if not cfg.transfer.proxy_config or "train.steps" in cfg.transfer.allow.split(","):
+        return None
+    proxy_steps = _proxy_settings(cfg)["train.steps"]
+    if cfg.train.steps <= proxy_steps:
+        return None
+    return (f"note: train.steps = {cfg.train.steps} is more than the proxy's {proxy_steps}; µP transfers across width "
+            "and density, not across training length, so the tuned values may no longer be the best ones")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Check choices, ranges, divisibility and that the corpus exists; raise ConfigError naming the key and the fix."""
+    _check_transfer(cfg)
     values = flatten(cfg.to_dict())
     for key, spec in field_specs().items():
         choices = spec.metadata["choices"]
@@ -39,6 +90,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              "hf:path/to/config.json)")
     for key in ("width", "base_width", "depth", "head_dim"):
         _require(getattr(m, key) >= 1, f"model.{key} = {getattr(m, key)}: must be at least 1")
+    _require(m.base_width <= m.width,
+             f"model.base_width = {m.base_width} is wider than model.width = {m.width}: the base is the small proxy "
+             "the hyperparameters are tuned on and the model the (wider) one trained with them; the two look "
+             "swapped, set model.base_width <= model.width")
     for key in ("width", "base_width"):
         _require(getattr(m, key) % m.head_dim == 0,
                  f"model.{key} = {getattr(m, key)} is not a multiple of model.head_dim = {m.head_dim}; "

@@ -138,7 +138,10 @@ def write_preset(out: Path, path: Path, top: int = 1) -> dict[str, Any]:
               f"geometric mean of the {top} best runs ({', '.join(r['id'] for r in best)})")
     losses = ", ".join(f"{r['final_val_loss']:.4f}" for r in best)
     text = (f"# preset: {origin} of {out} (val loss {losses})\n"
-            f"# written by: sparsemup report {out} --preset {path}" + (f" --top {top}" if top > 1 else "") + "\n")
+            f"# written by: sparsemup report {out} --preset {path}" + (f" --top {top}" if top > 1 else "") + "\n"
+            f"# holds only the swept keys ({', '.join(sorted(values))}): every other setting is a default. To train "
+            "a wider, sparser model with all of the proxy's settings, write its config with\n"
+            f"#   sparsemup transfer {out} --out TARGET.toml --set model.width=... model.density=...\n")
     text += "".join(f"\n[{s}]\n" + "\n".join(lines) + "\n" for s, lines in sections.items())
     write_text_atomic(Path(path), text)
     return {"runs": best, "values": values}
