@@ -232,3 +232,11 @@ def test_an_unstable_check_without_any_fit_still_names_the_instability():
                  "worst_rise": None, "finite": False}]
     judged = coord.verdict([], unstable=unstable)
     assert all(v["pass"] is None and v["reason"] == coord.UNSTABLE for v in judged.values())
+
+
+def test_widths_below_the_base_are_refused_naming_the_fix():
+    from sparsemup.coord import CheckSettings
+
+    with pytest.raises(ValueError, match="--widths 32 below the base width 64.*lower --base-width"):
+        CheckSettings.resolve("mlp", "supar", widths=[32, 128])
+    assert CheckSettings.resolve("mlp", "supar", widths=[32, 128], base_width=32).widths == [32, 128]

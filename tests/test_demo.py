@@ -11,7 +11,7 @@ from sparsemup.tuning.demo import DemoPlan, run_demo
 @pytest.mark.slow
 def test_tiny_demo_writes_summary_and_resumes(tmp_path, corpus):
     plan = DemoPlan(densities=[1.0, 0.5], log2_lrs=[-8, -6, -4], base=sweep_base(corpus, steps=3),
-                    coord_widths=[32, 64], coord_densities=[1.0, 0.25], coord_seeds=1, workers=1)
+                    coord_widths=[64, 128], coord_densities=[1.0, 0.25], coord_seeds=1, workers=1)
     logs: list[str] = []
     summary = run_demo(tmp_path / "demo", plan, log=logs.append)
     saved = json.loads((tmp_path / "demo" / "summary.json").read_text())

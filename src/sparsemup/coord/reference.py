@@ -94,6 +94,11 @@ class CheckSettings:
             from .. import hf  # needs sparsemup[hf]; its error names the extra
 
             hf.small_config(str(hf_model_spec(model)))
+        narrow = [w for w in widths or defaults["widths"] if w < (base_width or defaults["base_width"])]
+        if narrow:
+            raise ValueError(f"--widths {','.join(map(str, narrow))} below the base width "
+                             f"{base_width or defaults['base_width']}: the check measures models at least as wide as "
+                             "their base; lower --base-width or drop those widths")
         settings = cls(model, scheme, widths or defaults["widths"], densities or defaults["densities"], steps, seeds,
                        base_width or defaults["base_width"], lr if lr is not None else defaults["lr"],
                        batch_size or sizes["batch_size"], block, backend,
