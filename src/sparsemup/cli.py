@@ -238,9 +238,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .tuning.demo import run_demo
+    from .tuning.demo import DemoPlan, run_demo
 
-    summary = run_demo(args.out)
+    summary = run_demo(args.out, DemoPlan(seed=args.seed, threads=args.threads))
     print(f"report: {args.out / 'report.md'}\n{summary['conclusion']}")
     return 0
 
@@ -373,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="coordinate check + LR × density sweep for SP and SµPar (minutes on 2 cores)")
     dm.add_argument("--out", type=Path, default=Path("sparsemup-demo"), help="output directory "
                     "(default ./sparsemup-demo); rerun to resume")
+    dm.add_argument("--seed", type=int, default=0, help="the first of the two seeds (default 0: seeds 0 and 1)")
+    dm.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: two runs at a time "
+                    "on two cores); another count sums in another order, as another CPU would")
     dm.set_defaults(func=_demo)
 
     bn = sub.add_parser("bench", help="time sparse layers on every backend and a GPT training step",
@@ -418,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("steps", "seeds", "batch_size", "base_width", "workers", "top", "depth", "head_dim", "update_every"):
+    for flag in ("steps", "seeds", "batch_size", "base_width", "workers", "top", "depth", "head_dim", "update_every",
+                 "threads"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             build_parser().error(f"--{flag.replace('_', '-')} must be at least 1")
