@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..core import get_mask, get_parameterization, make_optimizer
-from ..core.atomic import write_json_atomic, write_text_atomic
+from ..core.atomic import append_atomic, make_dirs, write_json_atomic, write_text_atomic
 from ..core.record import dense_gradients
 from ..core.rules import Multipliers, Role, init_std
 from ..core.shards import clip_grad_norm
@@ -72,8 +72,6 @@ class MetricsLog:
         writer.writeheader()
         writer.writerows(kept)
         write_text_atomic(self.path, buffer.getvalue())
-        self.file = self.path.open("a", newline="")
-        self.writer = csv.DictWriter(self.file, METRIC_COLUMNS, lineterminator="\n")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -81,15 +79,16 @@ class MetricsLog:
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, row: dict[str, Any]) -> None:
-        self.writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
-        self.file.flush()
+        buffer = io.StringIO()
+        csv.DictWriter(buffer, METRIC_COLUMNS, lineterminator="\n").writerow(
+            {k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+        append_atomic(self.path, buffer.getvalue().encode(), sync=False)
         if self.tb is not None:
             for key in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s"):
                 if row.get(key) is not None:
                     self.tb.add_scalar(key, row[key], row["step"])
 
     def close(self) -> None:
-        self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -152,7 +151,7 @@ class Trainer:
         self.tokens_per_s: list[float] = []
         self.result: dict[str, Any] = {}
         if ctx.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.out)
             checkpoint.remove_stale_temps(self.out)
             text = to_yaml(cfg) if config_format == "yaml" else to_toml(cfg)
             write_text_atomic(self.out / f"config.{config_format}", text)

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..core.atomic import append_atomic
+
 __all__ = ["ResultStore", "StoreError", "STORE_NAME", "FAILURES_NAME", "append_line"]
 
 STORE_NAME = "results.jsonl"
@@ -20,12 +22,7 @@ FAILURES_NAME = "failures.jsonl"  # runs that raised: one line per failed attemp
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
     """Append ``record`` as one JSON line with a single write, flushed and fsynced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
-    with path.open("ab") as f:
-        f.write(line.encode())
-        f.flush()
-        os.fsync(f.fileno())
+    append_atomic(path, (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode())
 
 
 class StoreError(ValueError):
