@@ -111,7 +111,11 @@ def _random_table(table: dict[str, Any], source: str) -> tuple[list[dict[str, An
     for key, pair in sorted(ranges.items()):
         if not isinstance(pair, list) or len(pair) != 2:
             raise SweepError(f"{source}: random range {key!r} must be [low, high], got {pair!r}")
-        low, high = (float(typed_value(key, v, source)) for v in pair)
+        values = [typed_value(key, v, source) for v in pair]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise SweepError(f"{source}: random range {key!r} = {pair!r} is not numeric; [random.log_uniform] "
+                             "samples number keys such as optim.lr: give choices like these in [grid]")
+        low, high = (float(v) for v in values)
         if not 0 < low <= high:
             raise SweepError(f"{source}: random range {key!r} = [{low}, {high}]: need 0 < low ≤ high (log-uniform)")
         bounds[key] = (low, high)
