@@ -302,3 +302,18 @@ def test_an_unreadable_sweep_json_is_named_not_a_traceback(corpus, tmp_path):
     with pytest.raises(SweepError, match=r"sweep\.json is unreadable .*Delete it"):
         run_sweep(_spec(corpus, {"optim.lr": ["2**-7"]}), out, log=lambda s: None)
     assert not (out / "results.jsonl").exists()
+
+
+def test_an_unreachable_ray_address_fails_within_the_bound_naming_it(corpus, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("ray", reason="the Ray engine needs sparsemup[ray]")
+    from sparsemup.tuning import ray_engine
+
+    monkeypatch.setattr(ray_engine, "CONNECT_TIMEOUT_S", 2.0)
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(f'[base.data]\npath = "{corpus}"\n[grid]\n"optim.lr" = [0.01]\n')
+    for address in ("127.0.0.1:1", "192.0.2.1:6379"):  # refused; TEST-NET-1, never routed: times out or unreachable
+        start = time.monotonic()
+        assert main(["sweep", "--config", str(sweep), "--out", str(tmp_path / "out"), "--engine", "ray",
+                     "--address", address]) == 2
+        assert time.monotonic() - start < 15
+        assert f"no Ray cluster answers at {address} within 2 s" in capsys.readouterr().err
