@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import append_atomic
+from ..core.atomic import append_atomic, writing
 
 __all__ = ["ResultStore", "StoreError", "STORE_NAME", "FAILURES_NAME", "append_line", "record_problem", "STATUSES"]
 
@@ -81,7 +81,7 @@ class ResultStore:
                 self.records.setdefault(record["id"], record)
             pos = keep = min(nxt, len(data))
         if keep < len(data):
-            with self.path.open("r+b") as f:
+            with writing(self.path), self.path.open("r+b") as f:
                 f.truncate(keep)
                 f.flush()
                 os.fsync(f.fileno())
