@@ -98,6 +98,8 @@ def test_bad_files_name_the_problem(tmp_path, text, message):
     (["train.batch_size=3"], "make it a multiple of 2"),
     (["optim.warmup_steps=100"], "optim.warmup_steps = 100: must be between 0 and train.steps = 8"),
     (["data.path=/nonexistent/corpus.txt"], "data.path = '/nonexistent/corpus.txt' does not exist"),
+    (["model.density=1", "model.backend=rows"], "model.backend = 'rows' runs masked weights on sparse storage, but "
+                                                "model.density = 1 masks none"),
 ])
 def test_validation_errors(corpus, items, message):
     cfg = apply_overrides(Config(), tiny_overrides(corpus, *items))

@@ -301,6 +301,91 @@ def test_from_pretrained_refuses_weights_outside_their_masks(tmp_path):
         hf.from_pretrained(out)
 
 
+@pytest.mark.parametrize("steps", [2, 4])  # mid-schedule and after its last update
+def test_a_gmp_pruned_model_round_trips_at_any_step(tmp_path, steps):
+    from sparsemup.dynamic import GMP, DynamicSparsity
+
+    model = hf.build(llama_template(), 128, 64, scheme="supar", density=1.0, mask_dense=True)
+    dyn = DynamicSparsity(model, GMP(final_density=0.25, stop_step=4, update_every=2))
+    opt = smp.make_optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.0)
+    dyn.attach(opt)
+    for step in range(1, steps + 1):
+        x = tokens(seed=step)
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        dyn.update(step, opt)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert 0.25 <= float(get_mask(model, name).float().mean()) < 1.0
+    restored = hf.from_pretrained(hf.save_pretrained(model, tmp_path / "saved"))
+    assert torch.equal(get_mask(restored, name), get_mask(model, name))
+    saved = json.loads((tmp_path / "saved" / "sparsemup.json").read_text())["params"][name]
+    assert smp.get_parameterization(restored).params[name].density == saved["density"] < 1.0
+    for n in smp.get_parameterization(model).params:
+        torch.testing.assert_close(restored.get_parameter(n), model.get_parameter(n), rtol=1e-6, atol=1e-7)
+
+
+def _tamper_meta(meta, case):
+    if case == "missing key":
+        del meta["tie_word_embeddings"]
+    elif case == "wrong type":
+        meta["options"]["input_alpha"] = "2"
+    elif case == "unknown option":
+        meta["options"]["sparsity"] = 0.5
+    elif case == "empty params":
+        meta["params"] = {}
+    elif case == "empty params, other alpha":
+        meta["params"], meta["options"]["input_alpha"] = {}, 8.0
+    elif case == "a param missing":
+        meta["params"].pop(next(iter(meta["params"])))
+    return meta
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    return hf.save_pretrained(hf.build(llama_template(), 128, 64, **OPTIONS), tmp_path_factory.mktemp("hf") / "saved")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "sparsemup.json is not valid JSON"),
+    ("missing key", "sparsemup.json: key 'tie_word_embeddings' is missing"),
+    ("wrong type", "sparsemup.json: in 'options': 'input_alpha' is \"2\", not int or float"),
+    ("unknown option", "sparsemup.json: unknown option(s) ['sparsity'] in 'options'"),
+    ("empty params", "sparsemup.json: 'params' is empty"),
+    ("empty params, other alpha", "sparsemup.json: 'params' is empty"),
+    ("a param missing", "sparsemup.json: 'params' lacks"),
+    ("garbage masks", "sparsemup_masks.safetensors cannot be read"),
+    ("truncated weights", "the weights (model.safetensors) cannot be read"),
+])
+def test_a_tampered_saved_directory_is_refused_naming_the_file(saved_llama, tmp_path, case, message):
+    import shutil
+
+    out = shutil.copytree(saved_llama, tmp_path / "copy")
+    meta_path, weights = out / "sparsemup.json", out / "model.safetensors"
+    if case == "truncated":
+        meta_path.write_text(meta_path.read_text()[:100])
+    elif case == "garbage masks":
+        (out / "sparsemup_masks.safetensors").write_bytes(b"\x07garbage" * 10)
+    elif case == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        meta_path.write_text(json.dumps(_tamper_meta(json.loads(meta_path.read_text()), case)))
+    with pytest.raises(ValueError) as caught:
+        hf.from_pretrained(out)
+    assert message in str(caught.value) and str(out) in str(caught.value)
+
+
+def test_a_save_cleans_what_killed_saves_left_beside_it(tmp_path):
+    model = hf.build(llama_template(), 128, 64, density=0.5)
+    for left in (".saved.k2j4_x9a.tmp", ".saved.old.ab12cd34"):  # a staging and an old directory of killed saves
+        (tmp_path / left).mkdir()
+        (tmp_path / left / "model.safetensors").write_bytes(b"a full model")
+    (tmp_path / ".saved.old.txt").write_text("not ours")
+    (tmp_path / ".other.k2j4_x9a.tmp").mkdir()  # another directory's: not ours either
+    hf.save_pretrained(model, tmp_path / "saved")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.k2j4_x9a.tmp", ".saved.old.txt", "saved"]
+
+
 def test_a_layer_the_config_scaling_missed_is_an_error_naming_it():
     from sparsemup.hf.build import _check_roles
 

@@ -207,18 +207,64 @@ def test_disabled_by_environment(monkeypatch):
     assert native.status()["reason"] == "disabled by SPARSEMUP_NATIVE=0"
 
 
-def test_a_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path):
-    stale, live = tmp_path / "stale" / "lock", tmp_path / "live" / "lock"
-    for lock in (stale, live):
-        lock.parent.mkdir()
-        lock.write_text("")
-    old = time.time() - native.STALE_LOCK_S - 60
-    os.utime(stale, (old, old))
-    with pytest.warns(RuntimeWarning, match="did not finish"):
-        native._clear_stale_lock(stale)
-    native._clear_stale_lock(live)  # a build in progress elsewhere: left alone, torch's loader waits for it
-    native._clear_stale_lock(tmp_path / "none" / "lock")  # no lock: nothing to do
-    assert not stale.exists() and live.exists()
+def test_a_lock_turning_stale_during_the_wait_is_cleared_and_the_wait_is_bounded(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(native, "STALE_LOCK_S", 1.0)
+    monkeypatch.setattr(native, "POLL_S", 0.05)
+    lock = tmp_path / native.LOCK_NAME
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}\n")  # fresh, its holder alive: stale only after 1 s
+    start = time.monotonic()
+    with pytest.warns(RuntimeWarning, match=f"removed {lock}.*untouched for"):
+        native._acquire(lock)
+    assert 1.0 <= time.monotonic() - start < 10 and lock.read_text().split()[0] == str(os.getpid())
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{gone.stdout.strip()} {socket.gethostname()}\n")  # its holder was killed: stale at once
+    with pytest.warns(RuntimeWarning, match=f"process {gone.stdout.strip()} is gone"):
+        native._acquire(lock)
+    monkeypatch.setattr(native, "STALE_LOCK_S", 60.0)
+    monkeypatch.setattr(native, "MAX_WAIT_S", 0.3)
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live build that takes too long
+    with pytest.raises(RuntimeError, match=f"waited 0 s for the native build lock {lock}.*remove that file"):
+        native._acquire(lock)
+
+
+def test_build_tools_left_running_by_a_killed_build_are_ended(tmp_path):
+    import subprocess
+
+    (tmp_path / "ninja").symlink_to("/bin/sleep")
+    left = subprocess.Popen(["./ninja", "60"], cwd=tmp_path)
+    other = subprocess.Popen(["sleep", "60"], cwd=tmp_path)  # not a build tool: left alone
+    try:
+        time.sleep(0.2)
+        with pytest.warns(RuntimeWarning, match=f"ended process {left.pid}"):
+            native._end_leftover_builds(tmp_path)
+        assert left.wait(timeout=5) != 0 and other.poll() is None
+    finally:
+        left.kill()
+        other.kill()
+        other.wait()
+
+
+def test_a_truncated_build_in_the_cache_is_rebuilt_after_one_warning(built, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / native.status()["build_key"]
+    shutil.copytree(native.status()["cache"], cache, ignore=shutil.ignore_patterns("*lock"))
+    lib = next(cache.glob("*.so"))
+    lib.with_name(lib.name + ".sha256").write_text(native._digest(lib) + "\n")
+    with lib.open("r+b") as f:
+        f.truncate(lib.stat().st_size // 2)
+    run = subprocess.run([sys.executable, "-m", "sparsemup", "doctor", "--json"], capture_output=True, text=True,
+                         env={**os.environ, "SPARSEMUP_CACHE": str(tmp_path)}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("is damaged") == 1 and str(lib) in run.stderr
+    record = lib.with_name(lib.name + ".sha256")
+    assert '"active": true' in run.stdout and native._digest(lib) == record.read_text().strip()
 
 
 def test_doctor_says_which_path_is_active_and_why(capsys):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def test_random_search_is_reproducible_and_in_range(corpus):
     ('[grids]\n"optim.lr" = [0.1]', "unknown table(s) ['grids']"),
     ('[grid]\n"model.density" = [2]', "model.density = 2.0: must be in (0, 1]"),
     ('[random]\nsamples = 2\n[random.log_uniform]\n"optim.lr" = [0.1, 0.01]', "need 0 < low ≤ high"),
+    ('[random]\nsamples = 2\n[random.log_uniform]\n"model.scheme" = ["sp", "mup"]',
+     "bad.toml: random range 'model.scheme' = ['sp', 'mup'] is not numeric"),
 ])
 def test_bad_sweep_file_fails_before_any_run(tmp_path, capsys, text, message):
     path = tmp_path / "bad.toml"
@@ -148,11 +151,35 @@ def test_a_store_from_before_the_block_keys_existed_resumes(corpus, tmp_path):
     assert sorted(r["id"] for r in _records(out)) == sorted(r["id"] for r in records)
 
 
+def _line(**changes):
+    record = {"id": "a", "overrides": {}, "status": "completed", "final_val_loss": 2.5, "config": {}, **changes}
+    return json.dumps({k: v for k, v in record.items() if v is not ...}) + "\n"
+
+
 def test_store_refuses_a_corrupt_middle_line(tmp_path):
     path = tmp_path / "results.jsonl"
-    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
-    with pytest.raises(StoreError, match="line 2"):
+    path.write_text(_line() + "not json\n" + _line(id="b"))
+    with pytest.raises(StoreError, match="line 2: not a run record \\(not JSON"):
         ResultStore(path)
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"config": ...}, "key 'config' is missing"),
+    ({"status": "done"}, "'status' is 'done', not one of completed, diverged"),
+    ({"final_val_loss": "2.5"}, "'final_val_loss' is '2.5', not a number"),
+    ({"overrides": []}, "'overrides' is list, not dict"),
+])
+def test_invalid_records_are_named_by_line_in_sweep_and_report_never_counted_or_dropped(tmp_path, corpus, capsys,
+                                                                                         changes, problem):
+    out = tmp_path / "s"
+    out.mkdir()
+    store = out / "results.jsonl"
+    store.write_text(_line() + _line(id="b", **changes))  # the complete last line too: not taken for a torn one
+    assert main(["report", str(out)]) == 2
+    assert f"{store}, line 2: not a run record ({problem}" in capsys.readouterr().err
+    with pytest.raises(StoreError, match=f"line 2: not a run record \\({re.escape(problem)}"):
+        run_sweep(_spec(corpus, {"optim.lr": ["2**-7"]}), out, log=lambda s: None)
+    assert store.read_text() == _line() + _line(id="b", **changes)  # nothing dropped
 
 
 def test_other_base_in_same_directory_is_refused(corpus, tmp_path):
@@ -275,3 +302,18 @@ def test_an_unreadable_sweep_json_is_named_not_a_traceback(corpus, tmp_path):
     with pytest.raises(SweepError, match=r"sweep\.json is unreadable .*Delete it"):
         run_sweep(_spec(corpus, {"optim.lr": ["2**-7"]}), out, log=lambda s: None)
     assert not (out / "results.jsonl").exists()
+
+
+def test_an_unreachable_ray_address_fails_within_the_bound_naming_it(corpus, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("ray", reason="the Ray engine needs sparsemup[ray]")
+    from sparsemup.tuning import ray_engine
+
+    monkeypatch.setattr(ray_engine, "CONNECT_TIMEOUT_S", 2.0)
+    sweep = tmp_path / "s.toml"
+    sweep.write_text(f'[base.data]\npath = "{corpus}"\n[grid]\n"optim.lr" = [0.01]\n')
+    for address in ("127.0.0.1:1", "192.0.2.1:6379"):  # refused; TEST-NET-1, never routed: times out or unreachable
+        start = time.monotonic()
+        assert main(["sweep", "--config", str(sweep), "--out", str(tmp_path / "out"), "--engine", "ray",
+                     "--address", address]) == 2
+        assert time.monotonic() - start < 15
+        assert f"no Ray cluster answers at {address} within 2 s" in capsys.readouterr().err

@@ -84,6 +84,33 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(corpus, tm
     assert checkpoint.load(out)["step"] == 6
 
 
+def test_a_nul_tailed_metrics_log_is_repaired_on_resume_and_a_corrupt_middle_named(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, "train.steps=3"), out)
+    rows = read_metrics(out)
+    with (out / "metrics.csv").open("ab") as f:
+        f.write(b"\0" * 300)  # what a crash can leave on some filesystems
+    assert train(tiny_config(corpus, "train.steps=3"), out, resume=True)["status"] == "completed"
+    assert f"repaired {out / 'metrics.csv'}: dropped 1 unreadable line(s)" in capsys.readouterr().err
+    assert read_metrics(out) == rows
+    lines = (out / "metrics.csv").read_text().splitlines(keepends=True)
+    (out / "metrics.csv").write_text("".join([*lines[:2], "garbage\n", *lines[2:]]))
+    with pytest.raises(ConfigError, match=f"{out / 'metrics.csv'}, line 3: not a metrics row"):
+        train(tiny_config(corpus, "train.steps=3"), out, resume=True)
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_started_over(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("step,train_loss\n1,5.5\n")  # killed at step 1, checkpoints every 3 steps
+    with pytest.raises(ConfigError, match="killed before its first checkpoint: there is nothing to resume; run "
+                                          "again without --resume"):
+        train(tiny_config(corpus, "train.steps=2"), out, resume=True)
+    assert train(tiny_config(corpus, "train.steps=2"), out)["status"] == "completed"
+    assert f"{out} holds a run killed before its first checkpoint; starting it over" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out)] == ["1", "2"]
+
+
 def test_resume_hint_names_the_option_that_was_used(corpus, tmp_path, capsys):
     out, config = tmp_path / "run", tmp_path / "c.toml"
     config.write_text(to_toml(tiny_config(corpus, "train.steps=2")))

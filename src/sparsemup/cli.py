@@ -19,6 +19,7 @@ from .benchmark import BENCH_MASKS
 from .coord import QUANTITIES, UNSTABLE, Case, CheckSettings, run_check, write_check
 from .coord.reference import parse_model
 from .core import explain
+from .core.atomic import WriteError, make_dirs
 from .core.rules import Family
 from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES, hf_model_spec
 from .dynamic import METHOD_NAMES
@@ -88,7 +89,7 @@ def _coord_check(args: argparse.Namespace) -> int:
     settings = CheckSettings.resolve(args.model, args.scheme, args.widths, args.densities, args.steps, args.seeds,
                                      args.base_width, args.lr, args.batch_size, args.blocks, args.backend,
                                      args.depth, args.head_dim, args.sparsity_method, args.update_every)
-    args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the measurements
+    make_dirs(args.out)  # a bad --out fails now, not after the measurements
     bar = tqdm(total=settings.total, desc=f"coord-check {args.model}/{args.scheme}", unit="model", file=sys.stderr)
 
     def progress(case: Case) -> None:
@@ -431,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"sparsemup: error: {err}", file=sys.stderr)
         status = 2
+    except WriteError as err:  # what was written before stays: the atomic writes never leave half a file
+        print(f"sparsemup: error: {err}", file=sys.stderr)
+        status = 1
     exit_process(status)  # under torchrun: see train.distributed.exit_process for why
     return status
 

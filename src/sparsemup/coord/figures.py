@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..core.atomic import write_atomic  # noqa: E402
 from .measurement import averaged  # noqa: E402
 
 __all__ = ["plot_coord"]
@@ -66,7 +68,7 @@ def plot_coord(rows: Sequence[dict[str, Any]], out_dir: Path, title: str, steps:
         handles, labels = axes[1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right center", fontsize=7)
         path = Path(out_dir) / f"{axis}.png"
-        fig.savefig(path, dpi=90)
+        write_atomic(path, partial(fig.savefig, format="png", dpi=90))
         plt.close(fig)
         paths.append(path)
     return paths

@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from ..core.atomic import write_json_atomic
+from ..core.atomic import make_dirs, write_json_atomic
 from ..core.vocab import BackendChoice, hf_model_spec
 from ..dynamic import SET, DynamicSparsity, RigL
 from ..sparse import Fixes, check_backend
@@ -172,7 +172,7 @@ def write_check(result: dict[str, Any], out: Path) -> list[Path]:
     from .figures import plot_coord
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     write_json_atomic(out / "coord.json", result)
     s = result["settings"]
     return plot_coord(result["measurements"], out, f"{s['model']} / {s['scheme']}", s["steps"])

@@ -5,6 +5,12 @@ masks and hooks gone, tied weights untied when their factors differ) with transf
 ``save_pretrained``, plus ``sparsemup.json`` (how it was parameterized, its base config) and
 ``sparsemup_masks.safetensors``. ``from_pretrained`` rebuilds and re-parameterizes the model from
 those, then loads the weights with the multipliers divided out again, so they are applied once.
+
+``sparsemup.json`` records each masked weight's density as its mask has it now (GMP prunes after init), so a
+dynamically pruned model restores at any step. ``from_pretrained`` checks ``sparsemup.json`` (keys, types, the
+parameter list against the model) and the masks file before building anything, each problem named with its file.
+A save interrupted by a kill leaves its hidden staging (``.NAME.XXXXXXXX.tmp``) or old (``.NAME.old.XXXXXXXX``)
+directory beside the target; the next save to that target removes them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import dataclasses
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -25,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..core import get_mask, get_parameterization, parameterize
-from ..core.atomic import current_umask
+from ..core.atomic import current_umask, make_dirs, writing
 from ..core.export import export_with_folds
 from ..core.record import Options, Parameterization
 from ..core.rules import SCHEMES, Role, Scheme
@@ -37,6 +44,21 @@ __all__ = ["save_pretrained", "from_pretrained", "SPARSEMUP_JSON", "MASKS_FILE"]
 SPARSEMUP_JSON = "sparsemup.json"
 MASKS_FILE = "sparsemup_masks.safetensors"
 FORMAT = 1
+# The JSON type(s) of each key of sparsemup.json and of its "options" (a tuple: any of them; None: null allowed).
+_NUMBER = (int, float)
+_META_TYPES: dict[str, tuple[type | None, ...]] = {
+    "format": (int,), "sparsemup_version": (str,), "scheme": (str,), "options": (dict,), "base_config": (dict,),
+    "delta_config": (dict, None), "tie_word_embeddings": (bool,), "params": (dict,),
+}
+_OPTION_TYPES: dict[str, tuple[type | None, ...]] = {
+    "scheme": (str, dict), "density": (*_NUMBER, dict), "base_density": _NUMBER, "init_std": _NUMBER,
+    "role_init_std": (dict, None), "init_scale": (dict, None), "input_alpha": _NUMBER, "output_alpha": _NUMBER,
+    "zero_readout": (bool,), "roles": (dict, None), "mask_kind": (str,), "block_size": (int,), "seed": (int,),
+    "forward_multipliers": (str,), "mask_dense": (bool,),
+}
+_PARAM_TYPES: dict[str, tuple[type | None, ...]] = {
+    "role": (str,), "density": _NUMBER, "masked": (bool,), "forward_multipliers": (dict,), "shape": (list,),
+}
 
 
 def _options_json(options: Options) -> dict[str, Any]:
@@ -113,25 +135,48 @@ def save_pretrained(
         "tie_word_embeddings": _tied(target),
         "params": {
             name: {"role": info.role.value, "shape": list(info.shape), "base_shape": list(info.base_shape),
-                   "density": info.density, "base_density": info.base_density, "masked": info.masked,
+                   "density": _density_now(info.density, masks.get(name)), "base_density": info.base_density,
+                   "masked": info.masked,
                    "forward_multipliers": dict(info.forward_multipliers)}
             for name, info in record.params.items()
         },
     }
     if folds:  # attention scales folded into weights (written only when there are any: older files stay as they were)
         meta["attention_folds"] = folds
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
-    try:
-        plain.save_pretrained(staging)
-        save_file(masks, str(staging / MASKS_FILE))
-        (staging / SPARSEMUP_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        _replace_dir(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    make_dirs(directory.parent)
+    _remove_leftovers(directory)
+    with writing(directory):
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
+        try:
+            plain.save_pretrained(staging)
+            save_file(masks, str(staging / MASKS_FILE))
+            (staging / SPARSEMUP_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
+            _replace_dir(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return directory
+
+
+def _density_now(density: float, mask: torch.Tensor | None) -> float:
+    """A weight's density as its mask has it now (as ``parameterize`` realises it from a given mask), else the
+    recorded one."""
+    return density if mask is None else float(mask.sum()) / mask.numel()
+
+
+def _leftover_pattern(directory: Path) -> re.Pattern[str]:
+    """Names of the staging and old directories a killed save of ``directory`` leaves (mkdtemp's 8 characters)."""
+    return re.compile(rf"\.{re.escape(directory.name)}\.([a-z0-9_]{{8}}\.tmp|old\.[a-z0-9_]{{8}})")
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Remove what killed saves of ``directory`` left beside it: a live save's are not ours to race (one writer
+    per directory, as for any save)."""
+    pattern = _leftover_pattern(directory)
+    for entry in directory.parent.iterdir():
+        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _masks(model: torch.nn.Module, record: Parameterization) -> dict[str, torch.Tensor]:
@@ -165,18 +210,24 @@ def from_pretrained(directory: str | Path, *, device: torch.device | str | None 
             f"{directory} has no {SPARSEMUP_JSON}: it was not written by sparsemup.hf.save_pretrained. "
             "Load it with transformers.AutoModelForCausalLM.from_pretrained (its weights are plain)"
         )
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT}, the one this sparsemup reads")
-    plain_config = AutoConfig.from_pretrained(directory)
+    meta = _read_meta(meta_path)
+    masks = _read_masks(directory / MASKS_FILE, meta["params"])
+    try:
+        plain_config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{directory / 'config.json'} cannot be read ({type(err).__name__}: {err}); the directory "
+                         "is damaged: save the model again") from None
     config_class = type(plain_config)
     config = copy.deepcopy(plain_config)
     config.tie_word_embeddings = meta["tie_word_embeddings"]
-    base = from_config(config_class.from_dict(meta["base_config"]), "meta")
-    delta = from_config(config_class.from_dict(meta["delta_config"]), "meta") if meta["delta_config"] else None
-    masks = {name: mask.bool() for name, mask in load_file(str(directory / MASKS_FILE)).items()}
-    model = from_config(config, device)
-    record = parameterize(model, base, delta=delta, masks=masks or None, **_options_from_json(meta["options"]))
+    try:
+        base = from_config(config_class.from_dict(meta["base_config"]), "meta")
+        delta = from_config(config_class.from_dict(meta["delta_config"]), "meta") if meta["delta_config"] else None
+        model = from_config(config, device)
+        record = parameterize(model, base, delta=delta, masks=masks or None, **_options_from_json(meta["options"]))
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{meta_path}: its options and configs do not rebuild the model ({type(err).__name__}: "
+                         f"{err}); the file was edited or written by another sparsemup version") from None
     saved = _load_weights(directory, plain_config)
     _check_same_record(record, meta, meta_path)
     _load_unfolded(model, record, saved, meta_path, meta.get("attention_folds", {}))
@@ -184,14 +235,88 @@ def from_pretrained(directory: str | Path, *, device: torch.device | str | None 
     return model
 
 
+def _wrong_types(data: Mapping[str, Any], types: Mapping[str, tuple[type | None, ...]]) -> str | None:
+    """The first key of ``data`` missing or of a type not in ``types`` (bool is no number), described; else None."""
+    for key, allowed in types.items():
+        if key not in data:
+            return f"key {key!r} is missing"
+        value = data[key]
+        ok = (value is None and None in allowed) or any(
+            isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in allowed if t is not None)
+        if not ok:
+            names = " or ".join("null" if t is None else t.__name__ for t in allowed)
+            return f"{key!r} is {json.dumps(value)[:40]}, not {names}"
+    return None
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``sparsemup.json`` parsed and checked: its keys and their types, the options, every parameter's entry."""
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the file was truncated or edited: save the model "
+                         "again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds {type(meta).__name__}, not a JSON object; save the model again")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT}, the one this sparsemup reads")
+    problem = _wrong_types(meta, _META_TYPES)
+    unknown = sorted(set(meta["options"]) - set(_OPTION_TYPES)) if problem is None else []
+    if problem is None and unknown:
+        problem = f"unknown option(s) {unknown} in 'options'"
+    if problem is None:
+        problem = _wrong_types(meta["options"], {k: v for k, v in _OPTION_TYPES.items() if k in meta["options"]})
+        problem = problem and f"in 'options': {problem}"
+    if problem is None and not isinstance(meta.get("attention_folds", {}), dict):
+        problem = "'attention_folds' is not an object"
+    if problem is None and not meta["params"]:
+        problem = "'params' is empty: it lists every parameterized parameter, the check that the model rebuilds"
+    for name, entry in meta["params"].items() if problem is None else ():
+        problem = (f"params[{name!r}] is not an object" if not isinstance(entry, dict)
+                   else _wrong_types(entry, _PARAM_TYPES))
+        if problem is not None:
+            problem = f"in params[{name!r}]: {problem}" if isinstance(entry, dict) else problem
+            break
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}; the file was edited or written by another sparsemup version")
+    return meta
+
+
+def _read_masks(path: Path, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The masks file read and checked against ``sparsemup.json``: one mask of the saved shape per masked weight."""
+    try:
+        masks = {name: mask.bool() for name, mask in load_file(str(path)).items()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}); the file is missing or damaged: "
+                         "save the model again") from None
+    expected = {name for name, entry in params.items() if entry["masked"]}
+    if set(masks) != expected:
+        raise ValueError(f"{path} holds masks for {sorted(set(masks))[:4]}, but {SPARSEMUP_JSON} lists masked "
+                         f"weights {sorted(expected)[:4]}; the directory was edited: save the model again")
+    for name, mask in masks.items():
+        if list(mask.shape) != params[name]["shape"]:
+            raise ValueError(f"{path}: the mask of {name} has shape {list(mask.shape)}, the weight "
+                             f"{params[name]['shape']}; the directory was edited: save the model again")
+    return masks
+
+
 def _load_weights(directory: Path, config: PretrainedConfig) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32)
+    try:
+        plain = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - safetensors and transformers raise several types for damaged weights
+        files = ", ".join(p.name for p in sorted(directory.glob("model*.safetensors"))) or "none found"
+        raise ValueError(f"{directory}: the weights ({files}) cannot be read ({type(err).__name__}: {err}); the "
+                         "file is missing or damaged: save the model again") from None
     return {name: p.detach() for name, p in plain.named_parameters(remove_duplicate=False)}
 
 
 def _check_same_record(record: Parameterization, meta: dict[str, Any], path: Path) -> None:
+    missing = sorted(set(record.params) - set(meta["params"]))
+    if missing:
+        raise ValueError(f"{path}: 'params' lacks {missing[:4]}, parameters the model has; the file was edited or "
+                         "written by another sparsemup version")
     for name, saved in meta["params"].items():
         info = record.params.get(name)
         if info is None or info.role.value != saved["role"] or info.density != saved["density"] or \

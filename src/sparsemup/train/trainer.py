@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..core import get_mask, get_parameterization, make_optimizer
-from ..core.atomic import write_json_atomic, write_text_atomic
+from ..core.atomic import append_atomic, make_dirs, write_json_atomic, write_text_atomic
 from ..core.record import dense_gradients
 from ..core.rules import Multipliers, Role, init_std
 from ..core.shards import clip_grad_norm
@@ -65,33 +65,54 @@ class MetricsLog:
         self.path = out / "metrics.csv"
         kept: list[dict[str, str]] = []
         if start_step and self.path.exists():  # rows past the checkpoint are redone after resuming
-            with self.path.open(newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= start_step]
+            kept = [row for row in self._readable_rows() if int(row["step"]) <= start_step]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, METRIC_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(kept)
         write_text_atomic(self.path, buffer.getvalue())
-        self.file = self.path.open("a", newline="")
-        self.writer = csv.DictWriter(self.file, METRIC_COLUMNS, lineterminator="\n")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
+    def _readable_rows(self) -> list[dict[str, str]]:
+        """The rows of metrics.csv up to an unreadable tail (a kill or crash mid-append, NUL bytes left by the
+        filesystem), which is dropped with a note, as results.jsonl's torn last line is; an unreadable row
+        followed by readable ones is an error naming its line."""
+        with self.path.open(newline="", errors="replace") as f:
+            reader = csv.DictReader(f)
+            rows = [(reader.line_num, row) for row in reader]
+        good = [_is_metrics_row(row) for _, row in rows]
+        if all(good):
+            return [row for _, row in rows]
+        first = good.index(False)
+        if any(good[first:]):
+            raise ConfigError(f"{self.path}, line {rows[first][0]}: not a metrics row ({rows[first][1]}); the file "
+                              "was edited or corrupted: fix or delete that line, then resume")
+        print(f"sparsemup: repaired {self.path}: dropped {len(rows) - first} unreadable line(s) at its end "
+              "(the steps after the checkpoint are redone)", file=sys.stderr)
+        return [row for _, row in rows[:first]]
+
     def log(self, row: dict[str, Any]) -> None:
-        self.writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
-        self.file.flush()
+        buffer = io.StringIO()
+        csv.DictWriter(buffer, METRIC_COLUMNS, lineterminator="\n").writerow(
+            {k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+        append_atomic(self.path, buffer.getvalue().encode(), sync=False)
         if self.tb is not None:
             for key in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s"):
                 if row.get(key) is not None:
                     self.tb.add_scalar(key, row[key], row["step"])
 
     def close(self) -> None:
-        self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _is_metrics_row(row: dict[str | Any, str | Any]) -> bool:
+    """Whether a row read from metrics.csv has exactly the columns and an integer step."""
+    return None not in row and None not in row.values() and str(row.get("step", "")).isdigit()
 
 
 class Trainer:
@@ -107,14 +128,21 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out)
         ckpt_file = self.out / checkpoint.CHECKPOINT_NAME
         state = None
+        killed_early = not ckpt_file.exists() and (self.out / "metrics.csv").exists()
+        if resume and killed_early:
+            raise ConfigError(f"{self.out} holds a run killed before its first checkpoint: there is nothing to "
+                              "resume; run again without --resume to start it over")
         if resume:
             state = checkpoint.load(ckpt_file)
             checkpoint.check_compatible(state["config"], cfg, ckpt_file, origin or ConfigOrigin())
             if state["step"] > cfg.train.steps:
                 raise ConfigError(f"{ckpt_file} is at step {state['step']}, beyond train.steps = {cfg.train.steps}; "
                                   f"set train.steps to at least {state['step']}")
-        elif ckpt_file.exists() or (self.out / "metrics.csv").exists():
+        elif ckpt_file.exists():
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        elif killed_early and ctx.main:  # its metrics.csv and config are rewritten below
+            print(f"sparsemup: {self.out} holds a run killed before its first checkpoint; starting it over",
+                  file=sys.stderr)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         t = cfg.train
@@ -152,7 +180,7 @@ class Trainer:
         self.tokens_per_s: list[float] = []
         self.result: dict[str, Any] = {}
         if ctx.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.out)
             checkpoint.remove_stale_temps(self.out)
             text = to_yaml(cfg) if config_format == "yaml" else to_toml(cfg)
             write_text_atomic(self.out / f"config.{config_format}", text)

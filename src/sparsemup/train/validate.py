@@ -108,6 +108,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     except ValueError as error:
         raise ConfigError(f"model.backend = {m.backend!r}, model.mask_kind = {m.mask_kind!r}, sparsity.method = "
                           f"{cfg.sparsity.method!r}: {error}") from None
+    _require(m.density < 1 or m.backend in ("masked_dense", "auto") or cfg.sparsity.method != "static",
+             f"model.backend = {m.backend!r} runs masked weights on sparse storage, but model.density = 1 masks none: "
+             "every layer would train dense on masked_dense; set model.backend = 'masked_dense' or a model.density "
+             "below 1")
     if m.mask_kind == "blocks":
         _require(m.block_size >= 1 and m.width % m.block_size == 0
                  and (m.base_density == 1 or m.base_width % m.block_size == 0),

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..coord import THRESHOLD, CheckSettings, run_check, write_check
 from ..coord.reference import verdict_summary
-from ..core.atomic import write_json_atomic, write_text_atomic
+from ..core.atomic import make_dirs, write_json_atomic, write_text_atomic
 from .report import write_report
 from .sweep import SweepSpec, parse_sweep, run_sweep
 
@@ -191,7 +191,7 @@ def run_demo(out: Path, plan: DemoPlan | None = None,
     """Run (or resume) the demo into ``out``; writes report.md and summary.json and returns the summary."""
     plan = plan or DemoPlan()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     start = time.perf_counter()
     log(f"sparsemup demo → {out} (1/3: coordinate check)")
     coord_found = _coord_check(plan, out, log)

@@ -15,6 +15,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..core.atomic import make_dirs, writing
+
 __all__ = ["LOCK_NAME", "SweepLocked", "driver_lock"]
 
 LOCK_NAME = ".sweep.lock"
@@ -28,8 +30,9 @@ class SweepLocked(ValueError):
 def driver_lock(out: Path) -> Iterator[None]:
     """Hold ``out``'s driver lock for the block; SweepLocked naming the holder if another process has it."""
     path = Path(out) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    make_dirs(path.parent)
+    with writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -37,8 +40,9 @@ def driver_lock(out: Path) -> Iterator[None]:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             raise SweepLocked(f"{out} is being swept by {holder}; wait for that sweep to finish or stop it, "
                               "then rerun (it resumes), or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        with writing(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -12,11 +12,13 @@ the next invocation retries it.
 from __future__ import annotations
 
 import importlib.util
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["RETRIES", "connect", "disconnect", "require_ray", "run_on_ray", "task_resources"]
+__all__ = ["CONNECT_TIMEOUT_S", "RETRIES", "connect", "disconnect", "require_ray", "run_on_ray", "task_resources"]
 
+CONNECT_TIMEOUT_S = 10.0  # the longest wait for a cluster address to answer
 RETRIES = 2  # Ray's retries of a task whose worker died (not of a run that raised: that is a result)
 Job = TypeVar("Job")
 
@@ -29,15 +31,35 @@ def require_ray() -> None:
 
 def connect(address: str | None) -> bool:
     """Start or join Ray unless this process already has; True when it did. ``address``: None or "local" starts a
-    private instance (never a stray cluster's); "auto" or HOST:PORT joins that cluster."""
+    private instance (never a stray cluster's); "auto" or HOST:PORT joins that cluster, failing within
+    ``CONNECT_TIMEOUT_S`` naming the address where nothing answers there (Ray itself retries for minutes)."""
     require_ray()
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(address="local" if address in (None, "local") else address, include_dashboard=False,
-             log_to_driver=False)
+    if address not in (None, "local", "auto"):
+        _probe(address)
+    try:
+        ray.init(address="local" if address in (None, "local") else address, include_dashboard=False,
+                 log_to_driver=False)
+    except ConnectionError as err:
+        raise ValueError(f"cannot join the Ray cluster at {address} ({err}); start it (ray start --head) or check "
+                         "--address") from None
     return True
+
+
+def _probe(address: str) -> None:
+    """Open and close a TCP connection to ``address`` ([ray://]HOST:PORT) within ``CONNECT_TIMEOUT_S``; a ValueError
+    naming it and the fix where that fails."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"--address {address!r} is not HOST:PORT (or auto, or local)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ValueError(f"no Ray cluster answers at {address} within {CONNECT_TIMEOUT_S:g} s ({err}); start it "
+                         "(ray start --head) or check --address") from None
 
 
 def disconnect() -> None:

@@ -6,10 +6,11 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import write_json_atomic, write_text_atomic
+from ..core.atomic import write_atomic, write_json_atomic, write_text_atomic
 from .analysis import SEED_KEY, analyze, setting_label
 from .store import STORE_NAME, ResultStore, StoreError
 
@@ -267,7 +268,7 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
             fig.suptitle(title, fontsize=9)
         fig.tight_layout()
         path = Path(out) / f"loss-vs-{axis}{'-' + str(n) if len(figures) > 1 else ''}.png"
-        fig.savefig(path, dpi=110)
+        write_atomic(path, partial(fig.savefig, format="png", dpi=110))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -289,7 +290,7 @@ def _plot_fixed(result: dict[str, Any], along: str, out: Path, plt: Any) -> Path
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(out) / f"loss-vs-{name}.png"
-    fig.savefig(path, dpi=110)
+    write_atomic(path, partial(fig.savefig, format="png", dpi=110))
     plt.close(fig)
     return path
 

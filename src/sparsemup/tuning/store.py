@@ -3,29 +3,48 @@
 Only the sweep's parent process writes, so appends never interleave. A kill can leave a torn last
 line; reading drops it and truncates the file back to the last complete line, so nothing finished
 is lost (a torn line's run is simply run again) and nothing is duplicated (the first line of an id wins).
+Every complete line is checked by ``record_problem`` (the one validator of records, for sweep and report alike): an
+invalid one stops the reader naming its line, rather than being counted as stored or left out of a report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultStore", "StoreError", "STORE_NAME", "FAILURES_NAME", "append_line"]
+from ..core.atomic import append_atomic, writing
+
+__all__ = ["ResultStore", "StoreError", "STORE_NAME", "FAILURES_NAME", "append_line", "record_problem", "STATUSES"]
 
 STORE_NAME = "results.jsonl"
 FAILURES_NAME = "failures.jsonl"  # runs that raised: one line per failed attempt, never read back as results
+STATUSES = ("completed", "diverged")
+_TORN = object()  # a line that is not JSON
+
+
+def record_problem(record: object) -> str | None:
+    """What makes ``record`` no run record (required keys and their types), or None when it is one."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    for key, kind in (("id", str), ("overrides", dict), ("config", dict)):
+        if not isinstance(record.get(key), kind):
+            return (f"key {key!r} is missing" if key not in record
+                    else f"{key!r} is {type(record[key]).__name__}, not {kind.__name__}")
+    if record.get("status") not in STATUSES:
+        return f"'status' is {record.get('status')!r}, not one of {', '.join(STATUSES)}"
+    loss = record.get("final_val_loss")
+    numeric = isinstance(loss, (int, float)) and not isinstance(loss, bool)
+    if not numeric and (record["status"] == "completed" or loss is not None):
+        return f"'final_val_loss' is {loss!r}, not a number"
+    return None
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
     """Append ``record`` as one JSON line with a single write, flushed and fsynced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
-    with path.open("ab") as f:
-        f.write(line.encode())
-        f.flush()
-        os.fsync(f.fileno())
+    append_atomic(path, (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode())
 
 
 class StoreError(ValueError):
@@ -50,19 +69,19 @@ class ResultStore:
             nxt = pos + len(line) + 1
             complete = nxt <= len(data)  # a line without its newline is a torn append
             if line.strip():
-                try:
-                    record = json.loads(line) if complete else None
-                    if not isinstance(record, dict) or "id" not in record:
-                        raise ValueError("not a run record")
-                except ValueError:
-                    if nxt >= len(data):  # the last line, torn by a kill: drop it, its run is recorded again
-                        break
-                    raise StoreError(f"{self.path}, line {number}: not a run record ({line[:60]!r}); "
-                                     "the file was edited or corrupted: fix or delete that line") from None
+                record: object = _TORN
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line) if complete else _TORN
+                if record is _TORN and nxt >= len(data):  # the last line, torn by a kill: dropped, its run redone
+                    break
+                problem = "not JSON" if record is _TORN else record_problem(record)
+                if problem is not None or not isinstance(record, dict):
+                    raise StoreError(f"{self.path}, line {number}: not a run record ({problem}: {line[:60]!r}); "
+                                     "the file was edited or corrupted: fix or delete that line")
                 self.records.setdefault(record["id"], record)
             pos = keep = min(nxt, len(data))
         if keep < len(data):
-            with self.path.open("r+b") as f:
+            with writing(self.path), self.path.open("r+b") as f:
                 f.truncate(keep)
                 f.flush()
                 os.fsync(f.fileno())
@@ -76,6 +95,9 @@ class ResultStore:
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as a line and fsync it; a record whose id is already stored is ignored."""
+        problem = record_problem(record)
+        if problem is not None:
+            raise ValueError(f"not a run record ({problem}), not stored in {self.path}")
         if record["id"] in self.records:
             return
         append_line(self.path, record)

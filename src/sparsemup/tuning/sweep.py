@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.atomic import write_json_atomic
+from ..core.atomic import WriteError, make_dirs, write_json_atomic
 from ..train import Config, ConfigError, load_config, train, validate
 from ..train.checkpoint import CHECKPOINT_NAME
 from ..train.config import tomllib, typed_value
@@ -111,7 +111,11 @@ def _random_table(table: dict[str, Any], source: str) -> tuple[list[dict[str, An
     for key, pair in sorted(ranges.items()):
         if not isinstance(pair, list) or len(pair) != 2:
             raise SweepError(f"{source}: random range {key!r} must be [low, high], got {pair!r}")
-        low, high = (float(typed_value(key, v, source)) for v in pair)
+        values = [typed_value(key, v, source) for v in pair]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise SweepError(f"{source}: random range {key!r} = {pair!r} is not numeric; [random.log_uniform] "
+                             "samples number keys such as optim.lr: give choices like these in [grid]")
+        low, high = (float(v) for v in values)
         if not 0 < low <= high:
             raise SweepError(f"{source}: random range {key!r} = [{low}, {high}]: need 0 < low ≤ high (log-uniform)")
         bounds[key] = (low, high)
@@ -215,6 +219,8 @@ def _execute(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
         if not resume and out.exists():  # killed before its first checkpoint: start over
             shutil.rmtree(out)
         result = train(Config.from_dict(config), out, resume=resume)
+    except WriteError as err:  # the parent stops the sweep with this message: the next runs would fail the same way
+        return {"error": str(err), "unwritable": [str(err.path), err.errno]}
     except Exception:  # noqa: BLE001 - reported by the parent, the run stays unrecorded and is retried
         return {"error": traceback.format_exc()}
     return {**result, "seconds": round(time.perf_counter() - start, 2), "resumed": resume}
@@ -292,7 +298,7 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1,
 
 def _run_locked(spec: SweepSpec, out: Path, workers: int, log: Callable[[str], None], engine: str,
                 address: str | None) -> dict[str, int]:
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     meta_path = out / "sweep.json"
     fingerprint = _identity(spec.base)
     if meta_path.exists():
@@ -401,6 +407,9 @@ class _Runner:
                                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             self.log(f"{self.progress()} {point.id} {_describe(point)}: FAILED (in {FAILURES_NAME}, not in "
                      f"{STORE_NAME}; retried on rerun)\n" + result["error"])
+            if "unwritable" in result:
+                path, code = result["unwritable"]
+                raise WriteError(Path(path), OSError(code, os.strerror(code)))
             return
         _finish(self.store, point, cfg, result, run_dir, self.spec, self.counts)
         outcome = (f"val loss {result['final_val_loss']:.4f}" if result["status"] == "completed"
