@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "part of the grid and skips the GPT step. See docs/PERFORMANCE.md.")
     bn.add_argument("--json", type=Path, help="also write every row to this JSON file")
     bn.add_argument("--quick", action="store_true", help="a tiny grid (seconds), to check the setup")
-    bn.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    bn.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     bn.add_argument("--shapes", type=_shapes, help="layer shapes OUTxIN, e.g. 2048x2048,4096x1024 (a filter)")
     bn.add_argument("--tokens", type=_ints, help="token counts, e.g. 4096 (a filter)")
     bn.add_argument("--densities", type=_densities, help="densities, e.g. 1/16,1/128 (a filter)")
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "whether the native sparse kernels (rows, blocks) built (and where they are cached), the auto "
                         "backend's calibration cache, and the installed extras.")
     dr.add_argument("--json", action="store_true", help="print the facts as JSON")
-    dr.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    dr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     dr.set_defaults(func=_doctor)
 
     ex = sub.add_parser("explain", help="print the per-parameter table of the reference GPT or a transformers model")

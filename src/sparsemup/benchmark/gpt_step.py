@@ -76,7 +76,7 @@ def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3,
     return rows
 
 
-def run(grid: Grid, json_path: Path | None, threads: int, show: Callable[[str], None] = print,
+def run(grid: Grid, json_path: Path | None, threads: int | None, show: Callable[[str], None] = print,
         device: str = "cpu") -> dict[str, Any]:
     """The whole benchmark: layer table, GPT step, JSON (written atomically) with machine facts."""
     if threads:
