@@ -27,12 +27,12 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from ..core import get_mask, get_parameterization, parameterize
 from ..core.atomic import current_umask
 from ..core.export import export_with_folds
-from ..core.record import Options, Parameterization
+from ..core.record import Options, Parameterization, set_mask
 from ..core.rules import SCHEMES, Role, Scheme
 from ..core.structure import unwrap
 from .build import HF_RECORD, from_config
 
-__all__ = ["save_pretrained", "from_pretrained", "SPARSEMUP_JSON", "MASKS_FILE"]
+__all__ = ["save_pretrained", "save_into", "from_pretrained", "load_into", "SPARSEMUP_JSON", "MASKS_FILE"]
 
 SPARSEMUP_JSON = "sparsemup.json"
 MASKS_FILE = "sparsemup_masks.safetensors"
@@ -78,6 +78,44 @@ def save_pretrained(
     for a model not made by ``sparsemup.hf.build``. The directory is written beside its final
     place and moved there whole: an error or a kill while writing leaves the old directory as it was.
     """
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+        raise ValueError(f"{directory} exists and is not an empty directory; pass overwrite=True to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging(directory.parent, f".{directory.name}.")
+    try:
+        _write(model, staging, base_config, delta_config)
+        _replace_dir(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_into(model: torch.nn.Module, directory: str | Path) -> Path:
+    """What ``save_pretrained`` writes, written into ``directory`` beside what it already holds (a training run's
+    checkpoint folders, an optimizer's state): each file is written in full before it replaces the old one."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = _staging(directory, ".sparsemup-save.")
+    try:
+        _write(model, staging, None, None)
+        for file in staging.iterdir():
+            os.replace(file, directory / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _staging(parent: Path, prefix: str) -> Path:
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp"))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
+    return staging
+
+
+def _write(model: torch.nn.Module, directory: Path, base_config: PretrainedConfig | None,
+           delta_config: PretrainedConfig | None) -> None:
+    """Write the plain model, its masks and ``sparsemup.json`` into the existing ``directory``."""
     target = unwrap(model)
     if not isinstance(target, PreTrainedModel):
         raise ValueError(
@@ -85,9 +123,6 @@ def save_pretrained(
             "save sparsemup.export(model) with torch.save instead"
         )
     record = get_parameterization(target)  # a clear error when it is not parameterized
-    directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-        raise ValueError(f"{directory} exists and is not an empty directory; pass overwrite=True to replace it")
     configs = dict(target.__dict__.get(HF_RECORD) or {})
     if base_config is not None:
         configs["base_config"] = base_config.to_dict()
@@ -120,18 +155,9 @@ def save_pretrained(
     }
     if folds:  # attention scales folded into weights (written only when there are any: older files stay as they were)
         meta["attention_folds"] = folds
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
-    try:
-        plain.save_pretrained(staging)
-        save_file(masks, str(staging / MASKS_FILE))
-        (staging / SPARSEMUP_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        _replace_dir(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+    type(plain).save_pretrained(plain, directory)  # the class's own: not an instance attribute a caller put there
+    save_file(masks, str(directory / MASKS_FILE))
+    (directory / SPARSEMUP_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
 def _masks(model: torch.nn.Module, record: Parameterization) -> dict[str, torch.Tensor]:
@@ -159,15 +185,7 @@ def from_pretrained(directory: str | Path, *, device: torch.device | str | None 
     """The parameterized model saved by ``sparsemup.hf.save_pretrained`` in ``directory``: same
     parameterization, masks and weights, forward multipliers applied once (by sparsemup's hooks)."""
     directory = Path(directory)
-    meta_path = directory / SPARSEMUP_JSON
-    if not meta_path.is_file():
-        raise ValueError(
-            f"{directory} has no {SPARSEMUP_JSON}: it was not written by sparsemup.hf.save_pretrained. "
-            "Load it with transformers.AutoModelForCausalLM.from_pretrained (its weights are plain)"
-        )
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT}, the one this sparsemup reads")
+    meta, meta_path = _read_meta(directory)
     plain_config = AutoConfig.from_pretrained(directory)
     config_class = type(plain_config)
     config = copy.deepcopy(plain_config)
@@ -182,6 +200,34 @@ def from_pretrained(directory: str | Path, *, device: torch.device | str | None 
     _load_unfolded(model, record, saved, meta_path, meta.get("attention_folds", {}))
     model.__dict__[HF_RECORD] = {"base_config": meta["base_config"], "delta_config": meta["delta_config"]}
     return model
+
+
+def load_into(model: torch.nn.Module, directory: str | Path) -> None:
+    """Restore what ``save_pretrained`` wrote in ``directory`` into ``model``, parameterized as the saved one was
+    (a training run resuming): its masks (dynamic sparsity changes them), then its weights with the multipliers
+    divided out again."""
+    directory = Path(directory)
+    meta, meta_path = _read_meta(directory)
+    target = unwrap(model)
+    record = get_parameterization(target)
+    _check_same_record(record, meta, meta_path)
+    for name, mask in load_file(str(directory / MASKS_FILE)).items():
+        set_mask(target, name, mask.bool())
+    saved = _load_weights(directory, AutoConfig.from_pretrained(directory))
+    _load_unfolded(target, record, saved, meta_path, meta.get("attention_folds", {}))
+
+
+def _read_meta(directory: Path) -> tuple[dict[str, Any], Path]:
+    meta_path = directory / SPARSEMUP_JSON
+    if not meta_path.is_file():
+        raise ValueError(
+            f"{directory} has no {SPARSEMUP_JSON}: it was not written by sparsemup.hf.save_pretrained. "
+            "Load it with transformers.AutoModelForCausalLM.from_pretrained (its weights are plain)"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT}, the one this sparsemup reads")
+    return meta, meta_path
 
 
 def _load_weights(directory: Path, config: PretrainedConfig) -> dict[str, torch.Tensor]:
@@ -201,7 +247,7 @@ def _check_same_record(record: Parameterization, meta: dict[str, Any], path: Pat
 
 
 @torch.no_grad()
-def _load_unfolded(model: PreTrainedModel, record: Parameterization, saved: Mapping[str, torch.Tensor],
+def _load_unfolded(model: torch.nn.Module, record: Parameterization, saved: Mapping[str, torch.Tensor],
                    path: Path, attention_folds: Mapping[str, float]) -> None:
     """Copy the saved weights in, dividing out the multipliers and attention scale factors ``export`` folded into
     them."""
