@@ -174,12 +174,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize(args: argparse.Namespace) -> int:
+    from .train.tokenize import describe, tokenize_corpus
+
+    files = tokenize_corpus(args.corpus, args.out, args.vocab, args.tokenizer, args.val_fraction)
+    print(describe(files), file=sys.stderr)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, windows=args.windows, batch=args.batch)
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['checkpoint']} (step {result['step']}): val loss {result['val_loss']:.4f} nats/byte, "
+        print(f"{result['checkpoint']} (step {result['step']}): val loss {result['val_loss']:.4f} nats/token, "
               f"{result['bits_per_byte']:.4f} bits/byte over {result['val_tokens']} tokens")
     return 0
 
@@ -319,6 +327,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     tr.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (= --set dist.fsdp=true)")
     tr.set_defaults(func=_train)
+
+    tk = sub.add_parser("tokenize", help="token files (train.bin, val.bin, tokens.json) of a text corpus, by a "
+                        "byte-level BPE trained here or a local tokenizer.json",
+                        description="Split the corpus as training does, train a byte-level BPE on its training split "
+                        "(--vocab) or use a tokenizer.json (--tokenizer), and write the token files and the tokenizer "
+                        "into --out; train on them with --set data.path=OUT. See docs/TRAINING.md.")
+    tk.add_argument("corpus", nargs="?", default="", help="a text file or a folder of .txt files (default: "
+                    "Shakespeare's plays)")
+    tk.add_argument("--vocab", type=int, help="train a byte-level BPE of this many tokens (at least 256)")
+    tk.add_argument("--tokenizer", type=Path, help="a local tokenizer.json to use instead")
+    tk.add_argument("--out", type=Path, required=True, help="folder for train.bin, val.bin, tokens.json, tokenizer")
+    tk.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of every file is validation "
+                    "(default 0.1, as data.val_fraction)")
+    tk.set_defaults(func=_tokenize)
 
     ev = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
     ev.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint file")
