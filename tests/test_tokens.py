@@ -96,3 +96,16 @@ def test_bad_token_data_is_refused_before_training(corpus, bpe, tmp_path):
     with pytest.raises(ConfigError, match="val.bin is empty"):
         validate(tiny_config(empty), 1)
     assert main(["tokenize", str(corpus), "--vocab", "100", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("data", ["bytes", "bpe"])
+def test_sample_is_deterministic_under_a_seed(corpus, bpe, tmp_path, capsys, data):
+    train(tiny_config(bpe if data == "bpe" else corpus, "train.steps=2", "train.eval_every=0"), tmp_path / "run")
+    texts = []
+    for seed in (5, 5, 6):
+        assert main(["sample", str(tmp_path / "run"), "--prompt", "the king", "--tokens", "24", "--seed",
+                     str(seed)]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] != texts[2]
+    assert all(text.startswith("the king") and len(text) > len("the king") + 10 for text in texts)
+    assert main(["sample", str(tmp_path / "run"), "--prompt", "", "--tokens", "4"]) == 2

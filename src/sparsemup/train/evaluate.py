@@ -15,7 +15,7 @@ from .data import bits_per_byte, load_corpus, val_windows
 from .distributed import Context, all_sum
 from .schema import Config
 
-__all__ = ["validation_loss", "evaluate_checkpoint"]
+__all__ = ["validation_loss", "load_trained", "evaluate_checkpoint"]
 
 
 @torch.no_grad()
@@ -37,14 +37,20 @@ def validation_loss(model: nn.Module, data: torch.Tensor, windows: int | None, s
     return float(all_sum(total, ctx)) / (count * seq_len)
 
 
-def evaluate_checkpoint(path: Path, windows: int | None = None, batch: int = 32) -> dict[str, Any]:
-    """Validation loss (nats per token: per byte on text) and bits per byte of a checkpoint, on its own config's
-    validation split."""
+def load_trained(path: Path) -> tuple[nn.Module, Config, dict[str, Any], Path]:
+    """The model of a checkpoint (a run directory or the file), its config, its state and the file, on the CPU."""
     file = checkpoint_path(path)
     state = load(file)
     cfg = Config.from_dict(state["config"], str(file))
     model = build_model(cfg, backends=state.get("backends"))
     restore_model(model, state, file)
+    return model, cfg, state, file
+
+
+def evaluate_checkpoint(path: Path, windows: int | None = None, batch: int = 32) -> dict[str, Any]:
+    """Validation loss (nats per token: per byte on text) and bits per byte of a checkpoint, on its own config's
+    validation split."""
+    model, cfg, state, file = load_trained(path)
     corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.train.seq_len, cfg.data.format)
     ctx = Context(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     loss = validation_loss(model, corpus.val, windows, cfg.train.seq_len, batch, ctx)
