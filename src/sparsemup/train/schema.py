@@ -32,7 +32,7 @@ OPTIMIZERS: dict[OptimizerName, type[torch.optim.Optimizer]] = {"adamw": torch.o
 # The trainer draws exact-count masks only: Bernoulli masks (density in expectation) are a library option.
 TrainedMaskKind = Literal["rows", "blocks"]
 TRAINED_MASK_KINDS: tuple[TrainedMaskKind, ...] = get_args(TrainedMaskKind)
-ScheduleName = Literal["linear", "constant"]
+ScheduleName = Literal["linear", "cosine", "constant"]
 DataFormat = Literal["auto", "text", "tokens"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
@@ -114,10 +114,11 @@ class OptimConfig:
     beta2: float = _f(0.95, "AdamW β2")
     eps: float = _f(1e-8, "AdamW ε")
     momentum: float = _f(0.9, "SGD momentum (0 for plain SGD)")
-    schedule: ScheduleName = _f("linear", "linear: warm-up then linear decay to final_lr_fraction of peak; "
+    schedule: ScheduleName = _f("linear", "linear: warm-up then linear decay to final_lr_fraction of peak; cosine: "
+                                "warm-up then half a cosine down to final_lr_fraction of peak (nanoGPT's); "
                                 "constant: peak", choices=get_args(ScheduleName))
-    warmup_steps: int = _f(30, "linear warm-up steps (linear schedule)")
-    final_lr_fraction: float = _f(0.1, "LR at the last step as a fraction of peak (linear schedule)")
+    warmup_steps: int = _f(30, "linear warm-up steps (linear and cosine schedules)")
+    final_lr_fraction: float = _f(0.1, "LR at the last step as a fraction of peak (linear and cosine schedules)")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value; 0 turns clipping off")
 
 

@@ -44,7 +44,9 @@ METRIC_COLUMNS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_p
 
 
 class Schedule:
-    """LR factor of step k: linear warm-up to 1, then linear decay to ``final`` at the last step; or constant 1."""
+    """LR factor of step k: linear warm-up to 1, then decay to ``final`` at the last step, linear or by half a cosine
+    (nanoGPT's); or constant 1. Every group's LR is its initial LR times this factor, so the ratios between groups
+    (the parameterization's multipliers) hold at every step."""
 
     def __init__(self, kind: str, warmup: int, total: int, final: float) -> None:
         self.kind, self.warmup, self.total, self.final = kind, warmup, total, final
@@ -55,6 +57,8 @@ class Schedule:
         if step < self.warmup:
             return (step + 1) / self.warmup
         progress = min(1.0, (step - self.warmup) / max(1, self.total - 1 - self.warmup))
+        if self.kind == "cosine":
+            return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0 - (1.0 - self.final) * progress
 
 
