@@ -17,7 +17,7 @@ ALLOWED = {
     "sparse": {"core", "sparse"},
     "dynamic": {"core", "dynamic"},
     "models": {"core", "models"},
-    "hf": {"core", "hf"},
+    "hf": {"core", "dynamic", "hf"},
     "benchmark": {"core", "sparse", "models", "benchmark"},
     "coord": {"core", "sparse", "dynamic", "models", "hf", "coord"},
     "train": {"core", "sparse", "dynamic", "models", "hf", "train"},
@@ -30,7 +30,8 @@ ALIASES = {("sparsemup.sparse", "dynamic")}
 TOP_LEVEL = {"__init__": "api", "rules": "api", "cli": "cli", "__main__": "cli"}
 # Heavy optional dependencies: the only subpackages that may import them at module level (an extra's own
 # subpackage: hf/ for transformers); everywhere else they are imported inside functions.
-OPTIONAL = {"transformers": {"hf"}, "safetensors": {"hf"}, "ray": set(), "optuna": set(), "triton": set()}
+OPTIONAL = {"transformers": {"hf"}, "safetensors": {"hf"}, "ray": set(), "optuna": set(), "triton": set(),
+            "accelerate": set(), "tokenizers": set()}
 # Subpackages that import an optional dependency at module level: others import them inside functions too.
 EXTRAS = {"sparsemup.hf": "hf"}
 

@@ -43,6 +43,21 @@ def test_schedule_warms_up_then_decays_linearly_to_the_final_fraction():
     assert Schedule("constant", 10, 110, 0.1)(0) == 1.0
 
 
+def test_cosine_schedule_warms_up_then_follows_half_a_cosine_with_the_group_ratios_kept(corpus, tmp_path):
+    s = Schedule("cosine", warmup=10, total=110, final=0.1)
+    assert s(0) == pytest.approx(0.1) and s(9) == 1.0 and s(10) == 1.0
+    assert s(59) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 49 / 99)))
+    assert s(109) == pytest.approx(0.1) and all(s(k) >= s(k + 1) for k in range(10, 120))
+    trainer = Trainer(tiny_config(corpus, "optim.schedule=cosine", "train.steps=6"), tmp_path / "run")
+    tiny = Schedule("cosine", warmup=2, total=6, final=0.1)  # the tiny config's warm-up, 6 steps
+    for step in range(5):
+        base_lrs = {group["lr"] / group["lr_mult"] for group in trainer.optimizer.param_groups}
+        assert max(base_lrs) == pytest.approx(min(base_lrs), rel=1e-12)  # one base LR: the multipliers hold
+        assert min(base_lrs) == pytest.approx(2**-6 * tiny(step))
+        trainer.train_step()
+    trainer.close()
+
+
 def test_resume_after_a_kill_between_checkpoints_gives_the_uninterrupted_curve(corpus, tmp_path):
     cfg = tiny_config(corpus)
     train(cfg, tmp_path / "whole")

@@ -214,7 +214,8 @@ def _check_first_step(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], k
     message = (
         f"this {type(optimizer).__name__} holds {untagged} parameter(s) of a parameterized model in groups not built "
         "by sparsemup, so their per-layer learning rates (the parameterization's LR multipliers) are lost; build it "
-        "with sparsemup.make_optimizer(model, cls, lr=...) or cls(sparsemup.param_groups(model, cls, lr=...)). "
+        "with sparsemup.make_optimizer(model, cls, lr=...) or cls(sparsemup.param_groups(model, cls, lr=...)); with "
+        "transformers' Trainer, use sparsemup.hf.Trainer, which builds it from the TrainingArguments. "
         "Silence with sparsemup.set_optimizer_guard('off')"
     )
     if _guard_mode == "error":

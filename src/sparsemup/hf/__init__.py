@@ -4,7 +4,9 @@
 fixed head dim) and parameterizes the model against a base built on the meta device;
 ``save_pretrained`` writes a directory plain transformers loads to the same function, and
 ``from_pretrained`` restores it for more SµPar training. Importing this subpackage registers
-the weight layout of transformers' ``Conv1D`` (GPT-2's (in, out) linear layer).
+the weight layout of transformers' ``Conv1D`` (GPT-2's (in, out) linear layer). ``Trainer`` is transformers'
+Trainer for such a model (sparsemup's optimizer groups, saves and exact resume, dynamic sparsity), imported on
+first use (it needs accelerate, also in the extra).
 """
 
 from __future__ import annotations
@@ -13,7 +15,17 @@ from ._extra import MissingExtraError  # first: without transformers, its error 
 from .build import build
 from .configs import causal_lm_types, layer_sizes, load_config, scale_config, small_config
 from .layouts import Conv1D
-from .pretrained import from_pretrained, save_pretrained
+from .pretrained import from_pretrained, load_into, save_into, save_pretrained
 
-__all__ = ["Conv1D", "MissingExtraError", "build", "causal_lm_types", "from_pretrained", "layer_sizes",
-           "load_config", "save_pretrained", "scale_config", "small_config"]
+__all__ = ["TRAINER_OPTIMIZERS", "Conv1D", "MissingExtraError", "Trainer", "build", "causal_lm_types",
+           "from_pretrained", "layer_sizes", "load_config", "load_into", "save_into", "save_pretrained", "scale_config",
+           "small_config"]
+
+
+def __getattr__(name: str) -> object:
+    """``Trainer`` and ``TRAINER_OPTIMIZERS`` on first use: transformers' trainer module is slow to import."""
+    if name in ("Trainer", "TRAINER_OPTIMIZERS"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

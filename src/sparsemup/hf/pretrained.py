@@ -34,12 +34,12 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from ..core import get_mask, get_parameterization, parameterize
 from ..core.atomic import current_umask, make_dirs, writing
 from ..core.export import export_with_folds
-from ..core.record import Options, Parameterization
+from ..core.record import Options, Parameterization, set_mask
 from ..core.rules import SCHEMES, Role, Scheme
 from ..core.structure import unwrap
 from .build import HF_RECORD, from_config
 
-__all__ = ["save_pretrained", "from_pretrained", "SPARSEMUP_JSON", "MASKS_FILE"]
+__all__ = ["save_pretrained", "save_into", "from_pretrained", "load_into", "SPARSEMUP_JSON", "MASKS_FILE"]
 
 SPARSEMUP_JSON = "sparsemup.json"
 MASKS_FILE = "sparsemup_masks.safetensors"
@@ -100,6 +100,47 @@ def save_pretrained(
     for a model not made by ``sparsemup.hf.build``. The directory is written beside its final
     place and moved there whole: an error or a kill while writing leaves the old directory as it was.
     """
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+        raise ValueError(f"{directory} exists and is not an empty directory; pass overwrite=True to replace it")
+    make_dirs(directory.parent)
+    _remove_leftovers(directory)
+    with writing(directory):
+        staging = _staging(directory.parent, f".{directory.name}.")
+        try:
+            _write(model, staging, base_config, delta_config)
+            _replace_dir(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return directory
+
+
+def save_into(model: torch.nn.Module, directory: str | Path) -> Path:
+    """What ``save_pretrained`` writes, written into ``directory`` beside what it already holds (a training run's
+    checkpoint folders, an optimizer's state): each file is written in full before it replaces the old one."""
+    directory = Path(directory)
+    make_dirs(directory)
+    with writing(directory):
+        staging = _staging(directory, ".sparsemup-save.")
+        try:
+            _write(model, staging, None, None)
+            for file in staging.iterdir():
+                os.replace(file, directory / file.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _staging(parent: Path, prefix: str) -> Path:
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp"))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
+    return staging
+
+
+def _write(model: torch.nn.Module, directory: Path, base_config: PretrainedConfig | None,
+           delta_config: PretrainedConfig | None) -> None:
+    """Write the plain model, its masks and ``sparsemup.json`` into the existing ``directory``."""
     target = unwrap(model)
     if not isinstance(target, PreTrainedModel):
         raise ValueError(
@@ -107,9 +148,6 @@ def save_pretrained(
             "save sparsemup.export(model) with torch.save instead"
         )
     record = get_parameterization(target)  # a clear error when it is not parameterized
-    directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-        raise ValueError(f"{directory} exists and is not an empty directory; pass overwrite=True to replace it")
     configs = dict(target.__dict__.get(HF_RECORD) or {})
     if base_config is not None:
         configs["base_config"] = base_config.to_dict()
@@ -143,20 +181,9 @@ def save_pretrained(
     }
     if folds:  # attention scales folded into weights (written only when there are any: older files stay as they were)
         meta["attention_folds"] = folds
-    make_dirs(directory.parent)
-    _remove_leftovers(directory)
-    with writing(directory):
-        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
-        try:
-            plain.save_pretrained(staging)
-            save_file(masks, str(staging / MASKS_FILE))
-            (staging / SPARSEMUP_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
-            _replace_dir(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return directory
+    type(plain).save_pretrained(plain, directory)  # the class's own: not an instance attribute a caller put there
+    save_file(masks, str(directory / MASKS_FILE))
+    (directory / SPARSEMUP_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
 def _density_now(density: float, mask: torch.Tensor | None) -> float:
@@ -204,19 +231,9 @@ def from_pretrained(directory: str | Path, *, device: torch.device | str | None 
     """The parameterized model saved by ``sparsemup.hf.save_pretrained`` in ``directory``: same
     parameterization, masks and weights, forward multipliers applied once (by sparsemup's hooks)."""
     directory = Path(directory)
+    meta, masks = _read_saved(directory)
     meta_path = directory / SPARSEMUP_JSON
-    if not meta_path.is_file():
-        raise ValueError(
-            f"{directory} has no {SPARSEMUP_JSON}: it was not written by sparsemup.hf.save_pretrained. "
-            "Load it with transformers.AutoModelForCausalLM.from_pretrained (its weights are plain)"
-        )
-    meta = _read_meta(meta_path)
-    masks = _read_masks(directory / MASKS_FILE, meta["params"])
-    try:
-        plain_config = AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{directory / 'config.json'} cannot be read ({type(err).__name__}: {err}); the directory "
-                         "is damaged: save the model again") from None
+    plain_config = _read_config(directory)
     config_class = type(plain_config)
     config = copy.deepcopy(plain_config)
     config.tie_word_embeddings = meta["tie_word_embeddings"]
@@ -233,6 +250,43 @@ def from_pretrained(directory: str | Path, *, device: torch.device | str | None 
     _load_unfolded(model, record, saved, meta_path, meta.get("attention_folds", {}))
     model.__dict__[HF_RECORD] = {"base_config": meta["base_config"], "delta_config": meta["delta_config"]}
     return model
+
+
+def load_into(model: torch.nn.Module, directory: str | Path) -> None:
+    """Restore what ``save_pretrained`` wrote in ``directory`` into ``model``, parameterized as the saved one was
+    (a training run resuming): its masks (dynamic sparsity changes them), then its weights with the multipliers
+    divided out again."""
+    directory = Path(directory)
+    meta, masks = _read_saved(directory)
+    meta_path = directory / SPARSEMUP_JSON
+    target = unwrap(model)
+    record = get_parameterization(target)
+    _check_same_record(record, meta, meta_path)
+    for name, mask in masks.items():
+        set_mask(target, name, mask)
+    saved = _load_weights(directory, _read_config(directory))
+    _load_unfolded(target, record, saved, meta_path, meta.get("attention_folds", {}))
+
+
+def _read_saved(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``sparsemup.json`` and the masks of a directory ``save_pretrained`` wrote, both checked."""
+    meta_path = directory / SPARSEMUP_JSON
+    if not meta_path.is_file():
+        raise ValueError(
+            f"{directory} has no {SPARSEMUP_JSON}: it was not written by sparsemup.hf.save_pretrained. "
+            "Load it with transformers.AutoModelForCausalLM.from_pretrained (its weights are plain)"
+        )
+    meta = _read_meta(meta_path)
+    return meta, _read_masks(directory / MASKS_FILE, meta["params"])
+
+
+def _read_config(directory: Path) -> PretrainedConfig:
+    """The saved ``config.json``, or an error naming it."""
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{directory / 'config.json'} cannot be read ({type(err).__name__}: {err}); the directory "
+                         "is damaged: save the model again") from None
 
 
 def _wrong_types(data: Mapping[str, Any], types: Mapping[str, tuple[type | None, ...]]) -> str | None:
@@ -326,7 +380,7 @@ def _check_same_record(record: Parameterization, meta: dict[str, Any], path: Pat
 
 
 @torch.no_grad()
-def _load_unfolded(model: PreTrainedModel, record: Parameterization, saved: Mapping[str, torch.Tensor],
+def _load_unfolded(model: torch.nn.Module, record: Parameterization, saved: Mapping[str, torch.Tensor],
                    path: Path, attention_folds: Mapping[str, float]) -> None:
     """Copy the saved weights in, dividing out the multipliers and attention scale factors ``export`` folded into
     them."""

@@ -12,7 +12,7 @@ from ..core.vocab import Backend, hf_model_spec
 from ..dynamic import GMP, SET, DynamicSparsity, Method, RigL
 from ..models import GPTConfig, build_gpt
 from ..sparse import sparsify
-from .data import VOCAB_SIZE
+from .data import data_vocab
 from .schema import Config
 from .validate import stop_step
 
@@ -21,7 +21,7 @@ __all__ = ["build_model", "dynamic_sparsity", "fsdp_units", "logits_of"]
 
 def build_model(cfg: Config, device: torch.device | str = "cpu",
                 backends: dict[str, Backend] | None = None) -> nn.Module:
-    """The parameterized model of ``cfg.model`` (context ``train.seq_len``, byte vocabulary): the reference GPT,
+    """The parameterized model of ``cfg.model`` (context ``train.seq_len``, the data's vocabulary): the reference GPT,
     or with ``model.arch = "hf:TYPE"`` that transformers causal LM built by ``sparsemup.hf.build``; its masked
     layers on ``model.backend`` (or on ``backends``, a checkpoint's recorded choice)."""
     m = cfg.model
@@ -33,15 +33,16 @@ def build_model(cfg: Config, device: torch.device | str = "cpu",
                                    seed=cfg.train.seed, mask_kind=m.mask_kind, block_size=m.block_size)
     model: nn.Module
     spec = hf_model_spec(m.arch)
+    vocab = data_vocab(cfg.data.path, cfg.data.format)
     if spec is not None:
         from .. import hf  # needs sparsemup[hf]; its error names the extra
 
-        template = hf.small_config(spec, VOCAB_SIZE, m.depth, cfg.train.seq_len)
+        template = hf.small_config(spec, vocab, m.depth, cfg.train.seq_len)
         with torch.random.fork_rng(devices=[]):  # the modules' own init (norms, biases) from the run's seed
             torch.manual_seed(cfg.train.seed)
             model = hf.build(template, m.width, m.base_width, head_dim=m.head_dim, device=device, **options)
     else:
-        gpt = GPTConfig(vocab_size=VOCAB_SIZE, width=m.width, depth=m.depth, head_dim=m.head_dim,
+        gpt = GPTConfig(vocab_size=vocab, width=m.width, depth=m.depth, head_dim=m.head_dim,
                         context=cfg.train.seq_len, ffn_multiple=m.block_size if blocks else 8)
         model, _ = build_gpt(gpt, m.base_width, device=device, **options)
     sparsify(model, backends or m.backend)  # a checkpoint's per-layer choice ({} for masked dense) replayed

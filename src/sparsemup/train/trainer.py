@@ -33,7 +33,7 @@ from . import checkpoint, distributed
 from .build import build_model, dynamic_sparsity, fsdp_units, logits_of
 from .checkpoint import ConfigOrigin
 from .config import to_toml, to_yaml
-from .data import load_corpus, train_batch
+from .data import bits_per_byte, load_corpus, train_batch
 from .evaluate import validation_loss
 from .schema import OPTIMIZERS, Config, ConfigError
 from .validate import transfer_note, validate
@@ -44,7 +44,9 @@ METRIC_COLUMNS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_p
 
 
 class Schedule:
-    """LR factor of step k: linear warm-up to 1, then linear decay to ``final`` at the last step; or constant 1."""
+    """LR factor of step k: linear warm-up to 1, then decay to ``final`` at the last step, linear or by half a cosine
+    (nanoGPT's); or constant 1. Every group's LR is its initial LR times this factor, so the ratios between groups
+    (the parameterization's multipliers) hold at every step."""
 
     def __init__(self, kind: str, warmup: int, total: int, final: float) -> None:
         self.kind, self.warmup, self.total, self.final = kind, warmup, total, final
@@ -55,6 +57,8 @@ class Schedule:
         if step < self.warmup:
             return (step + 1) / self.warmup
         progress = min(1.0, (step - self.warmup) / max(1, self.total - 1 - self.warmup))
+        if self.kind == "cosine":
+            return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0 - (1.0 - self.final) * progress
 
 
@@ -146,7 +150,7 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         t = cfg.train
-        self.corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, t.seq_len)
+        self.corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, t.seq_len, cfg.data.format)
         model = build_model(cfg, ctx.device, backends=state.get("backends") if state is not None else None)
         self.dynamic = dynamic_sparsity(cfg, model)
         if state is not None:
@@ -312,7 +316,7 @@ class Trainer:
                 self.val_loss = self._validate()
             self.result = {
                 "status": "completed", "final_val_loss": self.val_loss, "steps": self.step,
-                "final_val_bits_per_byte": self.val_loss / math.log(2) if self.val_loss is not None else None,
+                "final_val_bits_per_byte": bits_per_byte(self.val_loss, self.corpus),
                 "mean_tokens_per_s": (sum(self.tokens_per_s) / len(self.tokens_per_s)) if self.tokens_per_s else None,
                 "world_size": self.ctx.world, "device": self.ctx.device.type, "fsdp": self.cfg.dist.fsdp,
                 "mask_sha256": distributed.mask_digest(self.inner) if self.dynamic else self.mask_digests[0],

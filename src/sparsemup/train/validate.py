@@ -8,7 +8,7 @@ from typing import Any
 from ..core.masks import nonzeros_per_row
 from ..core.vocab import hf_model_spec
 from ..sparse import Fixes, check_backend
-from .data import VOCAB_SIZE, corpus_files
+from .data import corpus_files, data_vocab, token_files
 from .schema import Config, ConfigError, field_specs, flatten, run_identity, with_defaults
 
 __all__ = ["validate", "TRANSFER_EXEMPT", "transfer_note"]
@@ -140,7 +140,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              f"train.grad_accum = {t.grad_accum}; make it a multiple of {shards}")
     _require(0.0 < d.val_fraction <= 0.5, f"data.val_fraction = {d.val_fraction}: must be in (0, 0.5]")
     _check_sparsity(cfg)
-    corpus_files(d.path)  # raises ConfigError when missing
+    if token_files(d.path, d.format) is None:  # token files are checked against their JSON there
+        corpus_files(d.path)  # raises ConfigError when missing
     if hf_spec is not None:
         _check_hf(cfg, hf_spec)
 
@@ -152,7 +153,7 @@ def _check_hf(cfg: Config, spec: str) -> None:
 
     m = cfg.model
     try:
-        template = hf.small_config(spec, VOCAB_SIZE, m.depth, cfg.train.seq_len)
+        template = hf.small_config(spec, data_vocab(cfg.data.path, cfg.data.format), m.depth, cfg.train.seq_len)
         scaled = [hf.scale_config(template, width, m.head_dim) for width in (m.width, m.base_width)]
     except ValueError as error:
         raise ConfigError(f"model.arch = {m.arch!r}: {error}") from None
