@@ -1,5 +1,5 @@
 """docs/MODELS.md, "With transformers' Trainer": a tiny Llama trained on Shakespeare's bytes by sparsemup.hf.Trainer,
-once straight through and once cut at a checkpoint and resumed (static masks and RigL); prints the largest loss and
+once straight through and once cut at a checkpoint and resumed (static masks, RigL, GMP); prints the largest loss and
 logit differences, and checks that save_model's directory loads in plain transformers to the same logits.
 
     python scripts/hf_trainer_resume.py [--steps 40] [--out /tmp/hf-trainer]
@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
 
 import sparsemup.hf as hf
-from sparsemup.dynamic import DynamicSparsity, RigL
+from sparsemup.dynamic import GMP, DynamicSparsity, RigL
 from sparsemup.train.data import load_corpus
 
 SEQ = 64
@@ -43,10 +43,18 @@ def model() -> torch.nn.Module:
     return hf.build(template, 128, 64, head_dim=16, scheme="supar", density=0.25, seed=0)
 
 
-def run(out: Path, data: Windows, steps: int, rigl: bool, save_steps: int = 0,
+def method(name: str, steps: int) -> RigL | GMP | None:
+    """The mask method of one row: static (None), RigL, or GMP pruning the model's 1/4 down to 1/16."""
+    stop = steps * 3 // 4
+    return {"static": None, "rigl": RigL(stop_step=stop, update_every=5),
+            "gmp": GMP(final_density=1 / 16, stop_step=stop, start_density=0.25, update_every=5)}[name]
+
+
+def run(out: Path, data: Windows, steps: int, name: str, save_steps: int = 0,
         resume: str | None = None) -> tuple[dict[int, float], torch.Tensor, hf.Trainer]:
     m = model()
-    dynamic = DynamicSparsity(m, RigL(stop_step=steps * 3 // 4, update_every=5)) if rigl else None
+    found = method(name, steps)
+    dynamic = DynamicSparsity(m, found) if found else None
     args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=2**-7,
                              weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=steps // 10, logging_steps=1,
                              save_strategy="steps" if save_steps else "no", save_steps=save_steps or steps,
@@ -68,11 +76,10 @@ def main() -> None:
     out = a.out or Path(tempfile.mkdtemp(prefix="hf-trainer-"))
     data = Windows(load_corpus("", 0.1, SEQ).train)
     cut = a.steps // 2
-    for rigl in (False, True):
-        name = "rigl" if rigl else "static"
-        whole, whole_logits, trainer = run(out / f"{name}-whole", data, a.steps, rigl)
-        run(out / f"{name}-cut", data, a.steps, rigl, save_steps=cut)
-        resumed, logits, _ = run(out / f"{name}-cut", data, a.steps, rigl,
+    for name in ("static", "rigl", "gmp"):
+        whole, whole_logits, trainer = run(out / f"{name}-whole", data, a.steps, name)
+        run(out / f"{name}-cut", data, a.steps, name, save_steps=cut)
+        resumed, logits, _ = run(out / f"{name}-cut", data, a.steps, name,
                                  resume=str(out / f"{name}-cut" / f"checkpoint-{cut}"))
         dloss = max(abs(whole[k] - resumed[k]) for k in whole)
         print(f"{name}: final train loss {whole[a.steps]:.4f} nats/byte ({whole[a.steps] / math.log(2):.3f} bits), "
@@ -82,7 +89,8 @@ def main() -> None:
     plain = AutoModelForCausalLM.from_pretrained(out / "final")
     with torch.no_grad():
         diff = float((plain(data.x[:4]).logits - whole_logits).abs().max())
-    print(f"save_model -> plain transformers from_pretrained: max |Δlogits| {diff:.2e} ({out / 'final'})")
+    print(f"save_model of the GMP run -> plain transformers from_pretrained: max |Δlogits| {diff:.2e} "
+          f"({out / 'final'})")
 
 
 if __name__ == "__main__":

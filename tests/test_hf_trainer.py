@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments  # 
 
 import sparsemup.hf as hf  # noqa: E402
 from sparsemup.core import get_mask  # noqa: E402
-from sparsemup.dynamic import DynamicSparsity, RigL  # noqa: E402
+from sparsemup.dynamic import GMP, DynamicSparsity, RigL  # noqa: E402
 
 VOCAB = 64
 
@@ -42,9 +42,15 @@ def arguments(out, save_steps=0, max_steps=8, **extra):
                              warmup_steps=2, seed=0, disable_tqdm=True, gradient_accumulation_steps=2, **extra)
 
 
-def run(out, rigl, resume=None, save_steps=0):
+METHODS = {"static": None, "rigl": lambda: RigL(stop_step=6, update_every=2),
+           # GMP prunes 1/4 → 1/10: SµPar's LRs follow each weight's density, set on the optimizer accelerate wraps
+           "gmp": lambda: GMP(final_density=0.1, stop_step=6, start_density=0.25, update_every=2)}
+
+
+def run(out, method, resume=None, save_steps=0):
     model = tiny_model()
-    dynamic = DynamicSparsity(model, RigL(stop_step=6, update_every=2)) if rigl else None
+    make = METHODS[method]
+    dynamic = DynamicSparsity(model, make()) if make else None
     trainer = hf.Trainer(model=model, args=arguments(out, save_steps), train_dataset=Tokens(), dynamic=dynamic)
     trainer.train(resume_from_checkpoint=resume)
     losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
@@ -54,18 +60,22 @@ def run(out, rigl, resume=None, save_steps=0):
     return losses, logits, trainer
 
 
-@pytest.mark.parametrize("rigl", [False, True], ids=["static", "rigl"])
-def test_resume_continues_the_uninterrupted_run(tmp_path, rigl):
-    whole, whole_logits, trainer = run(tmp_path / "whole", rigl)
-    run(tmp_path / "cut", rigl, save_steps=4)
-    resumed, logits, resumed_trainer = run(tmp_path / "cut", rigl, resume=str(tmp_path / "cut" / "checkpoint-4"))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_resume_continues_the_uninterrupted_run(tmp_path, method):
+    whole, whole_logits, trainer = run(tmp_path / "whole", method)
+    run(tmp_path / "cut", method, save_steps=4)
+    resumed, logits, resumed_trainer = run(tmp_path / "cut", method, resume=str(tmp_path / "cut" / "checkpoint-4"))
     assert sorted(resumed) == sorted(whole) == list(range(1, 9))
     assert max(abs(whole[k] - resumed[k]) for k in whole) <= 1e-5
     torch.testing.assert_close(logits, whole_logits, rtol=1.3e-6, atol=1e-5)
     masks = [(get_mask(t.model, "model.layers.0.mlp.up_proj.weight") != 0) for t in (trainer, resumed_trainer)]
     assert torch.equal(*masks)
-    if rigl:  # the masks moved, and the checkpoint carried them
+    if method != "static":  # the masks moved, and the checkpoint carried them
         assert not torch.equal(masks[0], get_mask(tiny_model(), "model.layers.0.mlp.up_proj.weight") != 0)
+    if method == "gmp":  # pruned to 1/10, and the hidden weights' LR multipliers rose with it (SµPar: η ∝ 1/(m_d·m_ρ))
+        assert abs(float(masks[0].float().mean()) - 0.1) < 0.01
+        hidden = [g for g in resumed_trainer.optimizer.param_groups if "static_lr" in g]
+        assert hidden and all(2.2 < g["initial_lr"] / g["static_lr"] < 2.8 for g in hidden)  # 0.25 / 0.1 = 2.5
     # what the checkpoint holds is what sparsemup.hf.save_pretrained writes, next to the trainer's state
     files = {p.name for p in (tmp_path / "cut" / "checkpoint-4").iterdir()}
     assert {"sparsemup.json", "sparsemup_masks.safetensors", "model.safetensors", "optimizer.pt"} <= files

@@ -246,7 +246,7 @@ def from_pretrained(directory: str | Path, *, device: torch.device | str | None 
         raise ValueError(f"{meta_path}: its options and configs do not rebuild the model ({type(err).__name__}: "
                          f"{err}); the file was edited or written by another sparsemup version") from None
     saved = _load_weights(directory, plain_config)
-    _check_same_record(record, meta, meta_path)
+    _check_same_record(record, meta, meta_path, masks)
     _load_unfolded(model, record, saved, meta_path, meta.get("attention_folds", {}))
     model.__dict__[HF_RECORD] = {"base_config": meta["base_config"], "delta_config": meta["delta_config"]}
     return model
@@ -261,7 +261,7 @@ def load_into(model: torch.nn.Module, directory: str | Path) -> None:
     meta_path = directory / SPARSEMUP_JSON
     target = unwrap(model)
     record = get_parameterization(target)
-    _check_same_record(record, meta, meta_path)
+    _check_same_record(record, meta, meta_path, masks)
     for name, mask in masks.items():
         set_mask(target, name, mask)
     saved = _load_weights(directory, _read_config(directory))
@@ -366,14 +366,18 @@ def _load_weights(directory: Path, config: PretrainedConfig) -> dict[str, torch.
     return {name: p.detach() for name, p in plain.named_parameters(remove_duplicate=False)}
 
 
-def _check_same_record(record: Parameterization, meta: dict[str, Any], path: Path) -> None:
+def _check_same_record(record: Parameterization, meta: dict[str, Any], path: Path,
+                       masks: Mapping[str, torch.Tensor]) -> None:
+    """The saved ``params`` are the model's, each weight's density read from the mask it gets (GMP prunes the masks
+    while the record keeps the density at parameterization)."""
     missing = sorted(set(record.params) - set(meta["params"]))
     if missing:
         raise ValueError(f"{path}: 'params' lacks {missing[:4]}, parameters the model has; the file was edited or "
                          "written by another sparsemup version")
     for name, saved in meta["params"].items():
         info = record.params.get(name)
-        if info is None or info.role.value != saved["role"] or info.density != saved["density"] or \
+        if info is None or info.role.value != saved["role"] or \
+                _density_now(info.density, masks.get(name)) != saved["density"] or \
                 dict(info.forward_multipliers) != saved["forward_multipliers"]:
             raise ValueError(f"{path}: parameter {name!r} does not re-parameterize as it was saved; the directory "
                              "was edited or written by another sparsemup version")

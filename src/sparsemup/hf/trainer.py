@@ -131,5 +131,8 @@ class _DynamicCallback(transformers.TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
         assert trainer.dynamic is not None  # added only with one
-        trainer.dynamic.update(state.global_step, trainer.optimizer, trainer._dense_grads, trainer.lr_scheduler)
+        # accelerate wraps both: the density-dependent LRs (GMP) are set on the torch optimizer and scheduler inside
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        scheduler = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)
+        trainer.dynamic.update(state.global_step, optimizer, trainer._dense_grads, scheduler)
         trainer._dense_grads = None
