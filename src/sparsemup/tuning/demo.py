@@ -236,6 +236,5 @@ def run_demo(out: Path, plan: DemoPlan | None = None,
         tables, *[f"![sweep]({p})" for p in figures], "",
         f"Wall time of this invocation (runs already stored are not redone): {summary['seconds']:.0f} s.", ""]))
     log(f"wrote {out / 'report.md'} and {out / 'summary.json'} in {summary['seconds']:.0f} s")
-    log(conclusion)
     return summary
 
