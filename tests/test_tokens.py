@@ -109,3 +109,19 @@ def test_sample_is_deterministic_under_a_seed(corpus, bpe, tmp_path, capsys, dat
     assert texts[0] == texts[1] != texts[2]
     assert all(text.startswith("the king") and len(text) > len("the king") + 10 for text in texts)
     assert main(["sample", str(tmp_path / "run"), "--prompt", "", "--tokens", "4"]) == 2
+
+
+def test_an_hf_config_json_must_hold_the_token_vocabulary(bpe, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: "
+                                       "pip install 'sparsemup[hf]'")
+    template = transformers.AutoConfig.for_model(
+        "llama", vocab_size=256, num_hidden_layers=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=16, intermediate_size=64, max_position_embeddings=16)
+    template.save_pretrained(tmp_path / "cfg")
+    arch = f"model.arch=hf:{tmp_path / 'cfg' / 'config.json'}"
+    with pytest.raises(ValueError, match=r"vocab_size = 256 but the data has 300 tokens.*tokens.json"):
+        build_model(tiny_config(bpe, arch, "model.head_dim=16"))
+    template.vocab_size = 300  # as the error says: then it builds, with the data's vocabulary
+    template.save_pretrained(tmp_path / "cfg")
+    model = build_model(tiny_config(bpe, arch, "model.head_dim=16"))
+    assert model.get_input_embeddings().weight.shape[0] == 300

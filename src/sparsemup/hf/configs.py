@@ -82,8 +82,9 @@ def small_config(config: PretrainedConfig | str | Path, vocab_size: int = 256, d
             )
         if vocab != vocab_size:
             raise ValueError(
-                f"{file} has vocab_size = {vocab} but the data has {vocab_size} tokens (sparsemup's byte-level "
-                f"data); a config.json is used as written, so write \"vocab_size\": {vocab_size} into it"
+                f"{file} has vocab_size = {vocab} but the data has {vocab_size} tokens (256 for bytes, a token "
+                f"file's tokens.json gives its own); a config.json is used as written, so write \"vocab_size\": "
+                f"{vocab_size} into it"
             )
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(loaded, name, None)
