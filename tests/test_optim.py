@@ -1,5 +1,6 @@
 """Parameter groups: the optimizer contract."""
 
+import copy
 import warnings
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 import sparsemup as smp
 from helpers import tiny_gpt, tiny_mlp
+from sparsemup.core import hooks
 
 
 def by_name(groups):
@@ -158,6 +160,14 @@ def test_plain_optimizer_over_a_parameterized_model_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _step(plain, model)  # once per optimizer
+
+
+def test_a_deep_copy_is_watched_too():
+    model = copy.deepcopy(tiny_mlp(width=128, base_width=32, density=0.25))
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match=r"AdamW holds \d+ parameter\(s\) of a parameterized model"):
+        _step(plain, model)
+    assert not any(isinstance(h, hooks.WatchCopies) for h in smp.export(model)._forward_pre_hooks.values())
 
 
 @pytest.mark.parametrize("scheme, build", [

@@ -7,7 +7,7 @@ They are small picklable classes (not closures) so a parameterized model survive
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ except ImportError:  # a torch build without distributed support
     DTensor = ()  # type: ignore[assignment,misc]
 
 __all__ = ["DENSE_GRAD_ATTR", "OutputMultiplier", "InputMultiplier", "GradMask", "EnsureGradMask", "EnsureAllGradMasks",
-           "CheckStateOnLoad", "HOOK_TYPES", "MASK_SUFFIX", "SIGNATURE", "declare_storage", "move_hooks"]
+           "CheckStateOnLoad", "WatchCopies", "HOOK_TYPES", "MASK_SUFFIX", "SIGNATURE", "declare_storage", "move_hooks"]
 
 MASK_SUFFIX = "_mask"  # a masked weight ``w`` keeps its mask in the buffer ``w_mask`` beside it
 # An owner module with this attribute set keeps its weights' gradients dense (``record.dense_gradients``).
@@ -193,7 +193,20 @@ class CheckStateOnLoad:
                     )
 
 
-HOOK_TYPES = (OutputMultiplier, InputMultiplier, EnsureGradMask, EnsureAllGradMasks, CheckStateOnLoad)
+class WatchCopies:
+    """Forward pre-hook on the root model: hand the module it runs on to the optimizer guard (``watch``), so that
+    a deep copy of a parameterized model, which carries its hooks but not its place in the guard's registry, is
+    watched from its first forward."""
+
+    def __init__(self, watch: Callable[[nn.Module], None]) -> None:
+        self.watch = watch
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.watch(module)
+
+
+HOOK_TYPES = (OutputMultiplier, InputMultiplier, EnsureGradMask, EnsureAllGradMasks, CheckStateOnLoad, WatchCopies)
 
 _MOVED_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                 "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")

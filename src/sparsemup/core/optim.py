@@ -196,6 +196,8 @@ def watch_optimizers(model: nn.Module) -> None:
     """Have the optimizer guard check optimizers for ``model``'s parameters (``parameterize`` calls it for every
     scheme but SP, whose multipliers are all 1). Installs the one global step pre-hook on first use."""
     global _hook
+    if model in _WATCHED:  # every forward of a parameterized model asks (hooks.WatchCopies)
+        return
     _WATCHED.add(model)
     if _hook is None:
         _hook = register_optimizer_step_pre_hook(_check_first_step)

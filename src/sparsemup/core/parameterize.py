@@ -133,6 +133,7 @@ def apply_plan(plan: Plan) -> Parameterization:
     guard_own_savers(target)
     if plan.scheme.width:
         watch_optimizers(target)
+        target.register_forward_pre_hook(hooks.WatchCopies(watch_optimizers))
     return record
 
 
