@@ -1,0 +1,144 @@
+"""The depth rule (CompleteP, arXiv 2505.01618) on top of SµPar: branches checked, hooks, groups, export, refusals."""
+
+import math
+
+import pytest
+import torch
+
+import sparsemup as smp
+from helpers import lm_loss, tokens, train_steps
+from sparsemup.core.export import export_with_folds
+from sparsemup.models import GPTConfig, build_gpt
+from tolerances import model_rtol
+
+
+def gpt(depth=4, **kw):
+    cfg = GPTConfig(vocab_size=50, width=64, depth=depth, head_dim=16, context=32)
+    kw.setdefault("scheme", "supar")
+    kw.setdefault("density", 0.5)
+    return build_gpt(cfg, 32, **kw)
+
+
+def test_no_depth_rule_is_todays_model_bitwise():
+    """depth_alpha=None: the same weights, groups, signature and losses as without the option."""
+    plain, _ = gpt()
+    none, record = gpt(depth_alpha=None)
+    assert record.residual_multipliers == {} and record.depth is None
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), none.state_dict().values()))
+    opts = [smp.make_optimizer(m, torch.optim.AdamW, lr=1e-2, weight_decay=0.1) for m in (plain, none)]
+    assert all("eps" not in g or g["eps"] == 1e-8 for g in opts[1].param_groups)
+    assert [g["lr"] for g in opts[0].param_groups] == [g["lr"] for g in opts[1].param_groups]
+    x = tokens(seq=17)
+    losses = [[train_steps(m, o, 1, x).item() for _ in range(2)] for m, o in zip((plain, none), opts)]
+    assert losses[0] == losses[1]
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), none.parameters()))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_depth_rule_multipliers_groups_and_init(alpha):
+    model, record = gpt(depth=8, depth_alpha=alpha, base_depth=2)
+    m_l = 4.0
+    assert record.depth == 8
+    assert set(record.residual_multipliers) == {f"blocks.{i}.{b}.proj" for i in range(8) for b in ("attn", "mlp")}
+    assert all(v == pytest.approx(m_l ** -alpha, rel=1e-15) for v in record.residual_multipliers.values())
+    info = record.info("blocks.3.mlp.fc.weight")
+    m_rho = info.multipliers.density
+    assert info.multipliers.depth == m_l and record.info("wte.weight").multipliers.depth == 1.0
+    assert record.info("ln_f.weight").multipliers.depth == 1.0
+    assert record.info("blocks.0.ln1.weight").multipliers.depth == m_l
+    # GPT-2's 1/sqrt(2·depth) init factor held at the base depth
+    assert record.info("blocks.0.attn.proj.weight").init_std == pytest.approx(
+        0.02 / math.sqrt(2 * m_rho) / math.sqrt(2 * 2), rel=1e-12)
+    groups = {n: g for g in smp.param_groups(model, torch.optim.AdamW, lr=1.0, eps=1e-8) for n in g["param_names"]}
+    hidden, norm, emb, final = (groups[n] for n in ("blocks.3.mlp.fc.weight", "blocks.3.ln2.weight", "wte.weight",
+                                                   "ln_f.weight"))
+    assert hidden["lr"] == pytest.approx(1 / (2 * m_rho) * m_l ** (alpha - 1), rel=1e-12)
+    assert norm["lr"] == pytest.approx(m_l ** (alpha - 1), rel=1e-12)
+    assert emb["lr"] == 1.0 and final["lr"] == 1.0
+    assert hidden["eps"] == pytest.approx(1e-8 / 2 * m_l ** -alpha, rel=1e-12)
+    assert emb["eps"] == pytest.approx(1e-8 / 2, rel=1e-12)
+    text = smp.explain(model)
+    assert "m_L" in text and "eps_mult" in text and f"depth rule alpha {alpha:g}: 8 residual blocks" in text
+    with pytest.raises(ValueError, match="Adam-family"):
+        smp.param_groups(model, torch.optim.SGD, lr=1.0)
+
+
+def test_residual_multiplier_is_applied_to_each_branch():
+    """With the hooks, each block's update is m_L^(−α) times what the same weights give without a depth rule."""
+    model, record = gpt(depth=4, depth_alpha=1.0, base_depth=1)
+    seen, raw = {}, {}
+
+    def after(module, args, out):  # runs after the depth rule's hook (registered first)
+        seen[module] = out.detach()
+
+    def before(module, args):
+        raw[module] = torch.nn.functional.linear(args[0], module.weight).detach()
+
+    for branch in (model.blocks[2].attn.proj, model.blocks[2].mlp.proj):
+        branch.register_forward_hook(after)
+        branch.register_forward_pre_hook(before)
+    with torch.no_grad():
+        model(tokens(seq=8))
+    assert len(seen) == 2
+    for module, out in seen.items():
+        torch.testing.assert_close(out, raw[module] * 0.25, rtol=0, atol=0)  # m_L = 4, α = 1: a power of two
+
+
+def test_residual_branches_found_equal_the_declared_ones():
+    _, found = gpt(depth=3, depth_alpha=1.0, base_depth=1, residual_branches=None)
+    _, declared = gpt(depth=3, depth_alpha=1.0, base_depth=1)
+    assert found.residual_multipliers == declared.residual_multipliers
+
+
+@pytest.mark.parametrize(("branches", "error"), [
+    (["blocks.*.attn.qkv", "blocks.*.mlp.proj"], "block 'blocks.0'.*do not sum.*residual_branches"),
+    (["blocks.*.attn.proj"], "block 'blocks.0'.*do not sum.*residual_branches"),
+    (["blocks.*.attn.nope"], "pattern 'blocks.\\*.attn.nope' matches no module"),
+    (["ln_f"], "'ln_f' is in no numbered block"),
+])
+def test_wrong_residual_branches_are_refused_by_name(branches, error):
+    with pytest.raises(ValueError, match=error):
+        gpt(depth=2, depth_alpha=1.0, base_depth=1, residual_branches=branches)
+
+
+def test_depth_options_are_checked():
+    with pytest.raises(ValueError, match="base_depth"):
+        gpt(depth_alpha=1.0)
+    with pytest.raises(ValueError, match="depth_alpha must be"):
+        gpt(depth_alpha=2.0, base_depth=2)
+    with pytest.raises(ValueError, match="set depth_alpha"):
+        gpt(base_depth=2)
+
+
+def test_export_folds_the_residual_multipliers():
+    model, record = gpt(depth=4, depth_alpha=0.5, base_depth=1)
+    x = tokens(seq=16)
+    want = model(x).detach()
+    plain, folds = export_with_folds(model)
+    assert folds["blocks.1.mlp.proj.weight"] == pytest.approx(0.5, rel=1e-15)
+    assert not any(m._forward_hooks for m in plain.modules())
+    rtol = model_rtol(matmuls=2 * 4 + 2, k=176)
+    torch.testing.assert_close(plain(x), want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+def test_state_dict_from_another_depth_rule_is_refused():
+    source, _ = gpt(depth=4, depth_alpha=1.0, base_depth=2)
+    same, _ = gpt(depth=4, depth_alpha=1.0, base_depth=2)
+    same.load_state_dict(source.state_dict())
+    for other in (dict(depth_alpha=0.5, base_depth=2), dict(depth_alpha=1.0, base_depth=1), {}):
+        model, _ = gpt(depth=4, **other)
+        with pytest.raises(ValueError, match="parameterized differently"):
+            model.load_state_dict(source.state_dict())
+
+
+def test_depth_rule_trains_and_keeps_masks():
+    model, _ = gpt(depth=4, depth_alpha=1.0, base_depth=2)
+    opt = smp.make_optimizer(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.1)
+    x = tokens(seq=17)
+    first = float(lm_loss(model, x))
+    last = float(train_steps(model, opt, 5, x))
+    assert last < first
+    for name, info in smp.get_parameterization(model).params.items():
+        if info.masked:
+            w = model.get_parameter(name).detach()
+            assert int((w[smp.core.get_mask(model, name) == 0] != 0).sum()) == 0
