@@ -6,9 +6,12 @@ import pytest
 import torch
 
 import sparsemup as smp
-from helpers import lm_loss, tokens, train_steps
+from helpers import lm_loss, tiny_config, tokens, train_steps
 from sparsemup.core.export import export_with_folds
 from sparsemup.models import GPTConfig, build_gpt
+from sparsemup.train import ConfigError, build_model
+from sparsemup.train.trainer import train
+from sparsemup.train.validate import validate
 from tolerances import model_rtol
 
 
@@ -135,10 +138,39 @@ def test_depth_rule_trains_and_keeps_masks():
     model, _ = gpt(depth=4, depth_alpha=1.0, base_depth=2)
     opt = smp.make_optimizer(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.1)
     x = tokens(seq=17)
-    first = float(lm_loss(model, x))
+    first = lm_loss(model, x).item()
     last = float(train_steps(model, opt, 5, x))
     assert last < first
     for name, info in smp.get_parameterization(model).params.items():
         if info.masked:
             w = model.get_parameter(name).detach()
             assert int((w[smp.core.get_mask(model, name) == 0] != 0).sum()) == 0
+
+
+DEPTH = ("model.depth=2", "model.depth_alpha=1", "model.base_depth=1")
+
+
+def test_trainer_resumes_with_the_depth_keys_and_refuses_another_depth_rule(corpus, tmp_path):
+    cfg = tiny_config(corpus, "train.steps=4", *DEPTH)
+    record = smp.get_parameterization(build_model(cfg))
+    assert record.options.depth_alpha == 1.0 and record.depth == 2 and len(record.residual_multipliers) == 4
+    whole = train(tiny_config(corpus, "train.steps=4", *DEPTH), tmp_path / "whole")
+    out = tmp_path / "run"
+    train(tiny_config(corpus, "train.steps=2", *DEPTH), out)
+    with pytest.raises(ConfigError, match=r"model\.depth_alpha: checkpoint 1\.0, config 0\.5"):
+        train(tiny_config(corpus, "train.steps=4", *DEPTH, "model.depth_alpha=0.5"), out, resume=True)
+    with pytest.raises(ConfigError, match=r"model\.base_depth: checkpoint 1, config 2"):
+        train(tiny_config(corpus, "train.steps=4", *DEPTH, "model.base_depth=2"), out, resume=True)
+    resumed = train(tiny_config(corpus, "train.steps=4", *DEPTH), out, resume=True)
+    assert resumed["final_val_loss"] == whole["final_val_loss"]
+
+
+@pytest.mark.parametrize(("overrides", "error"), [
+    (("model.depth_alpha=1",), "needs model.base_depth"),
+    (("model.base_depth=2",), "model.base_depth = 2 is set but model.depth_alpha = 0"),
+    (("model.depth_alpha=0.3", "model.base_depth=1"), "model.depth_alpha = 0.3"),
+    (("model.depth_alpha=1", "model.base_depth=1", "optim.name=sgd"), "AdamW only"),
+])
+def test_trainer_depth_keys_are_validated(corpus, overrides, error):
+    with pytest.raises(ConfigError, match=error):
+        validate(tiny_config(corpus, *overrides))
