@@ -1,5 +1,6 @@
 """The depth rule (CompleteP, arXiv 2505.01618) on top of SµPar: branches checked, hooks, groups, export, refusals."""
 
+import json
 import math
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 import sparsemup as smp
 from helpers import lm_loss, tiny_config, tokens, train_steps
+from sparsemup.cli import main
+from sparsemup.coord import CheckSettings, run_check
 from sparsemup.core.export import export_with_folds
 from sparsemup.models import GPTConfig, build_gpt
 from sparsemup.train import ConfigError, build_model
@@ -139,7 +142,7 @@ def test_depth_rule_trains_and_keeps_masks():
     opt = smp.make_optimizer(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.1)
     x = tokens(seq=17)
     first = lm_loss(model, x).item()
-    last = float(train_steps(model, opt, 5, x))
+    last = train_steps(model, opt, 5, x).item()
     assert last < first
     for name, info in smp.get_parameterization(model).params.items():
         if info.masked:
@@ -174,3 +177,43 @@ def test_trainer_resumes_with_the_depth_keys_and_refuses_another_depth_rule(corp
 def test_trainer_depth_keys_are_validated(corpus, overrides, error):
     with pytest.raises(ConfigError, match=error):
         validate(tiny_config(corpus, *overrides))
+
+
+# ---- the coordinate check across depth (docs/COORD_CHECK.md) ----
+
+
+def depth_check(alpha):
+    settings = CheckSettings.resolve("gpt", "supar", widths=[64], densities=[1.0, 0.25], steps=3, seeds=1,
+                                     base_width=32, depths=[2, 4, 8], depth_alpha=alpha,
+                                     base_depth=2 if alpha else None)
+    return run_check(settings)
+
+
+def test_depth_check_fails_without_a_depth_rule_and_passes_with_completep():
+    without, completep = depth_check(None), depth_check(1.0)
+    assert without["verdict"]["depth"]["pass"] is False and without["verdict"]["depth"]["max_abs_slope"] > 0.5
+    assert completep["verdict"]["depth"]["pass"] is True
+    assert {f["quantity"] for f in completep["slopes"]} == {"act", "delta", "block_delta"}
+    assert {r["depth"] for r in completep["measurements"]} == {2, 4, 8}
+    assert [c["depth"] for c in completep["losses"] if c["base"]] == [2]
+
+
+def test_depth_check_cli_writes_its_result_and_figure(tmp_path, capsys):
+    main(["coord-check", "--model", "gpt", "--widths", "64", "--base-width", "32", "--densities", "1", "--depths",
+          "2,4", "--depth-alpha", "1", "--steps", "2", "--seeds", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "coordinate check across depth" in out and "depth    verdict:" in out
+    assert (tmp_path / "depth.png").exists()
+    assert json.loads((tmp_path / "coord.json").read_text())["settings"]["depths"] == [2, 4]
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    (dict(depth_alpha=1.0), "add --depths"),
+    (dict(depths=[2, 4], model="mlp"), "reference GPT only"),
+    (dict(depths=[4]), "at least two different depths"),
+    (dict(depths=[2, 4], depth_alpha=3.0), "depth_alpha must be"),
+])
+def test_depth_check_settings_are_checked(kwargs, error):
+    model = kwargs.pop("model", "gpt")
+    with pytest.raises(ValueError, match=error):
+        CheckSettings.resolve(model, "supar", **kwargs)

@@ -24,7 +24,7 @@ from torch import nn
 from .export import Probe, first_tensor, token_probe
 from .structure import match, named_modules, unwrap
 
-__all__ = ["block_of", "residual_branches"]
+__all__ = ["block_of", "residual_blocks", "residual_branches"]
 
 MAX_BRANCHES = 4  # branches per block tried when finding them (attention + MLP, plus parallel or extra ones)
 
@@ -43,7 +43,7 @@ def _override_hint() -> str:
             "e.g. ['model.layers.*.self_attn.o_proj', 'model.layers.*.mlp.down_proj']")
 
 
-def _blocks(modules: Mapping[str, nn.Module]) -> list[str]:
+def residual_blocks(modules: Mapping[str, nn.Module]) -> list[str]:
     """The numbered children of the outermost ``nn.ModuleList`` that holds parameters (the residual blocks)."""
     lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList) and len(m)
              and any(True for _ in m.parameters())]
@@ -157,7 +157,7 @@ def residual_branches(model: nn.Module, patterns: Sequence[str] | None, probe: P
                 raise ValueError(f"block {block!r}: the declared residual branches {mine} {problem}; "
                                  f"{_override_hint()}")
         return owner
-    blocks = _blocks(modules)
+    blocks = residual_blocks(modules)
     candidates = _candidates(modules, blocks)
     ends, outputs = _record(target, modules, blocks, list(candidates), probe)
     found: dict[str, str] = {}
