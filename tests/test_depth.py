@@ -217,3 +217,43 @@ def test_depth_check_settings_are_checked(kwargs, error):
     model = kwargs.pop("model", "gpt")
     with pytest.raises(ValueError, match=error):
         CheckSettings.resolve(model, "supar", **kwargs)
+
+
+# ---- transformers models: branches found and checked, saved for plain transformers with the multipliers folded ----
+
+
+@pytest.mark.parametrize(("model_type", "branches"), [
+    ("llama", {"model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp.down_proj"}),
+    ("gpt2", {"transformer.h.{}.attn.c_proj", "transformer.h.{}.mlp.c_proj"}),
+    ("qwen2", {"model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp.down_proj"}),
+])
+def test_transformers_residual_branches_are_found(model_type, branches):
+    hf = pytest.importorskip("sparsemup.hf")
+    template = hf.small_config(model_type, 256, 3, 32)
+    model = hf.build(template, 128, 64, head_dim=32, density=0.5, depth_alpha=1.0, base_depth=1)
+    record = smp.get_parameterization(model)
+    assert set(record.residual_multipliers) == {b.format(i) for b in branches for i in range(3)}
+    assert record.depth == 3
+    wrong = [b.format("*").replace("o_proj", "q_proj").replace("attn.c_proj", "attn.c_attn") for b in branches]
+    with pytest.raises(ValueError, match="do not sum to its output minus its input.*residual_branches"):
+        hf.build(template, 128, 64, head_dim=32, density=0.5, depth_alpha=1.0, base_depth=1, residual_branches=wrong)
+
+
+def test_transformers_save_folds_the_residual_multipliers_and_restores_them(tmp_path):
+    hf = pytest.importorskip("sparsemup.hf")
+    from transformers import AutoModelForCausalLM
+
+    template = hf.small_config("llama", 256, 3, 32)
+    model = hf.build(template, 128, 64, head_dim=32, density=0.5, depth_alpha=0.5, base_depth=1)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    want = model(x, use_cache=False).logits.detach()
+    hf.save_pretrained(model, tmp_path / "saved")
+    rtol = model_rtol(matmuls=2 * 3 + 2, k=344)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    torch.testing.assert_close(plain(x, use_cache=False).logits, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+    back = hf.from_pretrained(tmp_path / "saved").eval()
+    record = smp.get_parameterization(back)
+    assert (record.options.depth_alpha, record.options.base_depth, record.depth) == (0.5, 1, 3)
+    assert record.residual_multipliers == smp.get_parameterization(model).residual_multipliers
+    torch.testing.assert_close(back(x, use_cache=False).logits, want, rtol=rtol, atol=rtol * float(want.abs().max()))
