@@ -101,10 +101,25 @@ def test_residual_branches_found_equal_the_declared_ones():
     (["blocks.*.attn.proj"], "block 'blocks.0'.*do not sum.*residual_branches"),
     (["blocks.*.attn.nope"], "pattern 'blocks.\\*.attn.nope' matches no module"),
     (["ln_f"], "'ln_f' is in no numbered block"),
+    (["blocks.0.attn.proj", "blocks.0.mlp.proj"], "cover 1 of the model's 2 residual blocks"),
 ])
 def test_wrong_residual_branches_are_refused_by_name(branches, error):
     with pytest.raises(ValueError, match=error):
         gpt(depth=2, depth_alpha=1.0, base_depth=1, residual_branches=branches)
+
+
+def test_an_integer_alpha_is_the_same_rule(tmp_path):
+    source, _ = gpt(depth=2, depth_alpha=1.0, base_depth=1)
+    model, _ = gpt(depth=2, depth_alpha=1, base_depth=1)
+    model.load_state_dict(source.state_dict())
+
+
+def test_explain_cli_shows_the_depth_rule(capsys):
+    main(["explain", "--width", "64", "--base-width", "32", "--head-dim", "16", "--depth", "4", "--depth-alpha",
+          "0.5", "--base-depth", "1"])
+    out = capsys.readouterr().out
+    assert "depth rule alpha 0.5: 4 residual blocks, base depth 1, m_L 4" in out
+    assert "residual branch blocks.3.mlp.proj: output x 0.5 (m_L^-alpha)" in out
 
 
 def test_depth_options_are_checked():

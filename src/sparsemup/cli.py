@@ -166,16 +166,19 @@ def _print_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, fi
 
 def _explain(args: argparse.Namespace) -> int:
     spec = hf_model_spec(args.model)
+    depth: dict[str, Any] = {}
+    if args.depth_alpha is not None:
+        depth = {"depth_alpha": args.depth_alpha, "base_depth": args.base_depth or args.depth}
     model: torch.nn.Module
     if spec is not None:
         from . import hf  # needs sparsemup[hf]; its error names the extra
 
         template = hf.small_config(spec, VOCAB_SIZE, args.depth)
         model = hf.build(template, args.width, args.base_width, head_dim=args.head_dim, scheme=args.scheme,
-                         density=args.density)
+                         density=args.density, **depth)
     elif args.model == "gpt":
         cfg = GPTConfig(width=args.width, depth=args.depth, head_dim=args.head_dim)
-        model, _ = build_gpt(cfg, args.base_width, scheme=args.scheme, density=args.density)
+        model, _ = build_gpt(cfg, args.base_width, scheme=args.scheme, density=args.density, **depth)
     else:
         raise ValueError(f"explain shows gpt or hf:TYPE, not {args.model!r}")
     print(explain(model, args.optimizer))
@@ -485,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--depth", type=int, default=2)
     ex.add_argument("--head-dim", type=int, default=64)
     ex.add_argument("--density", type=float, default=0.25)
+    ex.add_argument("--depth-alpha", type=float, help="the depth rule: 1 (CompleteP) or 0.5 (depth-µP); default none")
+    ex.add_argument("--base-depth", type=int, help="with --depth-alpha: the base's number of blocks (default --depth)")
     ex.add_argument("--optimizer", choices=tuple(f.value for f in Family), default="adam",
                     help="the optimizer family whose rule the LR/WD columns show")
     ex.set_defaults(func=_explain)

@@ -110,7 +110,7 @@ class Plan:
         if self.attention_factors:  # absent when there are none, so that older signatures stay valid
             parts.append(f"attention factors|{sorted(self.attention_factors.items())!r}")
         if o.depth_alpha is not None:  # absent without a depth rule, so that older signatures stay valid
-            parts.append(f"depth|{o.depth_alpha!r}|{self.depth!r}|{o.base_depth!r}|"
+            parts.append(f"depth|{float(o.depth_alpha)!r}|{self.depth!r}|{o.base_depth!r}|"
                          f"{sorted(self.residual_multipliers.items())!r}")
         for p in self.params:
             m = p.info.multipliers

@@ -141,6 +141,15 @@ def residual_branches(model: nn.Module, patterns: Sequence[str] | None, probe: P
                              "its block's update cannot be checked; declare modules inside the residual blocks")
         owner = {n: str(block_of(n)) for n in chosen}
         blocks = sorted(set(owner.values()), key=lambda b: [int(p) if p.isdigit() else p for p in b.split(".")])
+        try:
+            every = residual_blocks(modules)
+        except ValueError:  # no single block list to compare with: the declared blocks are the blocks
+            every = blocks
+        uncovered = [b for b in every if b not in blocks]
+        if uncovered:  # L would be counted short, and those blocks' branches left unscaled
+            raise ValueError(f"residual_branches cover {len(blocks)} of the model's {len(every)} residual blocks "
+                             f"(none in {', '.join(uncovered[:4])}); declare patterns matching every block's "
+                             "branches, e.g. with * for the block number")
         ends, outputs = _record(target, modules, blocks, chosen, probe)
         for block in blocks:
             if block not in ends:
