@@ -12,6 +12,7 @@ from sparsemup.cli import main
 from sparsemup.coord import CheckSettings, run_check
 from sparsemup.core.export import export_with_folds
 from sparsemup.models import GPTConfig, build_gpt
+from sparsemup.rules import adam_eps_multiplier
 from sparsemup.train import ConfigError, build_model
 from sparsemup.train.trainer import train
 from sparsemup.train.validate import validate
@@ -272,3 +273,45 @@ def test_transformers_save_folds_the_residual_multipliers_and_restores_them(tmp_
     assert (record.options.depth_alpha, record.options.base_depth, record.depth) == (0.5, 1, 3)
     assert record.residual_multipliers == smp.get_parameterization(model).residual_multipliers
     torch.testing.assert_close(back(x, use_cache=False).logits, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+# ---- ε's factors from how hidden-weight gradients scale (docs/RULES.md): measured, not only derived ----
+
+
+def gradient_and_eps(width, density, depth, alpha, seed):
+    """Geometric mean over hidden weights of the RMS of their gradient's kept entries (one backward at init), and
+    the ε multiplier the rule gives a hidden weight."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=64, width=width, depth=depth, head_dim=16, context=32)
+    model, record = build_gpt(cfg, 32, density=density, seed=seed, depth_alpha=alpha, base_depth=2)
+    lm_loss(model, tokens(batch=4, seq=33, vocab=64, seed=seed)).backward()
+    logs = []
+    for name, info in record.params.items():
+        if info.role.value == "hidden":
+            mask = smp.core.get_mask(model, name)
+            grad = model.get_parameter(name).grad
+            kept = grad[mask != 0] if mask is not None else grad.flatten()
+            logs.append(math.log(float(kept.pow(2).mean().sqrt())))
+    eps = adam_eps_multiplier(record.scheme, record.info("blocks.0.mlp.fc.weight").multipliers, alpha)
+    return math.exp(sum(logs) / len(logs)), eps
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+@pytest.mark.parametrize(("axis", "a", "b"), [
+    ("density", (64, 1.0, 2), (64, 0.25, 2)),
+    ("depth", (64, 0.25, 2), (64, 0.25, 8)),
+    ("width", (64, 0.25, 2), (128, 0.25, 2)),
+])
+def test_eps_scales_as_hidden_gradients_do(alpha, axis, a, b):
+    """Against density, depth and width, the log-log slope of the rule's ε multiplier matches that of the measured
+    hidden-weight gradient entries (0, −α, −1) within the coordinate check's threshold: a missing or extra factor
+    (an m_ρ, the wrong α) is off by at least 1/2."""
+    index = ("width", "density", "depth").index(axis)
+    ends = []
+    for point in (a, b):
+        grads, eps = zip(*(gradient_and_eps(*point, alpha, seed) for seed in range(2)))
+        ends.append((sum(grads) / 2, eps[0]))
+    span = math.log(b[index] / a[index])
+    grad_slope = math.log(ends[1][0] / ends[0][0]) / span
+    eps_slope = math.log(ends[1][1] / ends[0][1]) / span
+    assert abs(grad_slope - eps_slope) <= 0.25, (grad_slope, eps_slope)
