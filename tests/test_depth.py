@@ -315,3 +315,19 @@ def test_eps_scales_as_hidden_gradients_do(alpha, axis, a, b):
     grad_slope = math.log(ends[1][0] / ends[0][0]) / span
     eps_slope = math.log(ends[1][1] / ends[0][1]) / span
     assert abs(grad_slope - eps_slope) <= 0.25, (grad_slope, eps_slope)
+
+
+@pytest.mark.slow
+def test_fsdp2_with_a_depth_rule_matches_one_process(corpus, tmp_path):
+    """Hooks on the branch modules inside FSDP's block units: two processes train the single-process curve."""
+    from helpers import read_metrics, tiny_overrides, torchrun
+
+    common = ("optim.schedule=constant", "train.eval_every=4", *DEPTH)
+    train(tiny_config(corpus, *common), tmp_path / "single")
+    out = tmp_path / "fsdp"
+    torchrun(["-m", "sparsemup.cli", "train", "--out", str(out), "--fsdp", "--set",
+              *tiny_overrides(corpus, *common)], tmp_path)
+    rtol = model_rtol(2 * 7 * 2, 176, steps=8)  # the tiny model's tolerance, two blocks
+    single, fsdp = ([float(r["train_loss"]) for r in read_metrics(d)] for d in (tmp_path / "single", out))
+    assert len(fsdp) == 8 and fsdp == pytest.approx(single, rel=rtol)
+    assert smp.get_parameterization(build_model(tiny_config(corpus, *common))).depth == 2
