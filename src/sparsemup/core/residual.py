@@ -76,7 +76,7 @@ def _record(model: nn.Module, modules: Mapping[str, nn.Module], blocks: Sequence
 
     def on_block(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: object) -> None:
-            x = args[0] if args else next(iter(kwargs.values()), None)
+            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
             if isinstance(x, torch.Tensor):
                 ends.setdefault(name, (x.detach().clone(), first_tensor(output).detach().clone()))
         return hook
