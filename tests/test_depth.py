@@ -225,7 +225,8 @@ def test_depth_check_cli_writes_its_result_and_figure(tmp_path, capsys):
 
 @pytest.mark.parametrize(("kwargs", "error"), [
     (dict(depth_alpha=1.0), "add --depths"),
-    (dict(depths=[2, 4], model="mlp"), "reference GPT only"),
+    (dict(depths=[2, 4], model="mlp"), "the MLP has no residual blocks"),
+    (dict(depths=[2, 4], model="hf:llama", depth=3), "drop --depth"),
     (dict(depths=[4]), "at least two different depths"),
     (dict(depths=[2, 4], depth_alpha=3.0), "depth_alpha must be"),
 ])
@@ -331,3 +332,15 @@ def test_fsdp2_with_a_depth_rule_matches_one_process(corpus, tmp_path):
     single, fsdp = ([float(r["train_loss"]) for r in read_metrics(d)] for d in (tmp_path / "single", out))
     assert len(fsdp) == 8 and fsdp == pytest.approx(single, rel=rtol)
     assert smp.get_parameterization(build_model(tiny_config(corpus, *common))).depth == 2
+
+
+def test_depth_check_runs_on_a_transformers_model():
+    pytest.importorskip("sparsemup.hf")
+    settings = CheckSettings.resolve("hf:llama", "supar", widths=[128], densities=[1.0], steps=2, seeds=1,
+                                     base_width=128, depths=[2, 4], depth_alpha=1.0)
+    result = run_check(settings)
+    assert {r["depth"] for r in result["measurements"]} == {2, 4}
+    fitted = {(f["quantity"], f["step"]) for f in result["slopes"]}
+    assert fitted == {("act", 0), ("act", 1), ("act", 2), ("delta", 1), ("delta", 2), ("block_delta", 1),
+                      ("block_delta", 2)}
+    assert result["settings"]["head_dim"] == 64 and "depth" not in result["settings"]

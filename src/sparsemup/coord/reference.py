@@ -19,7 +19,7 @@ from ..core.vocab import BackendChoice, hf_model_spec
 from ..dynamic import SET, DynamicSparsity, RigL
 from ..sparse import Fixes, check_backend
 from .cases import COORD_DEFAULTS, GPT_DEFAULTS, HF_DEFAULTS, MLP_DEFAULTS, gpt_cases, hf_cases, mlp_cases
-from .depth import DepthCase, depth_cases, evaluate_depth
+from .depth import DepthCase, depth_cases, evaluate_depth, hf_depth_cases
 from .measurement import THRESHOLD, Case, MaskUpdates, evaluate
 
 __all__ = ["CheckSettings", "ModelName", "MODEL_NAMES", "model_family", "parse_model", "run_check", "write_check",
@@ -84,7 +84,8 @@ class CheckSettings:
         masks, masked dense) with the depth rule ``depth_alpha`` (None: none) and ``base_depth`` (default: the
         smallest depth)."""
         family = model_family(parse_model(model))
-        base_depth = _check_depth_settings(model, depths, depth_alpha, base_depth, block, backend, sparsity_method)
+        base_depth = _check_depth_settings(model, depths, depth_alpha, base_depth, block, backend, sparsity_method,
+                                           depth)
         if sparsity_method not in COORD_METHODS:
             raise ValueError(f"unknown sparsity method {sparsity_method!r} for the coordinate check: use "
                              f"{', '.join(COORD_METHODS)} (gmp changes the density during the check, so the "
@@ -111,7 +112,7 @@ class CheckSettings:
         settings = cls(model, scheme, widths or defaults["widths"], densities or defaults["densities"], steps, seeds,
                        base_width or defaults["base_width"], lr if lr is not None else defaults["lr"],
                        batch_size or sizes["batch_size"], block, backend,
-                       depth or (sizes["depth"] if family == "hf" else None),
+                       depth or (sizes["depth"] if family == "hf" and not depths else None),
                        head_dim or (sizes["head_dim"] if family == "hf" else None), sparsity_method, update_every,
                        depths, depth_alpha, base_depth)
         settings.method()  # a cadence without an update inside the check is an error now
@@ -143,7 +144,7 @@ class CheckSettings:
     def describe(self) -> dict[str, Any]:
         """The settings as recorded in coord.json."""
         defaults = COORD_DEFAULTS[model_family(self.model)]
-        hf = {"depth": self.depth, "head_dim": self.head_dim} if self.depth is not None else {}
+        hf = {k: v for k, v in (("depth", self.depth), ("head_dim", self.head_dim)) if v is not None}
         return {
             "model": self.model, "scheme": self.scheme, "widths": self.widths, "densities": self.densities,
             "steps": self.steps, "seeds": self.seeds, "base_width": self.base_width, "base_density": 1.0,
@@ -174,9 +175,10 @@ def run_check(settings: CheckSettings, progress: Callable[[Case | DepthCase], No
     spec = hf_model_spec(s.model)
     if s.depths:
         assert s.base_depth is not None  # resolve sets it with depths
-        found = evaluate_depth(depth_cases(s.scheme, s.widths, s.densities, s.depths, s.seeds, s.base_width,
-                                           s.depth_alpha, s.base_depth, s.batch_size),
-                               s.lr, s.steps, progress)
+        grid = (s.scheme, s.widths, s.densities, s.depths, s.seeds, s.base_width, s.depth_alpha, s.base_depth,
+                s.batch_size)
+        depth_grid = depth_cases(*grid) if spec is None else hf_depth_cases(spec, *grid, s.head_dim)
+        found = evaluate_depth(depth_grid, s.lr, s.steps, progress)
         return {"scheme": settings.scheme, "settings": settings.describe(), **found}
     if spec is not None:
         cases = hf_cases(spec, s.scheme, s.widths, s.densities, s.seeds, s.base_width,
@@ -189,17 +191,21 @@ def run_check(settings: CheckSettings, progress: Callable[[Case | DepthCase], No
 
 
 def _check_depth_settings(model: str, depths: list[int] | None, depth_alpha: float | None, base_depth: int | None,
-                          block: int | None, backend: BackendChoice | None, sparsity_method: str) -> int | None:
+                          block: int | None, backend: BackendChoice | None, sparsity_method: str,
+                          depth: int | None) -> int | None:
     """The depth check's settings are consistent; returns the base depth (default: the smallest depth)."""
     if not depths:
         if depth_alpha is not None or base_depth is not None:
             raise ValueError("--depth-alpha and --base-depth apply to the check across depth: add --depths")
         return None
-    if model != "gpt":
-        raise ValueError("--depths runs the reference GPT only (--model gpt)")
+    if model == "mlp":
+        raise ValueError("--depths runs a transformer (--model gpt or hf:TYPE): the MLP has no residual blocks")
     if block or (backend or "masked_dense") != "masked_dense" or sparsity_method != "static":
         raise ValueError("--depths measures static row masks on masked dense: drop --blocks, --backend and "
                          "--sparsity-method")
+    if depth is not None:
+        raise ValueError("--depth and --depths together: --depths gives the numbers of layers of the check across "
+                         "depth; drop --depth")
     if any(d < 1 for d in depths) or len(set(depths)) < 2:
         raise ValueError(f"--depths {','.join(map(str, depths))}: give at least two different depths, each >= 1")
     check_depth_alpha(depth_alpha)
