@@ -154,9 +154,10 @@ class CheckSettings:
             "backend": self.backend, **hf,
             **self._sparsity(),
             **({"depths": self.depths, "depth_alpha": self.depth_alpha, "base_depth": self.base_depth,
-                "depth_quantities": "act: RMS of the last block's output; delta: RMS of its change since step 0; "
-                                    "block_delta: depth x mean over blocks of the RMS of the change of each block's "
-                                    "update (output minus input)"}
+                "depth_quantities": "act: RMS of the last block's output (reported); delta: RMS of its change "
+                                    "since step 0 (judged); block_delta: depth x mean over blocks of the RMS of the "
+                                    "change of each block's own update, output minus input re-run on its step-0 "
+                                    "input (judged)"}
                if self.depths else {}),
         }
 
