@@ -344,3 +344,26 @@ def test_depth_check_runs_on_a_transformers_model():
     assert fitted == {("act", 0), ("act", 1), ("act", 2), ("delta", 1), ("delta", 2), ("block_delta", 1),
                       ("block_delta", 2)}
     assert result["settings"]["head_dim"] == 64 and "depth" not in result["settings"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["none", "half", "one"])
+def test_the_documented_gpt_depth_verdicts_are_unchanged(rule, tmp_path):
+    """docs/COORD_CHECK.md's depth verdicts (docs/coord/gpt-supar-depth-*/coord.json), rerun with their settings."""
+    from pathlib import Path
+
+    documented = json.loads(Path(f"docs/coord/gpt-supar-depth-{rule}/coord.json").read_text())
+    s = documented["settings"]
+    args = ["coord-check", "--model", "gpt", "--scheme", s["scheme"], "--widths", ",".join(map(str, s["widths"])),
+            "--base-width", str(s["base_width"]), "--densities", ",".join(map(str, s["densities"])), "--depths",
+            ",".join(map(str, s["depths"])), "--base-depth", str(s["base_depth"]), "--out", str(tmp_path)]
+    if s["depth_alpha"] is not None:
+        args += ["--depth-alpha", str(s["depth_alpha"])]
+    assert main(args) == 0
+    found = json.loads((tmp_path / "coord.json").read_text())["verdict"]["depth"]
+    assert found["pass"] is documented["verdict"]["depth"]["pass"]
+    # Another CPU sums in another order: each RMS may move by the model's rounding bound, a slope by twice that
+    # over the log-depth span (the deepest model: 7 products per block, FFN fan-in 688 at width 256, 5 steps).
+    rtol = model_rtol(matmuls=7 * max(s["depths"]), k=688, steps=s["steps"])
+    slope_tol = 2 * rtol / math.log(max(s["depths"]) / min(s["depths"]))
+    assert found["max_abs_slope"] == pytest.approx(documented["verdict"]["depth"]["max_abs_slope"], abs=slope_tol)
