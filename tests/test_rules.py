@@ -126,3 +126,68 @@ def test_bad_names_are_clear_errors():
     with pytest.raises(ValueError, match="positive"):
         Multipliers(width=0.0)
     assert set(SCHEMES) >= {"sp", "mup", "supar"}
+
+
+# ---- depth (CompleteP, arXiv 2505.01618) combined with SµPar: hand-computed values, docs/RULES.md ----
+from sparsemup.rules import adam_eps_multiplier, depth_multiplier, residual_multiplier  # noqa: E402
+
+# SµPar at m_d = 4, m_ρ = 1/2 (ρ = 1/2 over a dense base), m_L = 16 / 4 = 4, inside a residual block.
+IN_BLOCK = Multipliers(width=4.0, fan_out=4.0, density=0.5, depth=4.0)
+OUTSIDE = Multipliers(width=4.0, fan_out=1.0, density=1.0)  # the embedding: m_L = 1 outside the blocks
+
+
+@pytest.mark.parametrize(
+    ("alpha", "residual", "hidden_lr", "vector_lr", "hidden_eps", "embedding_eps"),
+    [
+        # α = 1 (CompleteP): residual 1/4; LRs as without depth (4^0); ε (1/4)·(1/4).
+        (1.0, 0.25, 0.5, 1.0, 1 / 16, 1 / 4),
+        # α = ½ (depth-µP): residual 1/2; LRs × 4^(−½) = 1/2; ε (1/4)·(1/2).
+        (0.5, 0.5, 0.25, 0.5, 1 / 8, 1 / 4),
+        # None: today's rules exactly; ε untouched.
+        (None, 1.0, 0.5, 1.0, 1.0, 1.0),
+    ],
+)
+def test_depth_rules_hand_computed(alpha, residual, hidden_lr, vector_lr, hidden_eps, embedding_eps):
+    m_l = depth_multiplier(16, 4)
+    assert m_l == 4.0
+    assert residual_multiplier(alpha, m_l) == pytest.approx(residual, rel=1e-15)
+    hidden = lr_multiplier("hidden", "supar", IN_BLOCK, "adam", alpha)
+    assert hidden == pytest.approx(hidden_lr, rel=1e-15)  # 1/(m_d·m_ρ) · m_L^(α−1) = 1/2 · m_L^(α−1)
+    assert lr_multiplier("vector", "supar", IN_BLOCK, "adam", alpha) == pytest.approx(vector_lr, rel=1e-15)
+    assert lr_multiplier("input", "supar", OUTSIDE, "adam", alpha) == 1.0
+    assert lr_multiplier("vector", "supar", OUTSIDE, "adam", alpha) == 1.0  # the final norm
+    assert adam_eps_multiplier("supar", IN_BLOCK, alpha) == pytest.approx(hidden_eps, rel=1e-15)
+    assert adam_eps_multiplier("supar", OUTSIDE, alpha) == pytest.approx(embedding_eps, rel=1e-15)
+    # independent decay keeps lr·wd at the base's, depth factor included; init does not change with depth
+    assert weight_decay_multiplier("hidden", hidden) * hidden == pytest.approx(1.0, rel=1e-15)
+    assert init_std("hidden", "supar", IN_BLOCK, 0.02) == init_std("hidden", "supar", Multipliers(4.0, 4.0, 0.5), 0.02)
+
+
+@given(st.sampled_from(ROLES), st.sampled_from(list(SCHEMES)), mult, mult, st.floats(1 / 64, 1.0))
+def test_depth_rule_none_is_todays_rule(role, scheme, m_d, m_l, m_rho):
+    with_depth = Multipliers(width=m_d, fan_out=m_d, density=m_rho, depth=m_l)
+    without = Multipliers(width=m_d, fan_out=m_d, density=m_rho)
+    for family in FAMILIES:
+        assert lr_multiplier(role, scheme, with_depth, family, None) == lr_multiplier(role, scheme, without, family)
+    assert adam_eps_multiplier(scheme, with_depth, None) == 1.0
+    assert residual_multiplier(None, m_l) == 1.0
+
+
+@given(mult, mult, st.floats(1 / 64, 1.0), st.floats(0.5, 1.0))
+def test_depth_rule_at_base_depth_changes_only_eps(m_d, m_out, m_rho, alpha):
+    m = Multipliers(width=m_d, fan_out=m_out, density=m_rho, depth=1.0)
+    for role in ROLES:
+        assert lr_multiplier(role, "supar", m, "adam", alpha) == lr_multiplier(role, "supar", m, "adam")
+    assert residual_multiplier(alpha, 1.0) == 1.0
+    assert adam_eps_multiplier("supar", m, alpha) == pytest.approx(1 / m_d, rel=1e-15)
+
+
+def test_depth_rule_refusals():
+    with pytest.raises(ValueError, match="Adam-family"):
+        lr_multiplier("hidden", "supar", IN_BLOCK, "sgd", 1.0)
+    with pytest.raises(ValueError, match="depth_alpha"):
+        residual_multiplier(2.0, 4.0)
+    with pytest.raises(ValueError, match="positive integers"):
+        depth_multiplier(0, 4)
+    with pytest.raises(ValueError, match="depth"):
+        Multipliers(depth=0.0)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .benchmark import BENCH_MASKS
 from .coord import QUANTITIES, UNSTABLE, Case, CheckSettings, run_check, write_check
+from .coord.depth import DEPTH_QUANTITIES, DepthCase
 from .coord.reference import parse_model
 from .core import explain
 from .core.atomic import WriteError, make_dirs
@@ -88,20 +89,46 @@ def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
 def _coord_check(args: argparse.Namespace) -> int:
     settings = CheckSettings.resolve(args.model, args.scheme, args.widths, args.densities, args.steps, args.seeds,
                                      args.base_width, args.lr, args.batch_size, args.blocks, args.backend,
-                                     args.depth, args.head_dim, args.sparsity_method, args.update_every)
+                                     args.depth, args.head_dim, args.sparsity_method, args.update_every,
+                                     args.depths, args.depth_alpha, args.base_depth)
     make_dirs(args.out)  # a bad --out fails now, not after the measurements
     bar = tqdm(total=settings.total, desc=f"coord-check {args.model}/{args.scheme}", unit="model", file=sys.stderr)
 
-    def progress(case: Case) -> None:
-        bar.set_postfix(width=case.width, density=f"{case.density:g}", seed=case.seed)
+    def progress(case: Case | DepthCase) -> None:
+        depth = {"depth": case.depth} if isinstance(case, DepthCase) else {}
+        bar.set_postfix(width=case.width, density=f"{case.density:g}", **depth, seed=case.seed)
         bar.update(1)
 
     result = run_check(settings, progress)
     bar.close()
     figures = write_check(result, args.out)
-    _print_summary(args, result["slopes"], result["verdict"], figures)
+    if settings.depths:
+        _print_depth_summary(args, result["slopes"], result["verdict"]["depth"], figures)
+    else:
+        _print_summary(args, result["slopes"], result["verdict"], figures)
     failed = any(v["pass"] is False or v.get("reason") == UNSTABLE for v in result["verdict"].values())
     return 1 if (args.strict and failed) else 0
+
+
+def _print_depth_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, figures: list[Path]) -> None:
+    print(f"\ncoordinate check across depth: {args.model}, scheme {args.scheme}, depth_alpha {args.depth_alpha} "
+          "(max |log-log slope| against depth over steps)")
+    print(f"{'width':>6s} {'density':>8s} " + " ".join(f"{q:>12s}" for q in DEPTH_QUANTITIES))
+    for width, density in sorted({(f["width"], f["density"]) for f in fits}, key=lambda wd: (wd[0], -wd[1])):
+        cells = []
+        for quantity in DEPTH_QUANTITIES:
+            values = [abs(f["depth_slope"]) for f in fits if (f["width"], f["density"], f["quantity"]) ==
+                      (width, density, quantity) and f["depth_slope"] is not None]
+            cells.append(f"{max(values):.3f}" if values else "-")
+        print(f"{width:6d} {density:8g} " + " ".join(f"{c:>12s}" for c in cells))
+    if verdict.get("reason") == UNSTABLE:
+        print(f"depth    verdict: none, {UNSTABLE} ({len(verdict['unstable'])} case(s))")
+    elif verdict["pass"] is not None:
+        worst = verdict["worst"]
+        print(f"depth    verdict: {'PASS' if verdict['pass'] else 'FAIL'}  max |slope| {verdict['max_abs_slope']:.3f} "
+              f"(threshold {verdict['threshold']}; worst: width {worst['width']} density {worst['density']:g} "
+              f"{worst['quantity']} step {worst['step']})")
+    print(f"wrote {args.out / 'coord.json'}" + "".join(f", {p}" for p in figures))
 
 
 def _print_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, figures: list[Path]) -> None:
@@ -139,16 +166,19 @@ def _print_summary(args: argparse.Namespace, fits: list[dict], verdict: dict, fi
 
 def _explain(args: argparse.Namespace) -> int:
     spec = hf_model_spec(args.model)
+    depth: dict[str, Any] = {}
+    if args.depth_alpha is not None:
+        depth = {"depth_alpha": args.depth_alpha, "base_depth": args.base_depth or args.depth}
     model: torch.nn.Module
     if spec is not None:
         from . import hf  # needs sparsemup[hf]; its error names the extra
 
         template = hf.small_config(spec, VOCAB_SIZE, args.depth)
         model = hf.build(template, args.width, args.base_width, head_dim=args.head_dim, scheme=args.scheme,
-                         density=args.density)
+                         density=args.density, **depth)
     elif args.model == "gpt":
         cfg = GPTConfig(width=args.width, depth=args.depth, head_dim=args.head_dim)
-        model, _ = build_gpt(cfg, args.base_width, scheme=args.scheme, density=args.density)
+        model, _ = build_gpt(cfg, args.base_width, scheme=args.scheme, density=args.density, **depth)
     else:
         raise ValueError(f"explain shows gpt or hf:TYPE, not {args.model!r}")
     print(explain(model, args.optimizer))
@@ -297,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mlp, gpt (the reference models) or hf:TYPE, a transformers causal LM: a model type "
                     "(hf:llama, hf:gpt2, hf:qwen2, ...) or hf:path/to/config.json (needs sparsemup[hf])")
     cc.add_argument("--depth", type=int, help="hf: num_hidden_layers (default 2)")
+    cc.add_argument("--depths", type=_ints, help="comma-separated numbers of blocks: the check across depth "
+                    "(reference GPT; slopes of the last block's output and each block's update against depth)")
+    cc.add_argument("--depth-alpha", type=float, help="with --depths: the depth rule of the models, 1 (CompleteP) "
+                    "or 0.5 (depth-µP); default none")
+    cc.add_argument("--base-depth", type=int, help="with --depths: the depth rule's base depth (default: the "
+                    "smallest of --depths)")
     cc.add_argument("--head-dim", type=int, help="hf: the head dim, fixed as heads grow with width (default 64)")
     cc.add_argument("--scheme", choices=SCHEME_NAMES, default="supar")
     cc.add_argument("--widths", type=_ints, help="comma-separated widths (default: per model)")
@@ -452,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--depth", type=int, default=2)
     ex.add_argument("--head-dim", type=int, default=64)
     ex.add_argument("--density", type=float, default=0.25)
+    ex.add_argument("--depth-alpha", type=float, help="the depth rule: 1 (CompleteP) or 0.5 (depth-µP); default none")
+    ex.add_argument("--base-depth", type=int, help="with --depth-alpha: the base's number of blocks (default --depth)")
     ex.add_argument("--optimizer", choices=tuple(f.value for f in Family), default="adam",
                     help="the optimizer family whose rule the LR/WD columns show")
     ex.set_defaults(func=_explain)

@@ -9,13 +9,17 @@ from .core.rules import (
     Multipliers,
     Role,
     Scheme,
+    adam_eps_multiplier,
     attention_scale,
+    depth_multiplier,
     forward_multiplier,
     get_scheme,
     init_std,
     lr_multiplier,
+    residual_multiplier,
     weight_decay_multiplier,
 )
 
-__all__ = ["SCHEMES", "Family", "Multipliers", "Role", "Scheme", "attention_scale", "forward_multiplier",
-           "get_scheme", "init_std", "lr_multiplier", "weight_decay_multiplier"]
+__all__ = ["SCHEMES", "Family", "Multipliers", "Role", "Scheme", "adam_eps_multiplier", "attention_scale",
+           "depth_multiplier", "forward_multiplier", "get_scheme", "init_std", "lr_multiplier", "residual_multiplier",
+           "weight_decay_multiplier"]

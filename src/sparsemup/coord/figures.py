@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..core.atomic import write_atomic  # noqa: E402
 from .measurement import averaged  # noqa: E402
 
-__all__ = ["plot_coord"]
+__all__ = ["plot_coord", "plot_depth"]
 
 _LABELS = {"act": "activations Y", "grad": "activation gradients ∇X", "delta": "update effect ΔY"}
 
@@ -72,3 +72,33 @@ def plot_coord(rows: Sequence[dict[str, Any]], out_dir: Path, title: str, steps:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+_DEPTH_LABELS = {"act": "last block's output", "delta": "its change since step 0",
+                 "block_delta": "depth x mean change of a block's update"}
+
+
+def plot_depth(fits: Sequence[dict[str, Any]], out_dir: Path, title: str, steps: int) -> Path:
+    """Write ``depth.png``: each depth quantity's seed-averaged RMS against depth at the last step, a line per
+    (width, density); return its path."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), constrained_layout=True)
+    for ax, quantity in zip(axes, _DEPTH_LABELS):
+        for fit in fits:
+            if fit["quantity"] != quantity or fit["step"] != steps:
+                continue
+            pts = sorted((int(d), v) for d, v in fit["rms"].items() if v > 0)
+            slope = fit["depth_slope"]
+            ax.plot(*zip(*pts), "-", marker="o", ms=3,
+                    label=f"width {fit['width']}, density {fit['density']:g} (slope {slope:+.2f})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        _min_span(ax)
+        ax.set_xlabel("depth (blocks)")
+        ax.set_title(f"{_DEPTH_LABELS[quantity]}, step {steps}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: RMS vs depth")
+    path = Path(out_dir) / "depth.png"
+    write_atomic(path, partial(fig.savefig, format="png", dpi=90))
+    plt.close(fig)
+    return path

@@ -14,10 +14,12 @@ from typing import Any, Literal, get_args
 import torch
 
 from ..core.atomic import make_dirs, write_json_atomic
+from ..core.rules import check_depth_alpha
 from ..core.vocab import BackendChoice, hf_model_spec
 from ..dynamic import SET, DynamicSparsity, RigL
 from ..sparse import Fixes, check_backend
 from .cases import COORD_DEFAULTS, GPT_DEFAULTS, HF_DEFAULTS, MLP_DEFAULTS, gpt_cases, hf_cases, mlp_cases
+from .depth import DepthCase, depth_cases, evaluate_depth, hf_depth_cases
 from .measurement import THRESHOLD, Case, MaskUpdates, evaluate
 
 __all__ = ["CheckSettings", "ModelName", "MODEL_NAMES", "model_family", "parse_model", "run_check", "write_check",
@@ -64,6 +66,9 @@ class CheckSettings:
     head_dim: int | None = None  # hf: the fixed head dim
     sparsity_method: str = "static"  # static, set or rigl: how the sparse cases' masks evolve
     update_every: int = 5  # set/rigl: steps between mask updates
+    depths: list[int] | None = None  # the depth axis (docs/COORD_CHECK.md): numbers of blocks; None: no depth check
+    depth_alpha: float | None = None  # the depth rule of the depth check's models (None: none)
+    base_depth: int | None = None  # L_base of the depth rule (and the base case's depth)
 
     @classmethod
     def resolve(cls, model: str, scheme: str, widths: list[int] | None = None,
@@ -71,11 +76,16 @@ class CheckSettings:
                 base_width: int | None = None, lr: float | None = None, batch_size: int | None = None,
                 block: int | None = None, backend: BackendChoice | None = None, depth: int | None = None,
                 head_dim: int | None = None, sparsity_method: str = "static",
-                update_every: int = 5) -> CheckSettings:
+                update_every: int = 5, depths: list[int] | None = None, depth_alpha: float | None = None,
+                base_depth: int | None = None) -> CheckSettings:
         """Settings with every unset value taken from ``COORD_DEFAULTS`` of ``model`` (``steps`` None: 5, or
         20 with a dynamic ``sparsity_method`` so that updates happen inside the check; ``backend`` None: blocks
-        with ``block``, else masked dense)."""
+        with ``block``, else masked dense). With ``depths`` the check runs across depth (reference GPT, static
+        masks, masked dense) with the depth rule ``depth_alpha`` (None: none) and ``base_depth`` (default: the
+        smallest depth)."""
         family = model_family(parse_model(model))
+        base_depth = _check_depth_settings(model, depths, depth_alpha, base_depth, block, backend, sparsity_method,
+                                           depth)
         if sparsity_method not in COORD_METHODS:
             raise ValueError(f"unknown sparsity method {sparsity_method!r} for the coordinate check: use "
                              f"{', '.join(COORD_METHODS)} (gmp changes the density during the check, so the "
@@ -102,8 +112,9 @@ class CheckSettings:
         settings = cls(model, scheme, widths or defaults["widths"], densities or defaults["densities"], steps, seeds,
                        base_width or defaults["base_width"], lr if lr is not None else defaults["lr"],
                        batch_size or sizes["batch_size"], block, backend,
-                       depth or (sizes["depth"] if family == "hf" else None),
-                       head_dim or (sizes["head_dim"] if family == "hf" else None), sparsity_method, update_every)
+                       depth or (sizes["depth"] if family == "hf" and not depths else None),
+                       head_dim or (sizes["head_dim"] if family == "hf" else None), sparsity_method, update_every,
+                       depths, depth_alpha, base_depth)
         settings.method()  # a cadence without an update inside the check is an error now
         return settings
 
@@ -128,12 +139,12 @@ class CheckSettings:
     @property
     def total(self) -> int:
         """Models to build and measure: the grid, and the base once per seed (to judge stability)."""
-        return (len(self.widths) * len(self.densities) + 1) * self.seeds
+        return (len(self.widths) * len(self.densities) * len(self.depths or [1]) + 1) * self.seeds
 
     def describe(self) -> dict[str, Any]:
         """The settings as recorded in coord.json."""
         defaults = COORD_DEFAULTS[model_family(self.model)]
-        hf = {"depth": self.depth, "head_dim": self.head_dim} if self.depth is not None else {}
+        hf = {k: v for k, v in (("depth", self.depth), ("head_dim", self.head_dim)) if v is not None}
         return {
             "model": self.model, "scheme": self.scheme, "widths": self.widths, "densities": self.densities,
             "steps": self.steps, "seeds": self.seeds, "base_width": self.base_width, "base_density": 1.0,
@@ -142,6 +153,12 @@ class CheckSettings:
             "masks": f"blocks (b = {self.block})" if self.block else "rows",
             "backend": self.backend, **hf,
             **self._sparsity(),
+            **({"depths": self.depths, "depth_alpha": self.depth_alpha, "base_depth": self.base_depth,
+                "depth_quantities": "act: RMS of the last block's output (reported); delta: RMS of its change "
+                                    "since step 0 (judged); block_delta: depth x mean over blocks of the RMS of the "
+                                    "change of each block's own update, output minus input re-run on its step-0 "
+                                    "input (judged)"}
+               if self.depths else {}),
         }
 
     def _sparsity(self) -> dict[str, Any]:
@@ -153,10 +170,17 @@ class CheckSettings:
                              "stop_step": method.stop_step, "update_fraction": method.fraction}}
 
 
-def run_check(settings: CheckSettings, progress: Callable[[Case], None] | None = None) -> dict[str, Any]:
+def run_check(settings: CheckSettings, progress: Callable[[Case | DepthCase], None] | None = None) -> dict[str, Any]:
     """Measure every case with Adam; returns {scheme, settings, verdict, slopes, measurements, seconds}."""
     s = settings
     spec = hf_model_spec(s.model)
+    if s.depths:
+        assert s.base_depth is not None  # resolve sets it with depths
+        grid = (s.scheme, s.widths, s.densities, s.depths, s.seeds, s.base_width, s.depth_alpha, s.base_depth,
+                s.batch_size)
+        depth_grid = depth_cases(*grid) if spec is None else hf_depth_cases(spec, *grid, s.head_dim)
+        found = evaluate_depth(depth_grid, s.lr, s.steps, progress)
+        return {"scheme": settings.scheme, "settings": settings.describe(), **found}
     if spec is not None:
         cases = hf_cases(spec, s.scheme, s.widths, s.densities, s.seeds, s.base_width,
                          s.batch_size, s.depth, s.head_dim, s.backend)
@@ -167,14 +191,42 @@ def run_check(settings: CheckSettings, progress: Callable[[Case], None] | None =
     return {"scheme": settings.scheme, "settings": settings.describe(), **found}
 
 
+def _check_depth_settings(model: str, depths: list[int] | None, depth_alpha: float | None, base_depth: int | None,
+                          block: int | None, backend: BackendChoice | None, sparsity_method: str,
+                          depth: int | None) -> int | None:
+    """The depth check's settings are consistent; returns the base depth (default: the smallest depth)."""
+    if not depths:
+        if depth_alpha is not None or base_depth is not None:
+            raise ValueError("--depth-alpha and --base-depth apply to the check across depth: add --depths")
+        return None
+    if model == "mlp":
+        raise ValueError("--depths runs a transformer (--model gpt or hf:TYPE): the MLP has no residual blocks")
+    if block or (backend or "masked_dense") != "masked_dense" or sparsity_method != "static":
+        raise ValueError("--depths measures static row masks on masked dense: drop --blocks, --backend and "
+                         "--sparsity-method")
+    if depth is not None:
+        raise ValueError("--depth and --depths together: --depths gives the numbers of layers of the check across "
+                         "depth; drop --depth")
+    if any(d < 1 for d in depths) or len(set(depths)) < 2:
+        raise ValueError(f"--depths {','.join(map(str, depths))}: give at least two different depths, each >= 1")
+    check_depth_alpha(depth_alpha)
+    if base_depth is not None and base_depth < 1:
+        raise ValueError(f"--base-depth {base_depth}: must be at least 1")
+    return base_depth or min(depths)
+
+
 def write_check(result: dict[str, Any], out: Path) -> list[Path]:
-    """Write coord.json and the width/density figures into ``out``; returns the figures' paths."""
-    from .figures import plot_coord
+    """Write coord.json and the width/density figures (or, across depth, the depth figure) into ``out``; returns
+    the figures' paths."""
+    from .figures import plot_coord, plot_depth
 
     out = Path(out)
     make_dirs(out)
     write_json_atomic(out / "coord.json", result)
     s = result["settings"]
+    if s.get("depths"):
+        return [plot_depth(result["slopes"], out, f"{s['model']} / {s['scheme']} / depth_alpha {s['depth_alpha']}",
+                           s["steps"])]
     return plot_coord(result["measurements"], out, f"{s['model']} / {s['scheme']}", s["steps"])
 
 

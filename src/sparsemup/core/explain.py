@@ -9,7 +9,7 @@ from torch import nn
 
 from .optim import optimizer_family
 from .record import get_parameterization
-from .rules import Family, lr_multiplier, weight_decay_multiplier
+from .rules import Family, adam_eps_multiplier, lr_multiplier, weight_decay_multiplier
 from .vocab import WeightDecayMode
 
 __all__ = ["explain_rows", "explain"]
@@ -21,12 +21,16 @@ def explain_rows(
     weight_decay_mode: WeightDecayMode = "independent",
     decay_vectors: bool = False,
 ) -> list[dict[str, Any]]:
-    """One dict per parameter: role, shape, m_d, m_ρ, density, init std, LR/WD/forward multipliers."""
+    """One dict per parameter: role, shape, m_d, m_ρ, density, init std, LR/WD/forward multipliers; with a depth
+    rule also m_L (1 outside the residual blocks) and Adam's ε multiplier."""
     record = get_parameterization(model)
     family = optimizer_family(optimizer)
+    alpha = record.options.depth_alpha
     rows = []
     for info in record.params.values():
-        lr_mult = lr_multiplier(info.role, record.scheme, info.multipliers, family)
+        lr_mult = lr_multiplier(info.role, record.scheme, info.multipliers, family, alpha)
+        depth = {} if alpha is None else {"m_L": info.multipliers.depth,
+                                          "eps_mult": adam_eps_multiplier(record.scheme, info.multipliers, alpha)}
         rows.append(
             {
                 "name": info.name if len(info.names) == 1 else " = ".join(info.names),
@@ -39,6 +43,7 @@ def explain_rows(
                 "lr_mult": lr_mult,
                 "wd_mult": weight_decay_multiplier(info.role, lr_mult, weight_decay_mode, decay_vectors),
                 "forward": dict(info.forward_multipliers),
+                **depth,
             }
         )
     return rows
@@ -74,6 +79,10 @@ def explain(
     record = get_parameterization(model)
     rows = explain_rows(model, optimizer, weight_decay_mode, decay_vectors)
     columns = ["name", "role", "shape", "m_d", "m_rho", "density", "init_std", "lr_mult", "wd_mult", "forward"]
+    alpha = record.options.depth_alpha
+    if alpha is not None:
+        columns[4:4] = ["m_L"]
+        columns[-1:-1] = ["eps_mult"]
     table = [columns] + [[_fmt(r[c]) for c in columns] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = [
@@ -85,4 +94,10 @@ def explain(
         lines.append(f"attention {name}: logit scale {scale:.6g}")
     for name, factor in record.attention_factors.items():
         lines.append(f"attention {name}: its scaling multiplied by {factor:.6g} (sqrt(base head dim / head dim))")
+    if alpha is not None:
+        depth, base_depth = record.depth or 0, record.options.base_depth or 1  # both set under a depth rule
+        lines.append(f"depth rule alpha {alpha:g}: {depth} residual blocks, base depth {base_depth}, m_L "
+                     f"{_fmt(depth / base_depth)} (LRs in blocks x m_L^(alpha-1), Adam eps x m_L^(-alpha)/m_d)")
+        for name, factor in record.residual_multipliers.items():
+            lines.append(f"residual branch {name}: output x {factor:.6g} (m_L^-alpha)")
     return "\n".join(lines)

@@ -13,12 +13,13 @@ from torch import nn
 
 from . import hooks
 from .attention import SCALING_ATTR
+from .layout import layout_of
 from .record import RECORD_PREFIX, get_parameterization
 from .rules import Role
 from .storage import SparseStorage
 from .structure import named_modules, unwrap
 
-__all__ = ["export", "export_with_folds", "Probe", "SaveGuard", "guard_own_savers"]
+__all__ = ["export", "export_with_folds", "Probe", "SaveGuard", "guard_own_savers", "token_probe", "first_tensor"]
 
 Probe = Callable[[nn.Module], object]  # runs a model on an example batch
 Captured = tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]  # a module's args, kwargs and output
@@ -84,8 +85,9 @@ def export(model: nn.Module, probe: Probe | None = None) -> nn.Module:
 
 @torch.no_grad()
 def export_with_folds(model: nn.Module, probe: Probe | None = None) -> tuple[nn.Module, dict[str, float]]:
-    """``export``, and the factor folded into each weight and bias for the attention scales ({name: factor}),
-    which must be divided out again to restore the parameterized model from the plain one's weights."""
+    """``export``, and the factor folded into each weight and bias for the attention scales and the depth rule's
+    residual multipliers ({name: factor}), which must be divided out again to restore the parameterized model
+    from the plain one's weights."""
     record = get_parameterization(model)
     captured = _capture_attention(unwrap(model), record.attention_factors, probe)
     plain = copy.deepcopy(unwrap(model))
@@ -116,13 +118,16 @@ def export_with_folds(model: nn.Module, probe: Probe | None = None) -> tuple[nn.
             dense = module.to_dense_module()
             hooks.move_hooks(module, dense)
             setattr(plain.get_submodule(parent_name), child, dense)
+    folds: dict[str, float] = {}
+    for name, factor in record.residual_multipliers.items():  # after the swap back: the plain modules' weights
+        for param_name, value in _fold_residual(name, plain.get_submodule(name), factor).items():
+            folds[f"{name}.{param_name}"] = value
     for module in plain.modules():
         _strip_hooks(module)
     delattr(plain, hooks.SIGNATURE)
     for key, value in list(plain.__dict__.items()):  # the record, backend choices, save guards, ...
         if key.startswith(RECORD_PREFIX) or isinstance(value, SaveGuard):
             del plain.__dict__[key]
-    folds: dict[str, float] = {}
     for name, factor in record.attention_factors.items():
         module = modules[name]
         setattr(module, SCALING_ATTR, getattr(module, SCALING_ATTR) / factor)
@@ -130,20 +135,35 @@ def export_with_folds(model: nn.Module, probe: Probe | None = None) -> tuple[nn.
         module.eval()
         try:
             for param_name, value in _fold(name, module, factor, *captured[name]).items():
-                folds[f"{name}.{param_name}" if name else param_name] = value
+                key = f"{name}.{param_name}" if name else param_name
+                folds[key] = folds.get(key, 1.0) * value
         finally:
             module.train(training)
     return plain, folds
 
 
-def _token_probe(model: nn.Module) -> object:
+def _fold_residual(name: str, module: nn.Module, factor: float) -> dict[str, float]:
+    """Multiply a residual branch's closing module's weight and bias by its m_L^(−α): exactly the hook's output
+    factor for a module whose output is linear in (weight, bias) jointly (a registered layout: Linear, convs)."""
+    own = dict(module.named_parameters(recurse=False))
+    if layout_of(module) is None or set(own) - {"weight", "bias"} or any(True for _ in module.children()):
+        raise ValueError(f"{name}: a {type(module).__name__}, not a layer with a registered layout and only weight "
+                         "and bias, so its residual multiplier cannot be folded into its weights; declare the "
+                         "branch's closing projection (nn.Linear, a conv) in residual_branches")
+    if factor != 1.0:
+        for param in own.values():
+            param.mul_(factor)
+    return {n: factor for n in own}
+
+
+def token_probe(model: nn.Module) -> object:
     """Random token ids through a model with ``get_input_embeddings`` (a transformers model), no KV cache."""
     embeddings = getattr(model, "get_input_embeddings", None)
     embedding = embeddings() if callable(embeddings) else None
     if not isinstance(embedding, nn.Embedding):
         raise ValueError(
-            f"export folds attention scales by checking the outputs on a probe batch, and cannot make one for a "
-            f"{type(model).__name__}; pass probe=lambda m: m(example_inputs)"
+            f"sparsemup checks attention folds and residual branches on a probe batch, and cannot make one for a "
+            f"{type(model).__name__} (no get_input_embeddings); pass probe=lambda m: m(example_inputs)"
         )
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, embedding.num_embeddings, (2, 16), generator=gen).to(embedding.weight.device)
@@ -151,12 +171,13 @@ def _token_probe(model: nn.Module) -> object:
     return model(tokens, **kwargs)
 
 
-def _first_tensor(output: object) -> torch.Tensor:
+def first_tensor(output: object) -> torch.Tensor:
+    """A module's output tensor: the output itself, or the first entry of a (nested) tuple or list."""
     while isinstance(output, (tuple, list)):
         output = output[0]
     if not isinstance(output, torch.Tensor):
-        raise ValueError(f"an attention module returned {type(output).__name__}, not a tensor (or a tuple starting "
-                         "with one); sparsemup cannot check a fold of its scale")
+        raise ValueError(f"a module (attention, residual block or branch) returned {type(output).__name__}, not a "
+                         "tensor (or a tuple starting with one); sparsemup cannot check it on the probe batch")
     return output
 
 
@@ -170,14 +191,14 @@ def _capture_attention(model: nn.Module, factors: Mapping[str, float],
 
     def recorder(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: object) -> None:
-            captured.setdefault(name, (args, dict(kwargs), _first_tensor(output).detach().clone()))
+            captured.setdefault(name, (args, dict(kwargs), first_tensor(output).detach().clone()))
         return record
 
     handles = [modules[name].register_forward_hook(recorder(name), with_kwargs=True) for name in factors]
     training = model.training
     try:
         model.eval()
-        (probe or _token_probe)(model)
+        (probe or token_probe)(model)
     finally:
         model.train(training)
         for handle in handles:
@@ -202,7 +223,7 @@ def _fold(name: str, module: nn.Module, factor: float, args: tuple[Any, ...], kw
     tolerance = 1e-5 * float(expected.abs().max()) + 1e-9  # fp32 rounding; at init the scale moves outputs ~1e-3
 
     def error() -> float:
-        return float((_first_tensor(module(*args, **kwargs)) - expected).abs().max())
+        return float((first_tensor(module(*args, **kwargs)) - expected).abs().max())
 
     if error() <= 10 * tolerance:
         raise ValueError(f"{name}: the probe batch does not tell the attention scale apart (outputs barely change "

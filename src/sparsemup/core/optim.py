@@ -7,6 +7,7 @@ that scales groups proportionally, and sharded optimizers work unchanged.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from .record import get_parameterization, is_parameterized
-from .rules import Family, lr_multiplier, weight_decay_multiplier
+from .rules import Family, adam_eps_multiplier, lr_multiplier, weight_decay_multiplier
 from .structure import strip_wrappers, unwrap
 from .vocab import WEIGHT_DECAY_MODES, WeightDecayMode, check_choice
 
@@ -103,8 +104,9 @@ def param_groups(
     weight_decay: float = 0.0,
     weight_decay_mode: WeightDecayMode = "independent",
     decay_vectors: bool = False,
+    eps: float | None = None,
 ) -> list[dict[str, Any]]:
-    """``torch.optim`` parameter groups with each parameter's LR and weight decay.
+    """``torch.optim`` parameter groups with each parameter's LR and weight decay (and Adam's ε under a depth rule).
 
     Args:
         model: a parameterized model (wrappers such as DDP are looked through).
@@ -117,6 +119,9 @@ def param_groups(
             SµPar code). ``independent`` with nonzero decay is refused for optimizers whose decay is an
             L2 term (Adam, RMSprop, ... and their subclasses).
         decay_vectors: also decay biases and norm gains.
+        eps: the base ε of an Adam-family optimizer (default: the class's own default). Used only with a depth
+            rule, whose groups hold ``eps`` = ε_base·eps_mult and ``eps_mult``; without one ε is left to the
+            optimizer, as before.
 
     Frozen parameters (requires_grad=False) are left out.
 
@@ -138,21 +143,36 @@ def param_groups(
             "(torch.optim.AdamW) or weight_decay_mode='coupled'"
         )
     record = get_parameterization(model)
-    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    alpha = record.options.depth_alpha
+    base_eps = _base_eps(optimizer_class, eps) if alpha is not None else None
+    groups: dict[tuple[float, float, float], dict[str, Any]] = {}
     for name, param in unwrap(model).named_parameters():
         if not param.requires_grad:
             continue
         info = record.info(strip_wrappers(name))
-        lr_mult = lr_multiplier(info.role, record.scheme, info.multipliers, rule.family)
+        lr_mult = lr_multiplier(info.role, record.scheme, info.multipliers, rule.family, alpha)
         wd_mult = weight_decay_multiplier(info.role, lr_mult, weight_decay_mode, decay_vectors)
-        group = groups.setdefault(
-            (lr_mult, wd_mult),
-            {"params": [], "lr": lr * lr_mult, "weight_decay": weight_decay * wd_mult,
-             "lr_mult": lr_mult, "wd_mult": wd_mult, "param_names": []},
-        )
+        eps_mult = adam_eps_multiplier(record.scheme, info.multipliers, alpha)
+        new = {"params": [], "lr": lr * lr_mult, "weight_decay": weight_decay * wd_mult,
+               "lr_mult": lr_mult, "wd_mult": wd_mult, "param_names": []}
+        if base_eps is not None:
+            new.update(eps=base_eps * eps_mult, eps_mult=eps_mult)
+        group = groups.setdefault((lr_mult, wd_mult, eps_mult), new)
         group["params"].append(param)
         group["param_names"].append(info.name)
     return list(groups.values())
+
+
+def _base_eps(optimizer_class: type[torch.optim.Optimizer], eps: float | None) -> float:
+    """ε_base for a depth rule: the one given, else the optimizer class's default (it must take an ``eps``)."""
+    default = inspect.signature(optimizer_class.__init__).parameters.get("eps")
+    if default is None:
+        raise ValueError(f"the depth rule scales Adam's ε, but {optimizer_class.__name__} takes no eps argument; "
+                         "register an Adam-family optimizer with one, or use depth_alpha=None")
+    value = eps if eps is not None else default.default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"eps must be a non-negative number, got {value!r}")
+    return float(value)
 
 
 def make_optimizer(
@@ -170,7 +190,8 @@ def make_optimizer(
 
         opt = sparsemup.make_optimizer(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
     """
-    groups = param_groups(model, optimizer_class, lr, weight_decay, weight_decay_mode, decay_vectors)
+    groups = param_groups(model, optimizer_class, lr, weight_decay, weight_decay_mode, decay_vectors,
+                          kwargs.get("eps"))
     build: Callable[..., torch.optim.Optimizer] = optimizer_class  # every torch optimizer takes lr
     return build(groups, lr=lr, **kwargs)
 

@@ -8,7 +8,7 @@ then applies the plan: initialises every parameter, installs masks and hooks, an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -48,6 +48,10 @@ def parameterize(
     seed: int = 0,
     forward_multipliers: ForwardMultipliers = "hooks",
     mask_dense: bool = False,
+    depth_alpha: float | None = None,
+    base_depth: int | None = None,
+    residual_branches: Sequence[str] | None = None,
+    probe: Callable[[nn.Module], object] | None = None,
 ) -> Parameterization:
     """Apply a parameterization and static sparse masks to ``model`` in place.
 
@@ -76,6 +80,16 @@ def parameterize(
             "manual" installs none (apply ``ParamInfo.forward_multipliers`` yourself).
         mask_dense: give hidden weights at density 1 an all-ones mask too, so that dynamic sparsity
             (``sparsemup.dynamic.DynamicSparsity``, e.g. GMP starting dense) can prune them.
+        depth_alpha: the depth rule (arXiv 2505.01618): None (none, the default), 1 (CompleteP) or 0.5
+            (depth-µP). Each residual branch's output is multiplied by m_L^(−α), m_L = L / base_depth, and
+            Adam's LRs and ε take the depth factors of docs/RULES.md.
+        base_depth: L_base, the number of residual blocks of the model the hyperparameters were tuned on
+            (the width base is built at the model's own depth, so it cannot tell).
+        residual_branches: module name patterns of the residual branches' closing modules (e.g.
+            ``["blocks.*.attn.proj", "blocks.*.mlp.proj"]``); None finds them. Either way each block's
+            update is checked to be the sum of its branches' outputs on a probe batch.
+        probe: runs the model on an example batch for that check (default: random token ids through a
+            model with ``get_input_embeddings``).
 
     Returns the ``Parameterization`` (also stored on the model; see ``get_parameterization``).
     Raises ValueError, naming the parameter and the fix, on any inconsistent input, before
@@ -92,7 +106,8 @@ def parameterize(
         scheme=scheme, density=density, base_density=base_density, init_std=init_std, role_init_std=role_init_std,
         init_scale=init_scale, input_alpha=input_alpha, output_alpha=output_alpha, zero_readout=zero_readout,
         roles=roles, delta=delta, masks=masks, mask_kind=mask_kind, block_size=block_size, seed=seed,
-        forward_multipliers=forward_multipliers, mask_dense=mask_dense,
+        forward_multipliers=forward_multipliers, mask_dense=mask_dense, depth_alpha=depth_alpha,
+        base_depth=base_depth, residual_branches=residual_branches, probe=probe,
     )
     return apply_plan(make_plan(model, base, options))
 
@@ -128,10 +143,14 @@ def apply_plan(plan: Plan) -> Parameterization:
     for name, factor in plan.attention_factors.items():
         module = modules[name]
         setattr(module, SCALING_ATTR, getattr(module, SCALING_ATTR) * factor)
+    if plan.options.forward_multipliers == "hooks":
+        for name, factor in plan.residual_multipliers.items():
+            if factor != 1.0:
+                modules[name].register_forward_hook(hooks.OutputMultiplier(factor))
     record = plan.record()
     target.__dict__[RECORD_ATTR] = record
     guard_own_savers(target)
-    if plan.scheme.width:
+    if plan.scheme.width or plan.options.depth_alpha is not None:
         watch_optimizers(target)
         target.register_forward_pre_hook(hooks.WatchCopies(watch_optimizers))
     return record

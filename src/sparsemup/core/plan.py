@@ -23,7 +23,18 @@ from .hooks import MASK_SUFFIX
 from .layout import Layout, from_neurons, group_count, layout_of, neurons_shape, neurons_view
 from .masks import blocks_per_row, random_mask, row_nonzeros, validate_mask
 from .record import Options, Parameterization, ParamInfo, is_parameterized
-from .rules import Multipliers, Role, Scheme, attention_scale, forward_multiplier, get_scheme
+from .residual import residual_branches
+from .rules import (
+    Multipliers,
+    Role,
+    Scheme,
+    attention_scale,
+    check_depth_alpha,
+    depth_multiplier,
+    forward_multiplier,
+    get_scheme,
+    residual_multiplier,
+)
 from .rules import init_std as rule_init_std
 from .structure import (
     Inferred,
@@ -71,6 +82,8 @@ class Plan:
     attention_scales: Mapping[str, float]
     options: Options
     attention_factors: Mapping[str, float]
+    residual_multipliers: Mapping[str, float]  # m_L^(−α) on each residual branch's closing module
+    depth: int | None  # residual blocks L (None without a depth rule)
 
     def record(self) -> Parameterization:
         """The ``Parameterization`` this plan stores on the model."""
@@ -84,8 +97,10 @@ class Plan:
             block_size=o.block_size,
             input_alpha=o.input_alpha,
             output_alpha=o.output_alpha,
-            options=dataclasses.replace(o, delta=None, masks=None),
+            options=dataclasses.replace(o, delta=None, masks=None, probe=None),
             attention_factors=dict(self.attention_factors),
+            residual_multipliers=dict(self.residual_multipliers),
+            depth=self.depth,
         )
 
     def signature(self) -> torch.Tensor:
@@ -94,10 +109,14 @@ class Plan:
         parts = [f"{self.scheme}|{o.input_alpha!r}|{o.output_alpha!r}|{sorted(self.attention_scales.items())!r}"]
         if self.attention_factors:  # absent when there are none, so that older signatures stay valid
             parts.append(f"attention factors|{sorted(self.attention_factors.items())!r}")
+        if o.depth_alpha is not None:  # absent without a depth rule, so that older signatures stay valid
+            parts.append(f"depth|{float(o.depth_alpha)!r}|{self.depth!r}|{o.base_depth!r}|"
+                         f"{sorted(self.residual_multipliers.items())!r}")
         for p in self.params:
             m = p.info.multipliers
+            depth = f"|{m.depth!r}" if o.depth_alpha is not None else ""
             parts.append(f"{p.info.names}|{p.info.role.value}|{m.width!r}|{m.fan_out!r}|{m.density!r}|"
-                         f"{sorted(p.info.forward_multipliers.items())!r}")
+                         f"{sorted(p.info.forward_multipliers.items())!r}{depth}")
         digest = hashlib.sha256("\n".join(parts).encode()).digest()
         return torch.frombuffer(bytearray(digest), dtype=torch.uint8).clone()
 
@@ -254,6 +273,9 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
     _check_not_narrower(inferred, base_shapes, params)
 
     decided = {name: _decide(inferred[name], name) for name in params}
+    branches, depth = _depth_plan(target, o)
+    m_depth = depth_multiplier(depth, o.base_depth) if depth is not None and o.base_depth is not None else 1.0
+    blocks = set(branches.values())
     hidden = {n: t for n, t in params.items() if decided[n][0].role is Role.HIDDEN}
     user_masks = {strip_wrappers(k): v for k, v in (o.masks or {}).items()}
     for name in user_masks:
@@ -291,6 +313,8 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
                 if o.mask_kind == "bernoulli":
                     rho = float(mask.sum()) / mask.numel()
             mults = Multipliers(width=mults.width, fan_out=mults.fan_out, density=rho / rho_base)
+        if blocks and any(_in_blocks(n, blocks) for n in tied.names):
+            mults = dataclasses.replace(mults, depth=m_depth)
         std: float | None = None
         if role is not Role.VECTOR:
             pattern = match(scales, tied.names)
@@ -344,7 +368,33 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
         planned.append(ParamPlan(tied, info, mask, usages))
     attention = _attention_scales(target, base, scheme)
     factors = _scaling_factors(target, base, scheme)
-    return Plan(target, modules, scheme, tuple(planned), attention, o, factors)
+    residual = {name: residual_multiplier(o.depth_alpha, m_depth) for name in branches}
+    return Plan(target, modules, scheme, tuple(planned), attention, o, factors, residual, depth)
+
+
+def _in_blocks(name: str, blocks: set[str]) -> bool:
+    """Whether parameter ``name`` lives inside one of the residual ``blocks``."""
+    return any(name.startswith(block + ".") for block in blocks)
+
+
+def _depth_plan(model: nn.Module, o: Options) -> tuple[dict[str, str], int | None]:
+    """The residual branches ({closing module: block}) and the number of blocks L under a depth rule."""
+    if o.depth_alpha is None:
+        if o.base_depth is not None or o.residual_branches is not None:
+            raise ValueError("base_depth and residual_branches belong to a depth rule; set depth_alpha (1 for "
+                             "CompleteP, 0.5 for depth-µP) or leave them out")
+        return {}, None
+    check_depth_alpha(o.depth_alpha)
+    if o.base_depth is None:
+        raise ValueError("depth_alpha needs base_depth=<the number of residual blocks of the model the "
+                         "hyperparameters were tuned on>; the width base is built at the model's own depth, so "
+                         "sparsemup cannot read it from the base")
+    depth_multiplier(1, o.base_depth)  # the error for a base_depth that is not a positive integer
+    if isinstance(o.residual_branches, str):
+        raise ValueError(f"residual_branches takes a list of module name patterns, got the string "
+                         f"{o.residual_branches!r}; write [{o.residual_branches!r}]")
+    branches = residual_branches(model, o.residual_branches, o.probe)
+    return branches, len(set(branches.values()))
 
 
 HEAD_DIM_ATTRS = ("head_dim", "head_size")

@@ -9,7 +9,7 @@ enters a state_dict; the state_dict carries a digest of it instead (``hooks.SIGN
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +51,10 @@ class Options:
     seed: int = 0
     forward_multipliers: ForwardMultipliers = "hooks"
     mask_dense: bool = False
+    depth_alpha: float | None = None
+    base_depth: int | None = None
+    residual_branches: Sequence[str] | None = None
+    probe: Callable[[nn.Module], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,10 @@ class Parameterization:
     # Factor multiplied into the ``scaling`` of each attention module that has one (transformers' attention
     # modules) where the head dim differs from the base's: sqrt(d_head,base / d_head).
     attention_factors: Mapping[str, float] = field(default_factory=dict)
+    # The depth rule (CompleteP): m_L^(−α) on the output of each residual branch's closing module, by module name
+    # (empty without a depth rule), and the number of residual blocks L found in the model.
+    residual_multipliers: Mapping[str, float] = field(default_factory=dict)
+    depth: int | None = None
 
     def info(self, name: str) -> ParamInfo:
         """The entry for a parameter, by any of its (canonical or wrapped) names."""

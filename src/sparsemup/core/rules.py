@@ -1,8 +1,8 @@
 """The parameterization rules as pure functions (no torch).
 
 Every rule is a function of a parameter's role, the scheme, and its multipliers
-(width m_d, fan-out m_out, density m_ρ). This module is the single place where
-SP, µP and SµPar differ; ``sparsemup.parameterize`` only applies what it returns.
+(width m_d, fan-out m_out, density m_ρ, depth m_L), and of the depth rule's α (CompleteP, arXiv 2505.01618).
+This module is the single place where SP, µP and SµPar differ; ``sparsemup.parameterize`` only applies what it returns.
 See docs/RULES.md for the table these functions implement (arXiv 2405.15743, Table 1 and App. D.3.1).
 """
 
@@ -26,6 +26,10 @@ __all__ = [
     "weight_decay_multiplier",
     "forward_multiplier",
     "attention_scale",
+    "check_depth_alpha",
+    "depth_multiplier",
+    "residual_multiplier",
+    "adam_eps_multiplier",
 ]
 
 
@@ -93,14 +97,18 @@ class Multipliers:
         multiplier of their one width dimension (1 when there is none).
     fan_out: m_out, the fan-out multiplier of a hidden weight (SGD's rule uses it).
     density: m_ρ = ρ / ρ_base with realised densities (1 for dense parameters).
+    depth: m_L = L / L_base for a parameter inside a residual block, 1 outside them (embeddings, final norm,
+        readout), whose number does not grow with depth.
     """
 
     width: float = 1.0
     fan_out: float = 1.0
     density: float = 1.0
+    depth: float = 1.0
 
     def __post_init__(self) -> None:
-        for field, value in (("width", self.width), ("fan_out", self.fan_out), ("density", self.density)):
+        for field, value in (("width", self.width), ("fan_out", self.fan_out), ("density", self.density),
+                             ("depth", self.depth)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"multiplier {field} must be a positive finite number, got {value!r}")
 
@@ -131,21 +139,58 @@ def init_std(role: Role | str, scheme: Scheme | str, m: Multipliers, base_std: f
     return base_std
 
 
+def check_depth_alpha(depth_alpha: float | None) -> None:
+    """Refuse a depth rule's α outside [1/2, 1], the range CompleteP's analysis covers (None: no depth rule)."""
+    if depth_alpha is None:
+        return
+    if isinstance(depth_alpha, bool) or not isinstance(depth_alpha, (int, float)) or not 0.5 <= depth_alpha <= 1.0:
+        raise ValueError(f"depth_alpha must be None (no depth rule), 1 (CompleteP) or 0.5 (depth-µP), or between "
+                         f"them, got {depth_alpha!r}")
+
+
+def depth_multiplier(depth: int, base_depth: int) -> float:
+    """m_L = L / L_base: the number of residual blocks over the base model's."""
+    if isinstance(depth, bool) or isinstance(base_depth, bool) or not (
+            isinstance(depth, int) and isinstance(base_depth, int) and depth > 0 and base_depth > 0):
+        raise ValueError(f"depth and base_depth must be positive integers (numbers of residual blocks), got "
+                         f"depth={depth!r}, base_depth={base_depth!r}")
+    return depth / base_depth
+
+
+def residual_multiplier(depth_alpha: float | None, m_depth: float) -> float:
+    """m_L^(−α) on every residual branch's output (x ← x + m_L^(−α)·branch(x)); 1 without a depth rule.
+
+    With α = 1 (CompleteP) the L branches' sum stays Θ(1) as L grows with every branch updating Θ(1/L)
+    of the stream; with α = ½ (depth-µP) their random sum at init stays Θ(1).
+    """
+    check_depth_alpha(depth_alpha)
+    return 1.0 if depth_alpha is None else float(m_depth ** -depth_alpha)
+
+
 def lr_multiplier(
-    role: Role | str, scheme: Scheme | str, m: Multipliers, family: Family | str
+    role: Role | str, scheme: Scheme | str, m: Multipliers, family: Family | str,
+    depth_alpha: float | None = None,
 ) -> float:
     """Factor on η_base for this parameter's learning rate.
 
     Adam family: hidden 1/(m_d · m_ρ) under SµPar, 1/m_d under µP; all else 1.
+    With a depth rule, times m_L^(α−1) for every parameter in a residual block (``m.depth``; 1 outside).
     SGD family (µP's MuSGD rule, paper App. D.3.1): hidden m_out/m_d · 1/m_ρ,
-    input, output and vectors m_d; everything 1 under SP.
+    input, output and vectors m_d; everything 1 under SP. No depth rule is derived for SGD (refused).
     """
     role, scheme, family = _role(role), get_scheme(scheme), _family(family)
+    check_depth_alpha(depth_alpha)
     density = m.density if scheme.density_lr else 1.0
     if family is Family.ADAM:
+        depth = 1.0 if depth_alpha is None else float(m.depth ** (depth_alpha - 1.0))
         if role is Role.HIDDEN:
-            return 1.0 / _hidden_scale(scheme, m, scheme.density_lr)
-        return 1.0
+            return depth / _hidden_scale(scheme, m, scheme.density_lr)
+        return depth
+    if depth_alpha is not None:
+        raise ValueError(
+            "the depth rules (depth_alpha) are derived for Adam-family optimizers only (CompleteP, arXiv 2505.01618, "
+            "gives no SGD rule); use an Adam-family optimizer, or depth_alpha=None with SGD"
+        )
     if role is Role.HIDDEN:
         width = m.fan_out / m.width if scheme.width else 1.0
         return width / density
@@ -170,6 +215,23 @@ def weight_decay_multiplier(
     if role is Role.VECTOR and not decay_vectors:
         return 0.0
     return 1.0 / lr_mult if mode == "independent" else 1.0
+
+
+def adam_eps_multiplier(scheme: Scheme | str, m: Multipliers, depth_alpha: float | None) -> float:
+    """Factor on Adam's ε for this parameter: (1/m_d)·m_L^(−α) with a depth rule, 1 without one (as before).
+
+    ε must shrink as the gradients do, or it swamps their normalisation: a weight's gradient is a sum over
+    tokens (not over width) of input × output gradient, the output gradient scales as 1/m_d (the readout's
+    α_output/m_d) times m_L^(−α) inside a branch, and neither factor depends on density (SµPar keeps
+    activations and activation gradients Θ(1) in m_ρ), so ε takes no m_ρ factor. The width factor is 1
+    under SP.
+    """
+    scheme = get_scheme(scheme)
+    check_depth_alpha(depth_alpha)
+    if depth_alpha is None:
+        return 1.0
+    width = m.width if scheme.width else 1.0
+    return float(m.depth ** -depth_alpha) / width
 
 
 def forward_multiplier(

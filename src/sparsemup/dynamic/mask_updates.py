@@ -154,7 +154,8 @@ class DynamicSparsity:
 
     def _check_decay_mode(self, t: _Target, group: Mapping[str, Any], family: Family) -> None:
         """The group's decay multiplier is the one ``weight_decay_mode`` gives (else the decay would drift)."""
-        mult = lr_multiplier(t.info.role, self.record.scheme, t.info.multipliers, family)
+        mult = lr_multiplier(t.info.role, self.record.scheme, t.info.multipliers, family,
+                             self.record.options.depth_alpha)
         expected = weight_decay_multiplier(t.info.role, mult, self.weight_decay_mode)
         if "wd_mult" in group and not math.isclose(group["wd_mult"], expected, rel_tol=1e-12):
             raise ValueError(f"{t.info.name}: its parameter group's weight-decay multiplier {group['wd_mult']:g} is "
@@ -170,9 +171,10 @@ class DynamicSparsity:
             t = self.targets[group["param_names"][0]]
             m = t.info.multipliers
             density = int(t.mask.count_nonzero()) / t.mask.numel()
-            now = Multipliers(m.width, m.fan_out, density / t.info.base_density)
-            static_mult = lr_multiplier(t.info.role, self.record.scheme, m, family)
-            mult = lr_multiplier(t.info.role, self.record.scheme, now, family)
+            now = Multipliers(m.width, m.fan_out, density / t.info.base_density, m.depth)
+            alpha = self.record.options.depth_alpha
+            static_mult = lr_multiplier(t.info.role, self.record.scheme, m, family, alpha)
+            mult = lr_multiplier(t.info.role, self.record.scheme, now, family, alpha)
             base_lr = group["static_lr"] / static_mult
             static_wd_mult = weight_decay_multiplier(t.info.role, static_mult, self.weight_decay_mode)
             wd_mult = weight_decay_multiplier(t.info.role, mult, self.weight_decay_mode)

@@ -54,7 +54,8 @@ _OPTION_TYPES: dict[str, tuple[type | None, ...]] = {
     "scheme": (str, dict), "density": (*_NUMBER, dict), "base_density": _NUMBER, "init_std": _NUMBER,
     "role_init_std": (dict, None), "init_scale": (dict, None), "input_alpha": _NUMBER, "output_alpha": _NUMBER,
     "zero_readout": (bool,), "roles": (dict, None), "mask_kind": (str,), "block_size": (int,), "seed": (int,),
-    "forward_multipliers": (str,), "mask_dense": (bool,),
+    "forward_multipliers": (str,), "mask_dense": (bool,), "depth_alpha": _NUMBER, "base_depth": (int,),
+    "residual_branches": (list,),
 }
 _PARAM_TYPES: dict[str, tuple[type | None, ...]] = {
     "role": (str,), "density": _NUMBER, "masked": (bool,), "forward_multipliers": (dict,), "shape": (list,),
@@ -63,7 +64,11 @@ _PARAM_TYPES: dict[str, tuple[type | None, ...]] = {
 
 def _options_json(options: Options) -> dict[str, Any]:
     """The JSON form of ``parameterize``'s arguments (delta and masks travel separately)."""
-    out = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name not in ("delta", "masks")}
+    out = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+           if f.name not in ("delta", "masks", "probe")}
+    for key in ("depth_alpha", "base_depth", "residual_branches"):  # written only with a depth rule: older files
+        if out[key] is None:                                          # stay as they were
+            del out[key]
     scheme = options.scheme
     if isinstance(scheme, Scheme):  # a named scheme by name, a custom one by its switches
         out["scheme"] = scheme.name if scheme in SCHEMES.values() else dataclasses.asdict(scheme)
@@ -167,7 +172,9 @@ def _write(model: torch.nn.Module, directory: Path, base_config: PretrainedConfi
         "format": FORMAT,
         "sparsemup_version": importlib.metadata.version("sparsemup"),
         "scheme": record.scheme.name,
-        "options": _options_json(record.options),
+        # with a depth rule the branches found are written by name, so a reload checks the same ones
+        "options": {**_options_json(record.options), **({"residual_branches": list(record.residual_multipliers)}
+                                                         if record.residual_multipliers else {})},
         "base_config": configs["base_config"],
         "delta_config": configs.get("delta_config"),
         "tie_word_embeddings": _tied(target),

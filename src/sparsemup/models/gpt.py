@@ -18,7 +18,10 @@ from torch import nn
 
 from ..core import DotProductAttention, Parameterization, parameterize
 
-__all__ = ["GPT", "GPTConfig", "gpt_init_scale", "build_gpt"]
+__all__ = ["GPT", "GPTConfig", "gpt_init_scale", "build_gpt", "GPT_RESIDUAL_BRANCHES", "gpt_probe"]
+
+# The closing projections of the two residual branches of every block (the depth rule scales their outputs).
+GPT_RESIDUAL_BRANCHES = ("blocks.*.attn.proj", "blocks.*.mlp.proj")
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,14 @@ def gpt_init_scale(depth: int) -> dict[str, float]:
     return {"blocks.*.attn.proj.weight": factor, "blocks.*.mlp.proj.weight": factor}
 
 
+def gpt_probe(model: nn.Module) -> object:
+    """Random token ids through a GPT: the probe batch on which the residual branches are checked."""
+    assert isinstance(model, GPT)  # build_gpt passes it for its own models only
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, min(16, model.cfg.context)), generator=gen)
+    return model(tokens.to(model.wte.weight.device))
+
+
 def build_gpt(
     cfg: GPTConfig,
     base_width: int,
@@ -147,14 +158,23 @@ def build_gpt(
 ) -> tuple[GPT, Parameterization]:
     """A GPT parameterized against its base (built on the meta device) with ``sparsemup.parameterize``.
 
-    ``options`` go to ``parameterize`` (scheme, density, init_std, alphas, seed, ...);
-    GPT-2's depth factor is added to ``init_scale`` unless given.
+    ``options`` go to ``parameterize`` (scheme, density, init_std, alphas, seed, depth_alpha, base_depth, ...);
+    GPT-2's depth factor is added to ``init_scale`` unless given: 1/sqrt(2·depth), or 1/sqrt(2·base_depth) with a
+    depth rule, whose m_L^(−α) on the branches already corrects for depth (it would be corrected twice). With a
+    depth rule the residual branches default to ``GPT_RESIDUAL_BRANCHES``, checked on ``gpt_probe``.
     """
     with torch.device("meta"):
         base = GPT(replace(cfg, width=base_width, head_dim=base_head_dim or cfg.head_dim))
         delta = GPT(replace(cfg, width=2 * base_width, head_dim=base_head_dim or cfg.head_dim))
     with torch.device(device):
         model = GPT(cfg)
+    if options.get("depth_alpha") is not None:
+        base_depth = options.get("base_depth")
+        if not isinstance(base_depth, int):
+            raise ValueError(f"depth_alpha needs base_depth=<the base model's number of blocks>, got {base_depth!r}")
+        options.setdefault("init_scale", gpt_init_scale(base_depth))
+        options.setdefault("residual_branches", GPT_RESIDUAL_BRANCHES)
+        options.setdefault("probe", gpt_probe)
     options.setdefault("init_scale", gpt_init_scale(cfg.depth))
     record = parameterize(model, base, delta=delta, **options)  # type: ignore[arg-type]
     return model, record

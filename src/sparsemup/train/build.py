@@ -31,6 +31,8 @@ def build_model(cfg: Config, device: torch.device | str = "cpu",
                                    mask_dense=gmp, base_density=m.base_density,
                                    init_std=m.init_std, input_alpha=m.input_alpha, output_alpha=m.output_alpha,
                                    seed=cfg.train.seed, mask_kind=m.mask_kind, block_size=m.block_size)
+    if m.depth_alpha:  # 0: no depth rule (the library's None)
+        options.update(depth_alpha=m.depth_alpha, base_depth=m.base_depth)
     model: nn.Module
     spec = hf_model_spec(m.arch)
     vocab = data_vocab(cfg.data.path, cfg.data.format)

@@ -70,6 +70,11 @@ class ModelConfig:
     init_std: float = _f(0.02, "σ_base: the scheme derives each layer's init std from it")
     input_alpha: float = _f(1.0, "α_input: multiplier on the embedding output")
     output_alpha: float = _f(1.0, "α_output: multiplier on the readout input (divided by m_d under µP/SµPar)")
+    depth_alpha: float = _f(0.0, "depth rule (CompleteP, docs/RULES.md): 0 for none (the default), 1 for CompleteP, "
+                            "0.5 for depth-µP; each residual branch is scaled by (depth / base_depth)^-alpha and "
+                            "AdamW's LRs and ε take the depth factors (adamw only)")
+    base_depth: int = _f(0, "number of blocks of the base (proxy) model the hyperparameters were tuned on; set it "
+                         "(at least 1) with model.depth_alpha, leave it 0 without")
     mask_kind: TrainedMaskKind = _f("rows", "rows (exactly round(ρ·fan_in) weights per neuron) or blocks (random "
                         "block_size² tiles, what the blocks backend runs fast)", choices=TRAINED_MASK_KINDS)
     block_size: int = _f(32, "b of blocks masks; it must divide width, and density·width/b must be ≥ 1")

@@ -103,6 +103,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(0.0 < value <= 1.0, f"model.{key} = {value}: must be in (0, 1] (1 is dense; 0.25 keeps a quarter)")
     for key in ("init_std", "input_alpha", "output_alpha"):
         _require(getattr(m, key) > 0, f"model.{key} = {getattr(m, key)}: must be positive")
+    _check_depth_rule(cfg)
     try:
         check_backend(m.backend, m.mask_kind, cfg.sparsity.method, CONFIG_FIXES)
     except ValueError as error:
@@ -144,6 +145,22 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         corpus_files(d.path)  # raises ConfigError when missing
     if hf_spec is not None:
         _check_hf(cfg, hf_spec)
+
+
+def _check_depth_rule(cfg: Config) -> None:
+    """model.depth_alpha is 0 (none) or in [1/2, 1], with a positive model.base_depth exactly when it is set, and
+    an Adam-family optimizer (no SGD depth rule is derived)."""
+    m = cfg.model
+    if m.depth_alpha == 0:
+        _require(m.base_depth == 0, f"model.base_depth = {m.base_depth} is set but model.depth_alpha = 0 (no depth "
+                 "rule); set model.depth_alpha (1 for CompleteP, 0.5 for depth-µP) or model.base_depth = 0")
+        return
+    _require(0.5 <= m.depth_alpha <= 1.0, f"model.depth_alpha = {m.depth_alpha:g}: use 0 (no depth rule), 1 "
+             "(CompleteP), 0.5 (depth-µP) or a value between 0.5 and 1")
+    _require(m.base_depth >= 1, "model.depth_alpha needs model.base_depth: the number of blocks of the base (proxy) "
+             "model the hyperparameters were tuned on (at least 1)")
+    _require(cfg.optim.name != "sgd", "model.depth_alpha: the depth rule is derived for AdamW only; set "
+             "optim.name = 'adamw' or model.depth_alpha = 0")
 
 
 def _check_hf(cfg: Config, spec: str) -> None:
