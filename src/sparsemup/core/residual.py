@@ -112,6 +112,15 @@ def _sums_to(update: torch.Tensor, x_in: torch.Tensor, parts: Sequence[torch.Ten
     return bool(((update - total).abs() <= bound).all())
 
 
+def _ends(block: str, ends: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's input and output on the probe batch, both finite (else an error naming the block)."""
+    if block not in ends:
+        raise ValueError(f"the probe batch did not run block {block!r} (or its input is not a tensor); "
+                         "pass probe=lambda m: m(example_inputs)")
+    _check_finite(block, ends)
+    return ends[block]
+
+
 def _check_finite(block: str, ends: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     if not all(bool(torch.isfinite(t).all()) for t in ends[block]):
         raise ValueError(f"block {block!r} gave non-finite values on the probe batch (uninitialised weights, e.g. "
@@ -152,11 +161,7 @@ def residual_branches(model: nn.Module, patterns: Sequence[str] | None, probe: P
                              "branches, e.g. with * for the block number")
         ends, outputs = _record(target, modules, blocks, chosen, probe)
         for block in blocks:
-            if block not in ends:
-                raise ValueError(f"the probe batch did not run block {block!r} (or its input is not a tensor); "
-                                 "pass probe=lambda m: m(example_inputs)")
-            _check_finite(block, ends)
-            x_in, x_out = ends[block]
+            x_in, x_out = _ends(block, ends)
             mine = [n for n in chosen if owner[n] == block]
             missing = [n for n in mine if n not in outputs]
             if missing or not _sums_to(x_out - x_in, x_in, [outputs[n] for n in mine]):
@@ -171,11 +176,7 @@ def residual_branches(model: nn.Module, patterns: Sequence[str] | None, probe: P
     ends, outputs = _record(target, modules, blocks, list(candidates), probe)
     found: dict[str, str] = {}
     for block in blocks:
-        if block not in ends:
-            raise ValueError(f"the probe batch did not run block {block!r} (or its input is not a tensor); "
-                             "pass probe=lambda m: m(example_inputs)")
-        _check_finite(block, ends)
-        x_in, x_out = ends[block]
+        x_in, x_out = _ends(block, ends)
         update = x_out - x_in
         mine = [n for n, b in candidates.items() if b == block and n in outputs and outputs[n].shape == update.shape]
         matches: list[tuple[str, ...]] = []
