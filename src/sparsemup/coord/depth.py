@@ -71,15 +71,20 @@ def depth_cases(scheme: str, widths: Sequence[int], densities: Sequence[float], 
     d = GPT_DEFAULTS
     for seed in range(seeds):
         tokens = markov_tokens(seed, batch_size or d["batch_size"], d["seq_len"] + 1, d["vocab_size"])
-        grid = [(base_width, 1.0, base_depth, True)] + [(w, rho, L, False) for w in widths for rho in densities
-                                                        for L in depths]
-        for width, density, depth, base in grid:
+        for width, density, depth, base in _grid(widths, densities, depths, base_width, base_depth):
             cfg = GPTConfig(vocab_size=d["vocab_size"], width=width, depth=depth, head_dim=d["head_dim"],
                             context=d["seq_len"])
             rule: dict[str, Any] = {"depth_alpha": depth_alpha, "base_depth": base_depth} if depth_alpha else {}
             build = partial(_first, partial(build_gpt, cfg, base_width, scheme=scheme, density=density, seed=seed,
                                             init_std=d["init_std"], **rule))
             yield DepthCase(width, density, depth, seed, build, tokens[:, :-1], tokens[:, 1:], _lm_loss, base)
+
+
+def _grid(widths: Sequence[int], densities: Sequence[float], depths: Sequence[int], base_width: int,
+          base_depth: int) -> list[tuple[int, float, int, bool]]:
+    """(width, density, depth, is the base) of every model of one seed: the dense base first."""
+    return [(base_width, 1.0, base_depth, True)] + [(w, rho, L, False) for w in widths for rho in densities
+                                                    for L in depths]
 
 
 def _logits_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
@@ -96,9 +101,7 @@ def hf_depth_cases(spec: str, scheme: str, widths: Sequence[int], densities: Seq
     d = HF_DEFAULTS
     for seed in range(seeds):
         tokens = markov_tokens(seed, batch_size or d["batch_size"], d["seq_len"] + 1, d["vocab_size"])
-        grid = [(base_width, 1.0, base_depth, True)] + [(w, rho, L, False) for w in widths for rho in densities
-                                                        for L in depths]
-        for width, density, depth, base in grid:
+        for width, density, depth, base in _grid(widths, densities, depths, base_width, base_depth):
             rule: dict[str, Any] = {"depth_alpha": depth_alpha, "base_depth": base_depth} if depth_alpha else {}
             build = partial(hf.build, hf.small_config(spec, d["vocab_size"], depth), width, base_width,
                             head_dim=head_dim or d["head_dim"], scheme=scheme, density=density, seed=seed,
