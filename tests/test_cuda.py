@@ -117,10 +117,10 @@ def test_a_gpu_masked_dense_state_dict_loads_into_gpu_block_layers():
 def test_trainer_on_gpu_resumes_and_its_checkpoint_evaluates_on_cpu(corpus, tmp_path):
     overrides = ("train.device=cuda",)
     whole = train(tiny_config(corpus, *overrides), tmp_path / "whole")
-    assert whole["status"] == "completed" and whole["device"] == "cuda"
+    assert whole.status == "completed" and whole.device == "cuda"
     cpu = train(tiny_config(corpus, "train.device=cpu"), tmp_path / "cpu")
-    assert cpu["device"] == "cpu"
-    assert whole["final_val_loss"] == pytest.approx(cpu["final_val_loss"], abs=2e-3)  # same run, other device
+    assert cpu.device == "cpu"
+    assert whole.final_val_loss == pytest.approx(cpu.final_val_loss, abs=2e-3)  # same run, other device
     killed = Trainer(tiny_config(corpus, *overrides), tmp_path / "split")
     for _ in range(7):
         assert killed.train_step()
@@ -131,7 +131,7 @@ def test_trainer_on_gpu_resumes_and_its_checkpoint_evaluates_on_cpu(corpus, tmp_
     for a, b in zip(curve(split, ("train_loss",)), curve(ref, ("train_loss",))):
         assert float(a[0]) == pytest.approx(float(b[0]), abs=1e-4)  # GPU index_add/atomics: not bitwise
     # On the CPU, over the trainer's validation windows (eval_batches × batch_size = 8).
-    assert evaluate_checkpoint(tmp_path / "whole", windows=8)["val_loss"] == pytest.approx(whole["final_val_loss"],
+    assert evaluate_checkpoint(tmp_path / "whole", windows=8).val_loss == pytest.approx(whole.final_val_loss,
                                                                                           abs=2e-3)
 
 

@@ -181,7 +181,7 @@ def test_trainer_resumes_with_the_depth_keys_and_refuses_another_depth_rule(corp
     with pytest.raises(ConfigError, match=r"model\.base_depth: checkpoint 1, config 2"):
         train(tiny_config(corpus, "train.steps=4", *DEPTH, "model.base_depth=2"), out, resume=True)
     resumed = train(tiny_config(corpus, "train.steps=4", *DEPTH), out, resume=True)
-    assert resumed["final_val_loss"] == whole["final_val_loss"]
+    assert resumed.final_val_loss == whole.final_val_loss
 
 
 @pytest.mark.parametrize(("overrides", "error"), [

@@ -200,12 +200,12 @@ def test_a_rigl_run_resumed_after_a_kill_is_the_uninterrupted_run_bitwise(corpus
     assert curve(read_metrics(tmp_path / "split")) == curve(read_metrics(tmp_path / "whole"))
     a, b = checkpoint.load(tmp_path / "whole"), checkpoint.load(tmp_path / "split")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert resumed["mask_sha256"] == whole["mask_sha256"]
+    assert resumed.mask_sha256 == whole.mask_sha256
     initial = masks(build_model(tiny_config(corpus, *RIGL)))
     final = {k[: -len("_mask")]: v for k, v in a["model"].items() if k.endswith("_mask")}
     assert any(not torch.equal(initial[k], final[k]) for k in initial)  # the masks moved
     assert all(torch.equal(row_counts(initial[k]), row_counts(final[k])) for k in initial)
-    kept = whole["kept_weights"]
+    kept = whole.kept_weights
     assert set(kept) == set(initial) and all(v["density"] == pytest.approx(0.25) for v in kept.values())
     # The ratio's reference is the init std each layer got: residual projections carry GPT-2's 1/√(2·depth), and
     # the ratio has a key of its own, so records that left the factor out (rms_over_supar_std) cannot mix with it.
@@ -226,7 +226,7 @@ def test_a_mid_gmp_checkpoint_resumes_bitwise_and_another_schedule_is_refused(co
         assert killed.train_step()
     killed.close()
     # sparsemup eval reads the mid-schedule checkpoint (its masks are the schedule's at that step).
-    assert evaluate_checkpoint(tmp_path / "split")["step"] == (3 if every == 3 else 4)
+    assert evaluate_checkpoint(tmp_path / "split").step == (3 if every == 3 else 4)
     for other, key in ((("sparsity.update_every=3",), "sparsity.update_every"),
                        (("train.steps=10",), "train.steps"), (("sparsity.method=rigl",), "sparsity.method")):
         with pytest.raises(ConfigError, match=key):
@@ -271,7 +271,7 @@ def test_rigl_on_two_processes_takes_the_single_process_masks(corpus, tmp_path):
     torchrun(["-m", "sparsemup.cli", "train", "--out", str(tmp_path / "two"), "--set", *items], tmp_path)
     result = json.loads((tmp_path / "two" / "result.json").read_text())
     # Each rank checked after every update that both hold the same masks; they are the one-process masks.
-    assert result["world_size"] == 2 and result["mask_sha256"] == single["mask_sha256"]
+    assert result["world_size"] == 2 and result["mask_sha256"] == single.mask_sha256
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [float(r["train_loss"]) for r in two] == pytest.approx([float(r["train_loss"]) for r in one],
                                                                    rel=TINY_RTOL)

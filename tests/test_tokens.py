@@ -55,7 +55,7 @@ def test_trainer_uses_the_data_vocabulary_and_bits_per_byte(bpe, tmp_path):
     assert any(p.shape[0] == 300 for p in model.parameters())
     result = train(cfg, tmp_path / "run")
     per_token = token_files(str(bpe)).bytes_per_token["val"]
-    assert result["final_val_bits_per_byte"] == pytest.approx(result["final_val_loss"] / math.log(2) / per_token)
+    assert result.final_val_bits_per_byte == pytest.approx(result.final_val_loss / math.log(2) / per_token)
 
 
 def _copy(bpe, tmp_path, **changes):

@@ -17,14 +17,14 @@ def test_run_writes_config_metrics_checkpoint_and_result(corpus, tmp_path):
     cfg = tiny_config(corpus)
     result = train(cfg, tmp_path / "run")
     out = tmp_path / "run"
-    assert result["status"] == "completed" and result["steps"] == 8
-    assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(result))
-    assert math.isfinite(result["final_val_loss"]) and result["final_val_loss"] < math.log(256)
+    assert result.status == "completed" and result.steps == 8
+    assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(result.to_json()))
+    assert math.isfinite(result.final_val_loss) and result.final_val_loss < math.log(256)
     rows = read_metrics(out)
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
     assert {"step", "train_loss", "val_loss", "lr", "tokens_per_s"} <= set(rows[0])
     assert [r["val_loss"] != "" for r in rows] == [s in (4, 8) for s in range(1, 9)]
-    assert float(rows[-1]["val_loss"]) == result["final_val_loss"]
+    assert float(rows[-1]["val_loss"]) == result.final_val_loss
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # it learns
     assert load_config(out / "config.toml").to_dict() == cfg.to_dict()  # the resolved config reloads as is
     state = checkpoint.load(out)
@@ -67,7 +67,7 @@ def test_resume_after_a_kill_between_checkpoints_gives_the_uninterrupted_curve(c
     killed.close()
     assert len(read_metrics(tmp_path / "split")) == 7
     resumed = train(tiny_config(corpus), tmp_path / "split", resume=True)
-    assert resumed["status"] == "completed"
+    assert resumed.status == "completed"
     assert curve(read_metrics(tmp_path / "split")) == curve(read_metrics(tmp_path / "whole"))
     a, b = checkpoint.load(tmp_path / "whole"), checkpoint.load(tmp_path / "split")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -94,7 +94,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(corpus, tm
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
     assert checkpoint.load(out)["step"] == 3
     (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"left by a SIGKILL")  # what a hard kill leaves
-    assert train(tiny_config(corpus, "train.steps=6"), out, resume=True)["status"] == "completed"
+    assert train(tiny_config(corpus, "train.steps=6"), out, resume=True).status == "completed"
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # cleaned up on resume
     assert checkpoint.load(out)["step"] == 6
 
@@ -105,7 +105,7 @@ def test_a_nul_tailed_metrics_log_is_repaired_on_resume_and_a_corrupt_middle_nam
     rows = read_metrics(out)
     with (out / "metrics.csv").open("ab") as f:
         f.write(b"\0" * 300)  # what a crash can leave on some filesystems
-    assert train(tiny_config(corpus, "train.steps=3"), out, resume=True)["status"] == "completed"
+    assert train(tiny_config(corpus, "train.steps=3"), out, resume=True).status == "completed"
     assert f"repaired {out / 'metrics.csv'}: dropped 1 unreadable line(s)" in capsys.readouterr().err
     assert read_metrics(out) == rows
     lines = (out / "metrics.csv").read_text().splitlines(keepends=True)
@@ -121,7 +121,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_over(corpus, tmp_pa
     with pytest.raises(ConfigError, match="killed before its first checkpoint: there is nothing to resume; run "
                                           "again without --resume"):
         train(tiny_config(corpus, "train.steps=2"), out, resume=True)
-    assert train(tiny_config(corpus, "train.steps=2"), out)["status"] == "completed"
+    assert train(tiny_config(corpus, "train.steps=2"), out).status == "completed"
     assert f"{out} holds a run killed before its first checkpoint; starting it over" in capsys.readouterr().err
     assert [r["step"] for r in read_metrics(out)] == ["1", "2"]
 
@@ -166,14 +166,14 @@ def test_gradient_accumulation_matches_the_full_batch(corpus, tmp_path):
     la = [float(r["train_loss"]) for r in read_metrics(tmp_path / "a")]
     lb = [float(r["train_loss"]) for r in read_metrics(tmp_path / "b")]
     assert la == pytest.approx(lb, rel=1e-5)
-    assert one["final_val_loss"] == pytest.approx(two["final_val_loss"], rel=1e-5)
+    assert one.final_val_loss == pytest.approx(two.final_val_loss, rel=1e-5)
 
 
 def test_sgd_trains_and_keeps_masked_weights_zero(corpus, tmp_path):
     cfg = tiny_config(corpus, "optim.name=sgd", "optim.lr=2**-2", "train.steps=6")
     result = train(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
-    assert result["status"] == "completed" and float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert result.status == "completed" and float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     model = build_model(cfg)
     checkpoint.restore_model(model, checkpoint.load(tmp_path / "run"), tmp_path)
     assert masked_zero_violations(model) == 0
@@ -193,8 +193,8 @@ def test_resume_refuses_a_different_config_and_a_fresh_run_refuses_a_used_direct
         train(tiny_config(corpus, "train.steps=2"), out, resume=True)
     first = json.loads((out / "result.json").read_text())
     again = train(tiny_config(corpus, "train.steps=3"), out, resume=True)  # already complete: validates, same result
-    assert again["steps"] == 3 and again["final_val_loss"] == first["final_val_loss"]
-    assert train(tiny_config(corpus, "train.steps=5"), out, resume=True)["steps"] == 5
+    assert again.steps == 3 and again.final_val_loss == first["final_val_loss"]
+    assert train(tiny_config(corpus, "train.steps=5"), out, resume=True).steps == 5
 
 
 def test_a_checkpoint_from_before_the_block_keys_existed_resumes_to_the_same_curve(corpus, tmp_path):
@@ -207,7 +207,7 @@ def test_a_checkpoint_from_before_the_block_keys_existed_resumes_to_the_same_cur
         del state["config"]["model"][key]
     torch.save(state, out / checkpoint.CHECKPOINT_NAME)
     resumed = train(tiny_config(corpus, "train.steps=6"), out, resume=True)
-    assert resumed["final_val_loss"] == whole["final_val_loss"]
+    assert resumed.final_val_loss == whole.final_val_loss
     # A key that is missing is taken at its default, so a non-default setting is still refused.
     torch.save(state, out / checkpoint.CHECKPOINT_NAME)
     with pytest.raises(ConfigError, match="model.mask_kind: checkpoint 'rows', config 'blocks'"):
@@ -227,8 +227,8 @@ def test_eval_reports_loss_and_bits_per_byte(corpus, tmp_path, capsys):
     result = train(cfg, tmp_path / "run")
     windows = cfg.train.eval_batches * cfg.train.batch_size
     ev = evaluate_checkpoint(tmp_path / "run", windows=windows)
-    assert ev["val_loss"] == pytest.approx(result["final_val_loss"], rel=1e-6)
-    assert ev["bits_per_byte"] == pytest.approx(ev["val_loss"] / math.log(2))
+    assert ev.val_loss == pytest.approx(result.final_val_loss, rel=1e-6)
+    assert ev.bits_per_byte == pytest.approx(ev.val_loss / math.log(2))
     assert main(["eval", str(tmp_path / "run" / "checkpoint.pt"), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["step"] == 4 and printed["val_tokens"] > windows * 16
@@ -259,8 +259,8 @@ def test_a_non_finite_validation_loss_is_a_divergence_too(corpus, tmp_path, monk
 
     monkeypatch.setattr(trainer_module, "validation_loss", lambda *args: float("nan"))
     result = train(tiny_config(corpus), tmp_path / "run")  # validation at step 4, checkpoint at 3
-    assert result["status"] == "diverged" and result["diverged_at_step"] == 4
-    assert result["last_checkpoint_step"] == 3 and checkpoint.load(tmp_path / "run")["step"] == 3
+    assert result.status == "diverged" and result.diverged_at_step == 4
+    assert result.last_checkpoint_step == 3 and checkpoint.load(tmp_path / "run")["step"] == 3
     assert json.loads((tmp_path / "run" / "result.json").read_text())["final_val_loss"] is None
 
 
@@ -274,9 +274,9 @@ ROWS = ("model.width=64", "model.base_width=32")
 def test_sparse_backends_train_like_masked_dense_and_resume_bitwise(corpus, tmp_path, masks, backend):
     dense = train(tiny_config(corpus, *masks), tmp_path / "dense")
     whole = train(tiny_config(corpus, *masks, f"model.backend={backend}"), tmp_path / "whole")
-    assert whole["backends"] == {backend: 4} and dense["backends"] == {}
-    assert whole["final_val_loss"] == pytest.approx(dense["final_val_loss"], rel=TINY_RTOL)
-    assert whole["mask_sha256"] != dense["mask_sha256"]  # same masks, but the digest covers the backend too
+    assert whole.backends == {backend: 4} and dense.backends == {}
+    assert whole.final_val_loss == pytest.approx(dense.final_val_loss, rel=TINY_RTOL)
+    assert whole.mask_sha256 != dense.mask_sha256  # same masks, but the digest covers the backend too
     killed = Trainer(tiny_config(corpus, *masks, f"model.backend={backend}"), tmp_path / "split")
     for _ in range(7):
         assert killed.train_step()
@@ -288,7 +288,7 @@ def test_sparse_backends_train_like_masked_dense_and_resume_bitwise(corpus, tmp_
     stored = saved["model"]["blocks.0.mlp.fc.weight"]  # ρ of the dense bytes: blocks (n, m, b, b), rows (out, k)
     assert stored.dim() == 4 if backend == "blocks" else "blocks.0.mlp.fc.weight_index" in saved["model"]
     # The checkpoint evaluates, and its weights load into the masked-dense model as well.
-    assert evaluate_checkpoint(tmp_path / "whole")["val_loss"] > 0
+    assert evaluate_checkpoint(tmp_path / "whole").val_loss > 0
     masked = build_model(tiny_config(corpus, *masks))
     masked.load_state_dict(saved["model"])
     assert masked.blocks[0].mlp.fc.weight.dim() == 2 and masked.blocks[0].mlp.fc.weight.shape[1] == 64

@@ -26,7 +26,7 @@ from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES, hf_model_spec
 from .dynamic import METHOD_NAMES
 from .models import GPTConfig, build_gpt
 from .sparse.timing import DTYPES
-from .train import evaluate_checkpoint, load_config, train
+from .train import Diverged, evaluate_checkpoint, load_config, train
 from .train.checkpoint import ConfigOrigin
 from .train.config import describe
 from .train.data import VOCAB_SIZE
@@ -196,12 +196,12 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg, args.out, resume=args.resume, config_format=config_format, origin=origin)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
-    if result.get("status") == "diverged":
-        print(f"diverged at step {result['diverged_at_step']} (non-finite loss or gradient); last good checkpoint: "
-              f"step {result['last_checkpoint_step']}; wrote {args.out / 'result.json'}", file=sys.stderr)
-    elif result:
-        print(f"completed {result['steps']} steps: val loss {result['final_val_loss']:.4f} "
-              f"({result['final_val_bits_per_byte']:.4f} bits/byte); wrote {args.out}", file=sys.stderr)
+    if isinstance(result, Diverged):
+        print(f"diverged at step {result.diverged_at_step} (non-finite loss or gradient); last good checkpoint: "
+              f"step {result.last_checkpoint_step}; wrote {args.out / 'result.json'}", file=sys.stderr)
+    else:
+        print(f"completed {result.steps} steps: val loss {result.final_val_loss:.4f} "
+              f"({result.final_val_bits_per_byte:.4f} bits/byte); wrote {args.out}", file=sys.stderr)
     return 0
 
 
@@ -223,10 +223,10 @@ def _sample(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, windows=args.windows, batch=args.batch)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result.to_json()))
     else:
-        print(f"{result['checkpoint']} (step {result['step']}): val loss {result['val_loss']:.4f} nats/token, "
-              f"{result['bits_per_byte']:.4f} bits/byte over {result['val_tokens']} tokens")
+        print(f"{result.checkpoint} (step {result.step}): val loss {result.val_loss:.4f} nats/token, "
+              f"{result.bits_per_byte:.4f} bits/byte over {result.val_tokens} tokens")
     return 0
 
 

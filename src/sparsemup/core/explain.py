@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -12,7 +13,27 @@ from .record import get_parameterization
 from .rules import Family, adam_eps_multiplier, lr_multiplier, weight_decay_multiplier
 from .vocab import WeightDecayMode
 
-__all__ = ["explain_rows", "explain"]
+__all__ = ["ExplainRow", "explain_rows", "explain"]
+
+
+class _Row(TypedDict):
+    name: str  # tied names joined by " = "
+    role: str
+    shape: tuple[int, ...]
+    m_d: float
+    m_rho: float
+    density: float
+    init_std: float | None  # None: the module's own init was kept
+    lr_mult: float
+    wd_mult: float
+    forward: dict[str, float]  # forward multiplier by usage name
+
+
+class ExplainRow(_Row, total=False):
+    """One parameter's line of ``explain``; ``m_L`` and ``eps_mult`` only under a depth rule."""
+
+    m_L: float
+    eps_mult: float
 
 
 def explain_rows(
@@ -20,8 +41,8 @@ def explain_rows(
     optimizer: type[torch.optim.Optimizer] | Family | str = "adam",
     weight_decay_mode: WeightDecayMode = "independent",
     decay_vectors: bool = False,
-) -> list[dict[str, Any]]:
-    """One dict per parameter: role, shape, m_d, m_ρ, density, init std, LR/WD/forward multipliers; with a depth
+) -> list[ExplainRow]:
+    """One row per parameter: role, shape, m_d, m_ρ, density, init std, LR/WD/forward multipliers; with a depth
     rule also m_L (1 outside the residual blocks) and Adam's ε multiplier."""
     record = get_parameterization(model)
     family = optimizer_family(optimizer)
@@ -29,27 +50,26 @@ def explain_rows(
     rows = []
     for info in record.params.values():
         lr_mult = lr_multiplier(info.role, record.scheme, info.multipliers, family, alpha)
-        depth = {} if alpha is None else {"m_L": info.multipliers.depth,
-                                          "eps_mult": adam_eps_multiplier(record.scheme, info.multipliers, alpha)}
-        rows.append(
-            {
-                "name": info.name if len(info.names) == 1 else " = ".join(info.names),
-                "role": info.role.value,
-                "shape": info.shape,
-                "m_d": info.multipliers.width,
-                "m_rho": info.multipliers.density,
-                "density": info.density,
-                "init_std": info.init_std,
-                "lr_mult": lr_mult,
-                "wd_mult": weight_decay_multiplier(info.role, lr_mult, weight_decay_mode, decay_vectors),
-                "forward": dict(info.forward_multipliers),
-                **depth,
-            }
-        )
+        row: ExplainRow = {
+            "name": info.name if len(info.names) == 1 else " = ".join(info.names),
+            "role": info.role.value,
+            "shape": info.shape,
+            "m_d": info.multipliers.width,
+            "m_rho": info.multipliers.density,
+            "density": info.density,
+            "init_std": info.init_std,
+            "lr_mult": lr_mult,
+            "wd_mult": weight_decay_multiplier(info.role, lr_mult, weight_decay_mode, decay_vectors),
+            "forward": dict(info.forward_multipliers),
+        }
+        if alpha is not None:
+            row["m_L"] = info.multipliers.depth
+            row["eps_mult"] = adam_eps_multiplier(record.scheme, info.multipliers, alpha)
+        rows.append(row)
     return rows
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: object) -> str:
     if value is None:
         return "(kept)"
     if isinstance(value, float):
@@ -83,7 +103,8 @@ def explain(
     if alpha is not None:
         columns[4:4] = ["m_L"]
         columns[-1:-1] = ["eps_mult"]
-    table = [columns] + [[_fmt(r[c]) for c in columns] for r in rows]
+    cells: list[Mapping[str, object]] = list(rows)
+    table = [columns] + [[_fmt(r[c]) for c in columns] for r in cells]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = [
         f"scheme {record.scheme.name} | optimizer family {optimizer_family(optimizer).value} | "

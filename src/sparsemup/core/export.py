@@ -14,7 +14,7 @@ from torch import nn
 from . import hooks
 from .attention import SCALING_ATTR
 from .layout import layout_of
-from .record import RECORD_PREFIX, get_parameterization
+from .record import RECORD_PREFIX, ParamInfo, get_parameterization
 from .rules import Role
 from .storage import SparseStorage
 from .structure import named_modules, unwrap
@@ -93,20 +93,7 @@ def export_with_folds(model: nn.Module, probe: Probe | None = None) -> tuple[nn.
     plain = copy.deepcopy(unwrap(model))
     modules = named_modules(plain)
     for info in record.params.values():
-        for usage_name, factor in info.forward_multipliers.items():
-            module_name, _, attr = usage_name.rpartition(".")
-            module = modules[module_name]
-            if getattr(module, "max_norm", None) is not None:
-                raise ValueError(f"{usage_name}: cannot fold a multiplier into an embedding with max_norm")
-            weight = getattr(module, attr)
-            if len(info.forward_multipliers) > 1:  # tied embedding + readout: give each its own tensor
-                weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-                setattr(module, attr, weight)
-            if factor != 1.0:
-                weight.mul_(factor)
-                bias = getattr(module, "bias", None)
-                if info.usage_roles[usage_name] is Role.INPUT and bias is not None:
-                    bias.mul_(factor)  # the hook scaled the whole output, bias included
+        _fold_forward_multipliers(info, modules)
         if info.masked:
             for usage_name in info.names:
                 module_name, _, attr = usage_name.rpartition(".")
@@ -140,6 +127,25 @@ def export_with_folds(model: nn.Module, probe: Probe | None = None) -> tuple[nn.
         finally:
             module.train(training)
     return plain, folds
+
+
+def _fold_forward_multipliers(info: ParamInfo, modules: Mapping[str, nn.Module]) -> None:
+    """Multiply each usage's weight (and an embedding's bias) by its forward multiplier, untying a tied
+    embedding and readout first (they need different factors)."""
+    for usage_name, factor in info.forward_multipliers.items():
+        module_name, _, attr = usage_name.rpartition(".")
+        module = modules[module_name]
+        if getattr(module, "max_norm", None) is not None:
+            raise ValueError(f"{usage_name}: cannot fold a multiplier into an embedding with max_norm")
+        weight = getattr(module, attr)
+        if len(info.forward_multipliers) > 1:  # tied embedding + readout: give each its own tensor
+            weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            setattr(module, attr, weight)
+        if factor != 1.0:
+            weight.mul_(factor)
+            bias = getattr(module, "bias", None)
+            if info.usage_roles[usage_name] is Role.INPUT and bias is not None:
+                bias.mul_(factor)  # the hook scaled the whole output, bias included
 
 
 def _fold_residual(name: str, module: nn.Module, factor: float) -> dict[str, float]:

@@ -142,7 +142,7 @@ class CheckStateOnLoad:
         """Expect ``nnz`` nonzeros in the mask of weight ``name`` from now on (a dynamic mask changed)."""
         self.masked = [(n, nnz if n == name else count) for n, count in self.masked]
 
-    def _convert(self, module: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    def _convert(self, module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
         formats = storage_formats()
         for name, _ in self.masked:  # another storage's entries into a masked-dense weight
             key = prefix + name

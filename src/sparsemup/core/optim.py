@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from .record import get_parameterization, is_parameterized
+from .record import Parameterization, ParamInfo, get_parameterization, is_parameterized
 from .rules import Family, adam_eps_multiplier, lr_multiplier, weight_decay_multiplier
 from .structure import strip_wrappers, unwrap
 from .vocab import WEIGHT_DECAY_MODES, WeightDecayMode, check_choice
@@ -130,6 +130,37 @@ def param_groups(
         groups = sparsemup.param_groups(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.1)
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     """
+    rule = _checked_rule(optimizer_class, lr, weight_decay, weight_decay_mode)
+    record = get_parameterization(model)
+    base_eps = _base_eps(optimizer_class, eps) if record.options.depth_alpha is not None else None
+    groups: dict[tuple[float, float, float], dict[str, Any]] = {}
+    for name, param in unwrap(model).named_parameters():
+        if not param.requires_grad:
+            continue
+        info = record.info(strip_wrappers(name))
+        lr_mult, wd_mult, eps_mult = _multipliers(record, info, rule, weight_decay_mode, decay_vectors)
+        new = {"params": [], "lr": lr * lr_mult, "weight_decay": weight_decay * wd_mult,
+               "lr_mult": lr_mult, "wd_mult": wd_mult, "param_names": []}
+        if base_eps is not None:
+            new.update(eps=base_eps * eps_mult, eps_mult=eps_mult)
+        group = groups.setdefault((lr_mult, wd_mult, eps_mult), new)
+        group["params"].append(param)
+        group["param_names"].append(info.name)
+    return list(groups.values())
+
+
+def _multipliers(record: Parameterization, info: ParamInfo, rule: OptimizerRule, weight_decay_mode: WeightDecayMode,
+                 decay_vectors: bool) -> tuple[float, float, float]:
+    """A parameter's LR, weight decay and Adam ε multipliers under ``rule``."""
+    alpha = record.options.depth_alpha
+    lr_mult = lr_multiplier(info.role, record.scheme, info.multipliers, rule.family, alpha)
+    wd_mult = weight_decay_multiplier(info.role, lr_mult, weight_decay_mode, decay_vectors)
+    return lr_mult, wd_mult, adam_eps_multiplier(record.scheme, info.multipliers, alpha)
+
+
+def _checked_rule(optimizer_class: type[torch.optim.Optimizer], lr: float, weight_decay: float,
+                  weight_decay_mode: WeightDecayMode) -> OptimizerRule:
+    """The rule of ``optimizer_class``, after checking the arguments of ``param_groups`` against it."""
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         raise ValueError(f"param_groups takes the optimizer class (e.g. torch.optim.AdamW), got {optimizer_class!r}")
     check_choice(weight_decay_mode, WEIGHT_DECAY_MODES, "weight_decay_mode")
@@ -142,25 +173,7 @@ def param_groups(
             "lr·wd is not its decay and the 'independent' rule does not apply; use a decoupled optimizer "
             "(torch.optim.AdamW) or weight_decay_mode='coupled'"
         )
-    record = get_parameterization(model)
-    alpha = record.options.depth_alpha
-    base_eps = _base_eps(optimizer_class, eps) if alpha is not None else None
-    groups: dict[tuple[float, float, float], dict[str, Any]] = {}
-    for name, param in unwrap(model).named_parameters():
-        if not param.requires_grad:
-            continue
-        info = record.info(strip_wrappers(name))
-        lr_mult = lr_multiplier(info.role, record.scheme, info.multipliers, rule.family, alpha)
-        wd_mult = weight_decay_multiplier(info.role, lr_mult, weight_decay_mode, decay_vectors)
-        eps_mult = adam_eps_multiplier(record.scheme, info.multipliers, alpha)
-        new = {"params": [], "lr": lr * lr_mult, "weight_decay": weight_decay * wd_mult,
-               "lr_mult": lr_mult, "wd_mult": wd_mult, "param_names": []}
-        if base_eps is not None:
-            new.update(eps=base_eps * eps_mult, eps_mult=eps_mult)
-        group = groups.setdefault((lr_mult, wd_mult, eps_mult), new)
-        group["params"].append(param)
-        group["param_names"].append(info.name)
-    return list(groups.values())
+    return rule
 
 
 def _base_eps(optimizer_class: type[torch.optim.Optimizer], eps: float | None) -> float:

@@ -8,7 +8,7 @@ then applies the plan: initialises every parameter, installs masks and hooks, an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -16,80 +16,24 @@ from torch import nn
 from . import hooks
 from .attention import SCALING_ATTR, DotProductAttention
 from .export import guard_own_savers
-from .masks import DEFAULT_BLOCK, stable_seed
+from .masks import stable_seed
 from .optim import watch_optimizers
-from .plan import Options, Plan, UsagePlan, make_plan
+from .options import Options, takes_options
+from .plan import Plan, UsagePlan, make_plan
 from .record import RECORD_ATTR, Parameterization
-from .rules import Role, Scheme
+from .rules import Role
 from .structure import TiedParam
-from .vocab import ForwardMultipliers, MaskKind
 
 __all__ = ["parameterize", "apply_plan"]
 
 
-def parameterize(
-    model: nn.Module,
-    base: nn.Module,
-    *,
-    scheme: str | Scheme = "supar",
-    density: float | Mapping[str, float] = 1.0,
-    base_density: float = 1.0,
-    init_std: float = 0.02,
-    role_init_std: Mapping[str, float] | None = None,
-    init_scale: Mapping[str, float] | None = None,
-    input_alpha: float = 1.0,
-    output_alpha: float = 1.0,
-    zero_readout: bool = False,
-    roles: Mapping[str, Role | str] | None = None,
-    delta: nn.Module | None = None,
-    masks: Mapping[str, torch.Tensor] | None = None,
-    mask_kind: MaskKind = "rows",
-    block_size: int = DEFAULT_BLOCK,
-    seed: int = 0,
-    forward_multipliers: ForwardMultipliers = "hooks",
-    mask_dense: bool = False,
-    depth_alpha: float | None = None,
-    base_depth: int | None = None,
-    residual_branches: Sequence[str] | None = None,
-    probe: Callable[[nn.Module], object] | None = None,
-) -> Parameterization:
+@takes_options(Options)
+def parameterize(model: nn.Module, base: nn.Module, options: Options) -> Parameterization:
     """Apply a parameterization and static sparse masks to ``model`` in place.
 
-    Args:
-        model: the model to train, already on its device, with materialised weights.
-        base: the base (proxy) model whose hyperparameters transfer; same code, its own
-            width. Only shapes are read, so it may live on the meta device.
-        scheme: "sp", "mup", "supar", or an ablation ("mup+density_init", "mup+density_lr").
-        density: ρ of every hidden weight, or {name pattern: ρ} (first match wins;
-            unmatched hidden weights stay dense). Only hidden weights can be sparse.
-        base_density: ρ_base of the base model's hidden weights (m_ρ = ρ / ρ_base).
-        init_std: σ_base; ``role_init_std`` overrides it per role ("input", "hidden", "output").
-        init_scale: {name pattern: factor} on top of the scheme's init std (e.g. GPT-2's
-            1/sqrt(2·n_layer) on residual output projections).
-        input_alpha, output_alpha: α_input (embedding output) and α_output (readout input).
-        zero_readout: initialise an untied readout to zero.
-        roles: {name pattern: role} overriding inference.
-        delta: the model at another width; needed only when ``model`` has the base's shapes.
-        masks: {parameter name: 0/1 tensor} user masks for hidden weights (override density).
-        mask_kind: "rows" (exactly round(ρ·fan_in) nonzeros per row), "bernoulli", or "blocks"
-            (random block_size × block_size tiles, round(ρ·fan_in/b) per block-row: what the
-            block-sparse backend, ``sparsemup.sparsify``, runs fast).
-        block_size: b of "blocks" masks; it must divide both dims of every masked weight.
-        seed: masks and init are drawn from (seed, canonical parameter name).
-        forward_multipliers: "hooks" installs them on nn.Linear/nn.Embedding owners;
-            "manual" installs none (apply ``ParamInfo.forward_multipliers`` yourself).
-        mask_dense: give hidden weights at density 1 an all-ones mask too, so that dynamic sparsity
-            (``sparsemup.dynamic.DynamicSparsity``, e.g. GMP starting dense) can prune them.
-        depth_alpha: the depth rule (arXiv 2505.01618): None (none, the default), 1 (CompleteP) or 0.5
-            (depth-µP). Each residual branch's output is multiplied by m_L^(−α), m_L = L / base_depth, and
-            Adam's LRs and ε take the depth factors of docs/RULES.md.
-        base_depth: L_base, the number of residual blocks of the model the hyperparameters were tuned on
-            (the width base is built at the model's own depth, so it cannot tell).
-        residual_branches: module name patterns of the residual branches' closing modules (e.g.
-            ``["blocks.*.attn.proj", "blocks.*.mlp.proj"]``); None finds them. Either way each block's
-            update is checked to be the sum of its branches' outputs on a probe batch.
-        probe: runs the model on an example batch for that check (default: random token ids through a
-            model with ``get_input_embeddings``).
+    ``model`` is the model to train, already on its device, with materialised weights; ``base`` the base
+    (proxy) model whose hyperparameters transfer: same code, its own width. Only the base's shapes are read,
+    so it may live on the meta device. The keyword arguments are the fields of ``Options`` (below).
 
     Returns the ``Parameterization`` (also stored on the model; see ``get_parameterization``).
     Raises ValueError, naming the parameter and the fix, on any inconsistent input, before
@@ -102,13 +46,6 @@ def parameterize(
         model = Net(width=1024)
         sparsemup.parameterize(model, base, scheme="supar", density=0.25, init_std=0.02)
     """
-    options = Options(
-        scheme=scheme, density=density, base_density=base_density, init_std=init_std, role_init_std=role_init_std,
-        init_scale=init_scale, input_alpha=input_alpha, output_alpha=output_alpha, zero_readout=zero_readout,
-        roles=roles, delta=delta, masks=masks, mask_kind=mask_kind, block_size=block_size, seed=seed,
-        forward_multipliers=forward_multipliers, mask_dense=mask_dense, depth_alpha=depth_alpha,
-        base_depth=base_depth, residual_branches=residual_branches, probe=probe,
-    )
     return apply_plan(make_plan(model, base, options))
 
 

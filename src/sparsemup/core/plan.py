@@ -22,7 +22,8 @@ from .attention import SCALING_ATTR, DotProductAttention
 from .hooks import MASK_SUFFIX
 from .layout import Layout, from_neurons, group_count, layout_of, neurons_shape, neurons_view
 from .masks import blocks_per_row, random_mask, row_nonzeros, validate_mask
-from .record import Options, Parameterization, ParamInfo, is_parameterized
+from .options import Options
+from .record import Parameterization, ParamInfo, is_parameterized
 from .residual import residual_branches
 from .rules import (
     Multipliers,
@@ -51,7 +52,7 @@ from .structure import (
 )
 from .vocab import FORWARD_MULTIPLIERS, MASK_KINDS, MaskKind, check_choice
 
-__all__ = ["Options", "UsagePlan", "ParamPlan", "Plan", "make_plan"]
+__all__ = ["UsagePlan", "ParamPlan", "Plan", "make_plan"]
 
 @dataclass(frozen=True)
 class UsagePlan:
@@ -246,6 +247,32 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
             "this model is already parameterized; applying twice would double-scale it. Build a fresh model "
             "(and load a state_dict into it after parameterizing, if you are restoring one)"
         )
+    stds = _check_options(o)
+    params, base_shapes, inferred = _infer(target, base, o)
+    decided = {name: _decide(inferred[name], name) for name in params}
+    branches, depth = _depth_plan(target, o)
+    m_depth = depth_multiplier(depth, o.base_depth) if depth is not None and o.base_depth is not None else 1.0
+    hidden = {n: t for n, t in params.items() if decided[n][0].role is Role.HIDDEN}
+    user_masks = {strip_wrappers(k): v for k, v in (o.masks or {}).items()}
+    for name in user_masks:
+        if name not in hidden:
+            raise ValueError(
+                f"masks[{name!r}]: only hidden weights can be masked; hidden weights include {sorted(hidden)[:8]}"
+            )
+    requested = _densities(o.density, hidden, user_masks)
+    scales = dict(o.init_scale or {})
+    _check_patterns_used(scales, [t.names for t in params.values()], "init_scale")
+    shared = _Shared(o, scheme, named_modules(target), base_shapes, user_masks, requested, set(branches.values()),
+                     m_depth, scales, stds)
+    planned = tuple(_plan_param(name, tied, *decided[name], shared) for name, tied in params.items())
+    attention = _attention_scales(target, base, scheme)
+    factors = _scaling_factors(target, base, scheme)
+    residual = {name: residual_multiplier(o.depth_alpha, m_depth) for name in branches}
+    return Plan(target, shared.modules, scheme, planned, attention, o, factors, residual, depth)
+
+
+def _check_options(o: Options) -> dict[Role, float]:
+    """Check the options that need no model; returns σ_base of each role."""
     _check_unit_interval(o.base_density, "base_density")
     check_choice(o.mask_kind, MASK_KINDS, "mask_kind")
     check_choice(o.forward_multipliers, FORWARD_MULTIPLIERS, "forward_multipliers")
@@ -256,7 +283,12 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
         if key not in {r.value for r in stds} or not value >= 0:
             raise ValueError(f"role_init_std[{key!r}] = {value!r}: give a non-negative std for input, hidden or output")
         stds[Role(key)] = float(value)
+    return stds
 
+
+def _infer(target: nn.Module, base: nn.Module, o: Options) -> tuple[
+        dict[str, TiedParam], dict[str, tuple[int, ...]], dict[str, list[Inferred]]]:
+    """The model's parameters, the base's shapes and each parameter's inferred roles and width multipliers."""
     params = collect(target)
     meta = [n for n, t in params.items() if t.param.is_meta]
     if meta:
@@ -271,105 +303,108 @@ def make_plan(model: nn.Module, base: nn.Module, options: Options) -> Plan:
     grouped = growing_groups(target, base, o.delta)
     inferred = infer_roles(target, params, base_shapes, scaling, role_overrides, grouped)
     _check_not_narrower(inferred, base_shapes, params)
+    return params, base_shapes, inferred
 
-    decided = {name: _decide(inferred[name], name) for name in params}
-    branches, depth = _depth_plan(target, o)
-    m_depth = depth_multiplier(depth, o.base_depth) if depth is not None and o.base_depth is not None else 1.0
-    blocks = set(branches.values())
-    hidden = {n: t for n, t in params.items() if decided[n][0].role is Role.HIDDEN}
-    user_masks = {strip_wrappers(k): v for k, v in (o.masks or {}).items()}
-    for name in user_masks:
-        if name not in hidden:
-            raise ValueError(
-                f"masks[{name!r}]: only hidden weights can be masked; hidden weights include {sorted(hidden)[:8]}"
-            )
-    requested = _densities(o.density, hidden, user_masks)
-    scales = dict(o.init_scale or {})
-    _check_patterns_used(scales, [t.names for t in params.values()], "init_scale")
 
-    modules = named_modules(target)
-    planned = []
-    for name, tied in params.items():
-        chosen, usages = decided[name]
-        role, mults = chosen.role, chosen.multipliers
-        shape = tuple(tied.param.shape)
-        mask: torch.Tensor | None = None
-        rho, rho_base = 1.0, 1.0
-        if role is Role.HIDDEN:
-            owner = modules[tied.usages[0].module_name]
-            layout = weight_layout(owner, name, len(shape))
-            groups = group_count(owner, layout)
-            neurons = neurons_shape(shape, layout, groups)
-            rho_base = _realised_density(o.base_density, base_shapes[name],
-                                         neurons_shape(base_shapes[name], layout, groups), o.mask_kind,
-                                         o.block_size, f"{name} (in the base model)")
-            if name in user_masks:
-                mask = validate_mask(user_masks[name], shape, name,
-                                     neurons=functools.partial(neurons_view, layout=layout, groups=groups))
-                rho = float(mask.sum()) / mask.numel()
-            elif requested[name] < 1.0 or o.mask_dense:
-                rho = _realised_density(requested[name], shape, neurons, o.mask_kind, o.block_size, name)
-                mask = _draw_mask(shape, neurons, layout, groups, requested[name], o, name)
-                if o.mask_kind == "bernoulli":
-                    rho = float(mask.sum()) / mask.numel()
-            mults = Multipliers(width=mults.width, fan_out=mults.fan_out, density=rho / rho_base)
-        if blocks and any(_in_blocks(n, blocks) for n in tied.names):
-            mults = dataclasses.replace(mults, depth=m_depth)
-        std: float | None = None
-        if role is not Role.VECTOR:
-            pattern = match(scales, tied.names)
-            factor = scales[pattern] if pattern is not None else 1.0
-            std = rule_init_std(role, scheme, mults, stds[role]) * factor
-            if role is Role.OUTPUT and o.zero_readout:
-                std = 0.0
-        fwd: dict[str, float] = {}
-        for usage, plan in zip(tied.usages, usages):
-            if plan.role in (Role.INPUT, Role.OUTPUT):
-                fwd[usage.name] = forward_multiplier(plan.role, scheme, plan.multipliers, o.input_alpha,
-                                                     o.output_alpha)
-                owner_layout = layout_of(modules[usage.module_name])
-                needs_hook = o.forward_multipliers == "hooks" and fwd[usage.name] != 1.0
-                if needs_hook and not (owner_layout is not None and owner_layout.hookable):
-                    raise ValueError(
-                        f"parameter {usage.name!r} ({plan.role.value}) belongs to a "
-                        f"{type(modules[usage.module_name]).__name__}, where sparsemup cannot insert its forward "
-                        "multiplier; keep embeddings and readouts in layers with a registered layout (nn.Linear, "
-                        "nn.Embedding, convs, or sparsemup.register_layout), or pass forward_multipliers='manual' "
-                        "and multiply by "
-                        f"get_parameterization(model).info({usage.name!r}).forward_multipliers yourself"
-                    )
-        if o.zero_readout and role is Role.INPUT and any(u.role is Role.OUTPUT for u in usages):
-            raise ValueError(
-                f"zero_readout: the readout {name!r} is tied to the embedding, so zero init would zero the "
-                "embedding too; untie them or drop zero_readout"
-            )
-        if mask is not None:
-            for usage in tied.usages:
-                if hasattr(modules[usage.module_name], usage.attr + MASK_SUFFIX):
-                    raise ValueError(
-                        f"{name}: module {usage.module_name!r} already has an attribute "
-                        f"{usage.attr + MASK_SUFFIX!r}, where sparsemup keeps the mask; rename it (or remove "
-                        "torch.nn.utils.prune from it)"
-                    )
-        info = ParamInfo(
-            name=name,
-            names=tied.names,
-            role=role,
-            shape=shape,
-            base_shape=base_shapes[name],
-            multipliers=mults,
-            density=rho,
-            base_density=rho_base,
-            init_std=std,
-            masked=mask is not None,
-            forward_multipliers=fwd,
-            usage_roles={u.name: plan.role for u, plan in zip(tied.usages, usages)},
+@dataclass(frozen=True)
+class _Shared:
+    """What planning each parameter reads besides the parameter itself."""
+
+    o: Options
+    scheme: Scheme
+    modules: Mapping[str, nn.Module]
+    base_shapes: Mapping[str, tuple[int, ...]]
+    user_masks: Mapping[str, torch.Tensor]
+    requested: Mapping[str, float]  # requested density of each hidden weight
+    blocks: set[str]  # the residual blocks (empty without a depth rule)
+    m_depth: float
+    scales: Mapping[str, float]  # init_scale
+    stds: Mapping[Role, float]
+
+
+def _plan_param(name: str, tied: TiedParam, chosen: UsagePlan, usages: tuple[UsagePlan, ...], s: _Shared) -> ParamPlan:
+    """Mask, multipliers, init std and forward multipliers of one parameter, checked."""
+    o, role, mults = s.o, chosen.role, chosen.multipliers
+    mask: torch.Tensor | None = None
+    rho, rho_base = 1.0, 1.0
+    if role is Role.HIDDEN:
+        mask, rho, rho_base = _hidden_mask(name, tied, s)
+        mults = Multipliers(width=mults.width, fan_out=mults.fan_out, density=rho / rho_base)
+    if s.blocks and any(_in_blocks(n, s.blocks) for n in tied.names):
+        mults = dataclasses.replace(mults, depth=s.m_depth)
+    std: float | None = None
+    if role is not Role.VECTOR:
+        pattern = match(s.scales, tied.names)
+        factor = s.scales[pattern] if pattern is not None else 1.0
+        std = rule_init_std(role, s.scheme, mults, s.stds[role]) * factor
+        if role is Role.OUTPUT and o.zero_readout:
+            std = 0.0
+    fwd = _forward_multipliers(tied, usages, s)
+    if o.zero_readout and role is Role.INPUT and any(u.role is Role.OUTPUT for u in usages):
+        raise ValueError(
+            f"zero_readout: the readout {name!r} is tied to the embedding, so zero init would zero the "
+            "embedding too; untie them or drop zero_readout"
         )
-        planned.append(ParamPlan(tied, info, mask, usages))
-    attention = _attention_scales(target, base, scheme)
-    factors = _scaling_factors(target, base, scheme)
-    residual = {name: residual_multiplier(o.depth_alpha, m_depth) for name in branches}
-    return Plan(target, modules, scheme, tuple(planned), attention, o, factors, residual, depth)
+    if mask is not None:
+        for usage in tied.usages:
+            if hasattr(s.modules[usage.module_name], usage.attr + MASK_SUFFIX):
+                raise ValueError(
+                    f"{name}: module {usage.module_name!r} already has an attribute "
+                    f"{usage.attr + MASK_SUFFIX!r}, where sparsemup keeps the mask; rename it (or remove "
+                    "torch.nn.utils.prune from it)"
+                )
+    info = ParamInfo(
+        name=name, names=tied.names, role=role, shape=tuple(tied.param.shape), base_shape=s.base_shapes[name],
+        multipliers=mults, density=rho, base_density=rho_base, init_std=std, masked=mask is not None,
+        forward_multipliers=fwd, usage_roles={u.name: plan.role for u, plan in zip(tied.usages, usages)},
+    )
+    return ParamPlan(tied, info, mask, usages)
+
+
+def _hidden_mask(name: str, tied: TiedParam, s: _Shared) -> tuple[torch.Tensor | None, float, float]:
+    """A hidden weight's mask (None when dense) and its realised density and the base's."""
+    o, shape = s.o, tuple(tied.param.shape)
+    owner = s.modules[tied.usages[0].module_name]
+    layout = weight_layout(owner, name, len(shape))
+    groups = group_count(owner, layout)
+    neurons = neurons_shape(shape, layout, groups)
+    rho_base = _realised_density(o.base_density, s.base_shapes[name],
+                                 neurons_shape(s.base_shapes[name], layout, groups), o.mask_kind,
+                                 o.block_size, f"{name} (in the base model)")
+    mask: torch.Tensor | None = None
+    rho = 1.0
+    if name in s.user_masks:
+        mask = validate_mask(s.user_masks[name], shape, name,
+                             neurons=functools.partial(neurons_view, layout=layout, groups=groups))
+        rho = float(mask.sum()) / mask.numel()
+    elif s.requested[name] < 1.0 or o.mask_dense:
+        rho = _realised_density(s.requested[name], shape, neurons, o.mask_kind, o.block_size, name)
+        mask = _draw_mask(shape, neurons, layout, groups, s.requested[name], o, name)
+        if o.mask_kind == "bernoulli":
+            rho = float(mask.sum()) / mask.numel()
+    return mask, rho, rho_base
+
+
+def _forward_multipliers(tied: TiedParam, usages: tuple[UsagePlan, ...], s: _Shared) -> dict[str, float]:
+    """The forward multiplier of each input or output usage; refuses one that needs a hook where none can go."""
+    o = s.o
+    fwd: dict[str, float] = {}
+    for usage, plan in zip(tied.usages, usages):
+        if plan.role not in (Role.INPUT, Role.OUTPUT):
+            continue
+        fwd[usage.name] = forward_multiplier(plan.role, s.scheme, plan.multipliers, o.input_alpha, o.output_alpha)
+        owner_layout = layout_of(s.modules[usage.module_name])
+        needs_hook = o.forward_multipliers == "hooks" and fwd[usage.name] != 1.0
+        if needs_hook and not (owner_layout is not None and owner_layout.hookable):
+            raise ValueError(
+                f"parameter {usage.name!r} ({plan.role.value}) belongs to a "
+                f"{type(s.modules[usage.module_name]).__name__}, where sparsemup cannot insert its forward "
+                "multiplier; keep embeddings and readouts in layers with a registered layout (nn.Linear, "
+                "nn.Embedding, convs, or sparsemup.register_layout), or pass forward_multipliers='manual' "
+                "and multiply by "
+                f"get_parameterization(model).info({usage.name!r}).forward_multipliers yourself"
+            )
+    return fwd
 
 
 def _in_blocks(name: str, blocks: set[str]) -> bool:

@@ -9,52 +9,25 @@ enters a state_dict; the state_dict carries a digest of it instead (``hooks.SIGN
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .hooks import DENSE_GRAD_ATTR, MASK_SUFFIX, CheckStateOnLoad
-from .masks import DEFAULT_BLOCK
+from .options import Options
 from .rules import Multipliers, Role, Scheme
 from .storage import SparseStorage
 from .structure import canonical_name, strip_wrappers, unwrap
-from .vocab import ForwardMultipliers, MaskKind
+from .vocab import MaskKind
 
-__all__ = ["Options", "ParamInfo", "Parameterization", "RECORD_PREFIX", "RECORD_ATTR", "is_parameterized",
+__all__ = ["ParamInfo", "Parameterization", "RECORD_PREFIX", "RECORD_ATTR", "is_parameterized",
            "get_parameterization", "get_mask", "apply_masks", "set_mask", "expect_mask_nonzeros", "dense_gradients"]
 
 # Attributes sparsemup keeps in a module's __dict__ start with this (``export`` drops them all).
 RECORD_PREFIX = "_sparsemup_"
 RECORD_ATTR = RECORD_PREFIX + "parameterization"  # where a model keeps its Parameterization
-
-
-@dataclass(frozen=True)
-class Options:
-    """The arguments of ``sparsemup.parameterize`` after the model and base (documented there)."""
-
-    scheme: str | Scheme = "supar"
-    density: float | Mapping[str, float] = 1.0
-    base_density: float = 1.0
-    init_std: float = 0.02
-    role_init_std: Mapping[str, float] | None = None
-    init_scale: Mapping[str, float] | None = None
-    input_alpha: float = 1.0
-    output_alpha: float = 1.0
-    zero_readout: bool = False
-    roles: Mapping[str, Role | str] | None = None
-    delta: nn.Module | None = None
-    masks: Mapping[str, torch.Tensor] | None = None
-    mask_kind: MaskKind = "rows"
-    block_size: int = DEFAULT_BLOCK
-    seed: int = 0
-    forward_multipliers: ForwardMultipliers = "hooks"
-    mask_dense: bool = False
-    depth_alpha: float | None = None
-    base_depth: int | None = None
-    residual_branches: Sequence[str] | None = None
-    probe: Callable[[nn.Module], object] | None = None
 
 
 @dataclass(frozen=True)

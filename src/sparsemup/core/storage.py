@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
@@ -37,20 +36,20 @@ class StorageFormat(ABC):
     name: str  # the backend name that selects this storage
 
     @abstractmethod
-    def holds(self, state_dict: Mapping[str, Any], key: str) -> bool:
+    def holds(self, state_dict: Mapping[str, torch.Tensor], key: str) -> bool:
         """Whether ``state_dict`` stores the weight ``key`` in this format."""
 
     @abstractmethod
-    def to_masked_dense(self, state_dict: dict[str, Any], key: str, shape: tuple[int, ...]) -> None:
+    def to_masked_dense(self, state_dict: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> None:
         """Replace this format's entries for ``key`` by a dense weight ``key`` and its ``key + '_mask'``."""
 
     @abstractmethod
-    def from_masked_dense(self, state_dict: dict[str, Any], key: str, owner: nn.Module, name: str) -> None:
+    def from_masked_dense(self, state_dict: dict[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
         """Replace a masked-dense ``key`` and ``key + '_mask'`` by this format's entries for ``owner``;
         raise ValueError naming ``name`` when the mask is not ``owner``'s layout or weights lie off it."""
 
     @abstractmethod
-    def check_layout(self, state_dict: Mapping[str, Any], key: str, owner: nn.Module, name: str) -> None:
+    def check_layout(self, state_dict: Mapping[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
         """Raise ValueError naming ``name`` when ``state_dict``'s entries for ``key`` are not ``owner``'s layout."""
 
 

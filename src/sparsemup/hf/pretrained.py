@@ -34,7 +34,8 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from ..core import get_mask, get_parameterization, parameterize
 from ..core.atomic import current_umask, make_dirs, writing
 from ..core.export import export_with_folds
-from ..core.record import Options, Parameterization, set_mask
+from ..core.options import Options
+from ..core.record import Parameterization, set_mask
 from ..core.rules import SCHEMES, Role, Scheme
 from ..core.structure import unwrap
 from .build import HF_RECORD, from_config
@@ -253,7 +254,7 @@ def from_pretrained(directory: str | Path, *, device: torch.device | str | None 
         raise ValueError(f"{meta_path}: its options and configs do not rebuild the model ({type(err).__name__}: "
                          f"{err}); the file was edited or written by another sparsemup version") from None
     saved = _load_weights(directory, plain_config)
-    _check_same_record(record, meta, meta_path, masks)
+    _check_same_record(record, meta["params"], meta_path, masks)
     _load_unfolded(model, record, saved, meta_path, meta.get("attention_folds", {}))
     model.__dict__[HF_RECORD] = {"base_config": meta["base_config"], "delta_config": meta["delta_config"]}
     return model
@@ -268,7 +269,7 @@ def load_into(model: torch.nn.Module, directory: str | Path) -> None:
     meta_path = directory / SPARSEMUP_JSON
     target = unwrap(model)
     record = get_parameterization(target)
-    _check_same_record(record, meta, meta_path, masks)
+    _check_same_record(record, meta["params"], meta_path, masks)
     for name, mask in masks.items():
         set_mask(target, name, mask)
     saved = _load_weights(directory, _read_config(directory))
@@ -373,15 +374,15 @@ def _load_weights(directory: Path, config: PretrainedConfig) -> dict[str, torch.
     return {name: p.detach() for name, p in plain.named_parameters(remove_duplicate=False)}
 
 
-def _check_same_record(record: Parameterization, meta: dict[str, Any], path: Path,
+def _check_same_record(record: Parameterization, params: Mapping[str, Mapping[str, object]], path: Path,
                        masks: Mapping[str, torch.Tensor]) -> None:
     """The saved ``params`` are the model's, each weight's density read from the mask it gets (GMP prunes the masks
     while the record keeps the density at parameterization)."""
-    missing = sorted(set(record.params) - set(meta["params"]))
+    missing = sorted(set(record.params) - set(params))
     if missing:
         raise ValueError(f"{path}: 'params' lacks {missing[:4]}, parameters the model has; the file was edited or "
                          "written by another sparsemup version")
-    for name, saved in meta["params"].items():
+    for name, saved in params.items():
         info = record.params.get(name)
         if info is None or info.role.value != saved["role"] or \
                 _density_now(info.density, masks.get(name)) != saved["density"] or \

@@ -24,7 +24,8 @@ class MLP(nn.Module):
         x = F.relu(self.input(x))
         for layer in self.hidden:
             x = F.relu(layer(x))
-        return self.readout(x)
+        out: torch.Tensor = self.readout(x)
+        return out
 
 
 def build_mlp(

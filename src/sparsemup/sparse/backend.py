@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -69,27 +68,26 @@ def check_backend(backend: str, mask_kind: str, method: str = "static", fixes: F
                          f"{fixes.element_masks}")
 
 
-def auto_choice(target: nn.Module, places: Mapping[str, tuple[Any, dict[str, torch.Tensor | None]]],
-                dtype: torch.dtype | None,
+def auto_choice(target: nn.Module, candidates: Mapping[str, tuple[Backend, ...]], dtype: torch.dtype | None,
                 measure: Callable[[LayerCase, Backend], float | None] | None = None) -> dict[str, Backend]:
-    """{weight name: backend} of ``sparsify(model, "auto")``: calibrated on this machine (``calibration``) for CPU
-    layers with a sparse twin, masked dense elsewhere (sparse kernels are not calibrated on GPUs yet). Only rank 0
-    of a process group measures; every process gets its choice."""
+    """{weight name: backend} of ``sparsify(model, "auto")`` for the masked weights in ``candidates`` (each with the
+    sparse backends its layer can run on, none for a layer without a sparse twin): calibrated on this machine
+    (``calibration``) for CPU layers with a sparse twin, masked dense elsewhere (sparse kernels are not calibrated
+    on GPUs yet). Only rank 0 of a process group measures; every process gets its choice."""
     record = get_parameterization(target)
     cases: dict[str, LayerCase] = {}
-    for name, (place, layouts) in places.items():
+    for name, possible in candidates.items():
         weight = target.get_parameter(name)
-        candidates = tuple(b for b in ("blocks", "rows") if layouts[b] is not None)
-        if place is None or not candidates or weight.device.type != "cpu":
+        if not possible or weight.device.type != "cpu":
             continue
         dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype or weight.dtype)
         if dtype_name is None:
             continue
         info = record.info(name)
         shape = (int(info.shape[0]), int(info.shape[1]))
-        cases[name] = LayerCase(shape, info.density, dtype_name, candidates,  # type: ignore[arg-type]
-                                record.block_size if "blocks" in candidates else 0)
-    choice: dict[str, Backend] = {name: "masked_dense" for name in places}
+        cases[name] = LayerCase(shape, info.density, dtype_name, possible,  # type: ignore[arg-type]
+                                record.block_size if "blocks" in possible else 0)
+    choice: dict[str, Backend] = {name: "masked_dense" for name in candidates}
     if cases and _rank() == 0:
         decided = calibrated(sorted(set(cases.values()), key=LayerCase.key), measure or time_case)
         choice.update({name: decided[case] for name, case in cases.items()})
@@ -102,22 +100,39 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def get_backends(model: nn.Module) -> dict[str, str]:
+def get_backends(model: nn.Module) -> dict[str, Backend]:
     """{masked weight name: backend} chosen by ``sparsify`` (empty when it was not called)."""
     return dict(getattr(unwrap(model), _ATTR, {}))
 
 
-def _convertible(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Linear] | None:
-    """(parent, child name, linear) when the weight's owner is a plain nn.Linear called by its parent."""
+@dataclass(frozen=True)
+class _Place:
+    """Where a masked weight's plain nn.Linear sits (None: it has no sparse twin) and its mask's layout on each
+    sparse backend (None where the mask does not fit that backend)."""
+
+    parent: nn.Module | None
+    child: str
+    linear: nn.Linear | None
+    layouts: Mapping[Backend, torch.Tensor | None]
+
+    def candidates(self) -> tuple[Backend, ...]:
+        """The sparse backends this weight can run on."""
+        sparse: tuple[Backend, ...] = ("blocks", "rows")
+        return tuple(b for b in sparse if self.layouts.get(b) is not None)
+
+
+def _place(model: nn.Module, name: str, tied: bool, block_size: int) -> _Place:
+    """The ``_Place`` of a masked weight: a sparse twin only for a plain, untied nn.Linear called by its parent."""
     module_name, _, attr = name.rpartition(".")
-    if attr != "weight":
-        return None
     module = model.get_submodule(module_name)
     parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name)
-    if type(module) is not nn.Linear or isinstance(parent, nn.MultiheadAttention):
-        return None  # subclasses and MHA's out_proj are read directly, not called
-    return parent, child, module
+    # subclasses and MHA's out_proj are read directly, not called
+    if tied or attr != "weight" or type(module) is not nn.Linear or isinstance(parent, nn.MultiheadAttention):
+        return _Place(None, child, None, {"blocks": None, "rows": None})
+    assert isinstance(module, nn.Linear)
+    mask = getattr(module, attr + hooks.MASK_SUFFIX) != 0
+    return _Place(parent, child, module, {"blocks": block_layout(mask, block_size), "rows": row_layout(mask)})
 
 
 def sparsify(
@@ -160,66 +175,68 @@ def sparsify(
         if wrong or unknown:
             raise ValueError(f"backend map: unknown backends {wrong} or weights {sorted(unknown)}; it must map "
                              f"masked weights to {' or '.join(BACKENDS)}")
-
-    places: dict[str, tuple[Any, dict[str, torch.Tensor | None]]] = {}
-    for info in masked:
-        place = _convertible(target, info.name) if len(info.names) == 1 else None
-        layouts: dict[str, torch.Tensor | None] = {"blocks": None, "rows": None}
-        if place is not None:
-            mask = getattr(place[2], info.name.rpartition(".")[2] + hooks.MASK_SUFFIX) != 0
-            layouts = {"blocks": block_layout(mask, record.block_size), "rows": row_layout(mask)}
-        places[info.name] = (place, layouts)
-    automatic = auto_choice(target, places, dtype) if backend == "auto" else {}
-
-    plan: dict[str, tuple[Backend, Any]] = {}
-    for info in masked:
-        place, layouts = places[info.name]
-        wanted: Backend
-        if isinstance(backend, Mapping):
-            wanted = backend.get(info.name, "masked_dense")
-        elif backend == "auto":
-            wanted = automatic[info.name]
-        else:
-            wanted = backend  # "masked_dense", "blocks" or "rows": "auto" was handled above
-        if wanted != "masked_dense":
-            if place is None:
-                owner = type(target.get_submodule(info.name.rpartition(".")[0])).__name__
-                raise ValueError(f"{info.name}: cannot run on the {wanted} backend: its owner is a {owner}, and only a "
-                                 "plain nn.Linear (not tied, called by its parent) has a sparse twin; keep this "
-                                 "model masked dense (backend='masked_dense') or use backend='auto', which does")
-            if layouts[wanted] is None:
-                raise ValueError(f"{info.name}: cannot run block-sparse: its mask is not made of whole "
-                                 f"{record.block_size}x{record.block_size} blocks; parameterize with "
-                                 "mask_kind='blocks' (and a block_size dividing the layer), or use backend='auto'"
-                                 if wanted == "blocks" else
-                                 f"{info.name}: cannot run row-sparse: its mask keeps different numbers of weights "
-                                 "in different rows (or none); parameterize with mask_kind='rows' (or 'blocks'), "
-                                 "or use backend='masked_dense'")
-            if any(getattr(place[2], attr) for attr in _STATE_HOOKS):
-                raise ValueError(f"{info.name}: its module has state_dict hooks, written for a dense weight; "
-                                 "remove them before sparsify (or keep this layer masked dense)")
-        plan[info.name] = (wanted, (place, layouts.get(wanted)))
-
+    places = {info.name: _place(target, info.name, len(info.names) != 1, record.block_size) for info in masked}
+    choice = _choice(target, backend, places, dtype)
+    for name, wanted in choice.items():
+        _check_place(target, name, places[name], wanted, record.block_size)
     # Validated everything; now swap modules.
-    converted: dict[str, str] = {}
-    for name, (wanted, (place, layout)) in plan.items():
-        if wanted == "masked_dense":
-            continue
-        parent, child, linear = place
-        sparse: nn.Module = (BlockSparseLinear.from_linear(linear, layout, record.block_size) if wanted == "blocks"
-                             else RowSparseLinear.from_linear(linear, layout))
-        hooks.move_hooks(linear, sparse)
-        for key in [k for k, h in sparse._forward_pre_hooks.items() if isinstance(h, hooks.EnsureGradMask)]:
-            del sparse._forward_pre_hooks[key]
-        setattr(parent, child, sparse)
-        converted[name] = wanted
-    hooks.declare_storage(target, converted)
-    choice = {name: wanted for name, (wanted, _) in plan.items()}
+    _swap(target, {name: places[name] for name, wanted in choice.items() if wanted != "masked_dense"}, choice,
+          record.block_size)
     target.__dict__[_ATTR] = choice
     return dict(choice)
 
 
-def to_masked_dense(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def _choice(target: nn.Module, backend: BackendChoice | Mapping[str, Backend], places: Mapping[str, _Place],
+            dtype: torch.dtype | None) -> dict[str, Backend]:
+    """{weight name: backend} for every masked weight: replayed from a map, timed ("auto") or the one asked for."""
+    if isinstance(backend, Mapping):
+        return {name: backend.get(name, "masked_dense") for name in places}
+    if backend == "auto":
+        automatic = auto_choice(target, {name: place.candidates() for name, place in places.items()}, dtype)
+        return {name: automatic[name] for name in places}
+    assert backend != "masked_dense"  # sparsify handled it
+    return {name: backend for name in places}  # "blocks" or "rows"
+
+
+def _check_place(target: nn.Module, name: str, place: _Place, wanted: Backend, block_size: int) -> None:
+    """Refuse a weight that cannot run on the ``wanted`` backend, naming why and the fix."""
+    if wanted == "masked_dense":
+        return
+    if place.linear is None:
+        owner = type(target.get_submodule(name.rpartition(".")[0])).__name__
+        raise ValueError(f"{name}: cannot run on the {wanted} backend: its owner is a {owner}, and only a "
+                         "plain nn.Linear (not tied, called by its parent) has a sparse twin; keep this "
+                         "model masked dense (backend='masked_dense') or use backend='auto', which does")
+    if place.layouts[wanted] is None:
+        raise ValueError(f"{name}: cannot run block-sparse: its mask is not made of whole "
+                         f"{block_size}x{block_size} blocks; parameterize with "
+                         "mask_kind='blocks' (and a block_size dividing the layer), or use backend='auto'"
+                         if wanted == "blocks" else
+                         f"{name}: cannot run row-sparse: its mask keeps different numbers of weights "
+                         "in different rows (or none); parameterize with mask_kind='rows' (or 'blocks'), "
+                         "or use backend='masked_dense'")
+    if any(getattr(place.linear, attr) for attr in _STATE_HOOKS):
+        raise ValueError(f"{name}: its module has state_dict hooks, written for a dense weight; "
+                         "remove them before sparsify (or keep this layer masked dense)")
+
+
+def _swap(target: nn.Module, places: Mapping[str, _Place], choice: Mapping[str, Backend], block_size: int) -> None:
+    """Replace each checked linear in ``places`` by its sparse twin, moving its hooks, and declare the storage."""
+    converted: dict[str, str] = {}
+    for name, place in places.items():
+        wanted, linear, layout = choice[name], place.linear, place.layouts[choice[name]]
+        assert place.parent is not None and linear is not None and layout is not None  # _check_place
+        sparse: nn.Module = (BlockSparseLinear.from_linear(linear, layout, block_size) if wanted == "blocks"
+                             else RowSparseLinear.from_linear(linear, layout))
+        hooks.move_hooks(linear, sparse)
+        for key in [k for k, h in sparse._forward_pre_hooks.items() if isinstance(h, hooks.EnsureGradMask)]:
+            del sparse._forward_pre_hooks[key]
+        setattr(place.parent, place.child, sparse)
+        converted[name] = wanted
+    hooks.declare_storage(target, converted)
+
+
+def to_masked_dense(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state_dict with every block- or row-sparse weight expanded to a dense weight plus its ``*_mask``.
 
     Needs no model: layouts travel in the ``weight_index``/``weight_shape`` buffers. The result

@@ -9,7 +9,6 @@ native microkernels on the CPU, plain torch elsewhere), so the work is ρ of a d
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
@@ -125,22 +124,22 @@ class BlockStorage(StorageFormat):
 
     name = "blocks"
 
-    def holds(self, state_dict: Mapping[str, Any], key: str) -> bool:
+    def holds(self, state_dict: Mapping[str, torch.Tensor], key: str) -> bool:
         return key + "_index" in state_dict and key in state_dict and state_dict[key].dim() == 4
 
-    def to_masked_dense(self, state_dict: dict[str, Any], key: str, shape: tuple[int, ...]) -> None:
+    def to_masked_dense(self, state_dict: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> None:
         state_dict.pop(key + "_shape", None)
         state_dict[key], state_dict[key + MASK_SUFFIX] = masked_dense_entries(
             state_dict.pop(key), state_dict.pop(key + "_index"), shape[1])
 
-    def from_masked_dense(self, state_dict: dict[str, Any], key: str, owner: nn.Module, name: str) -> None:
+    def from_masked_dense(self, state_dict: dict[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
         assert isinstance(owner, BlockSparseLinear)  # only its weights are declared stored as "blocks"
         mask = state_dict.pop(key + MASK_SUFFIX)
         state_dict[key] = from_masked_dense(state_dict[key], mask, owner.weight_index, owner.block, name)
         state_dict[key + "_index"] = owner.weight_index.clone()
         state_dict[key + "_shape"] = owner.weight_shape.clone()
 
-    def check_layout(self, state_dict: Mapping[str, Any], key: str, owner: nn.Module, name: str) -> None:
+    def check_layout(self, state_dict: Mapping[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
         assert isinstance(owner, BlockSparseLinear)
         if not torch.equal(state_dict[key + "_index"].cpu(), owner.weight_index.cpu()):
             raise ValueError(f"{name}: the state_dict's blocks sit elsewhere than this layer's (another seed, "

@@ -81,7 +81,8 @@ def cache_dir() -> Path:
     return Path(root) / "calibration" if root else Path.home() / ".cache" / "sparsemup" / "calibration"
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> dict[str, dict[str, float | None]]:
+    """The cache file's {case key: {backend: ms}}, or {} when it is absent or unreadable."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from typing import Any
+from typing import TypedDict
 
 import torch
 
@@ -17,12 +17,35 @@ from . import native
 from .calibration import cache_dir, machine_key
 from .machine import cpu_facts
 
-__all__ = ["report", "render"]
+__all__ = ["Report", "report", "render"]
 
 EXTRAS = {"transformers": "hf", "ray": "ray", "optuna": "tune"}
 
 
-def _calibration() -> dict[str, Any]:
+class CpuSummary(TypedDict):
+    model: str
+    cores: int | None
+    simd: list[str]  # the SIMD flags among the CPU's
+
+
+class CalibrationFile(TypedDict):
+    file: str
+    cases: int  # layer cases timed in it
+
+
+class Report(TypedDict):
+    """The facts of ``sparsemup doctor`` (``--json`` prints them as they are)."""
+
+    torch: str
+    threads: int
+    cuda: bool
+    cpu: CpuSummary
+    native: native.Status
+    calibration: CalibrationFile
+    extras: dict[str, bool]  # optional extra -> installed
+
+
+def _calibration() -> CalibrationFile:
     path = cache_dir() / f"{machine_key()}.json"
     try:
         cases = len(json.loads(path.read_text()))
@@ -31,7 +54,7 @@ def _calibration() -> dict[str, Any]:
     return {"file": str(path), "cases": cases}
 
 
-def report() -> dict[str, Any]:
+def report() -> Report:
     """The facts as a JSON-ready dict (building the native kernels first if this process has not yet)."""
     cpu = cpu_facts()
     simd = sorted(f for f in cpu["flags"] if f.startswith(("avx", "amx", "fma")))
@@ -46,7 +69,7 @@ def report() -> dict[str, Any]:
     }
 
 
-def render(facts: dict[str, Any]) -> str:
+def render(facts: Report) -> str:
     """The report as lines a person reads, with the fix where a fast path is off."""
     status = facts["native"]
     if status["active"]:

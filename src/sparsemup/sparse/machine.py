@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any
+from typing import TypedDict
 
-__all__ = ["cpu_flags", "cpu_facts"]
+__all__ = ["CpuFacts", "cpu_flags", "cpu_facts"]
 
 
 def _cpuinfo_lines() -> list[str]:
@@ -30,7 +30,15 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def cpu_facts() -> dict[str, Any]:
+class CpuFacts(TypedDict):
+    """What ``cpu_facts`` reads about the CPU."""
+
+    model: str
+    cores: int | None  # os.cpu_count(): None when it cannot tell
+    flags: list[str]
+
+
+def cpu_facts() -> CpuFacts:
     """The CPU's model name, core count and flags (from /proc/cpuinfo on Linux)."""
     model = platform.processor() or platform.machine()
     for line in _cpuinfo_lines():

@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TypedDict
 
 import torch
 
@@ -267,7 +267,19 @@ def reset() -> None:
         _module, _tried, _reason, _cache = None, False, "not loaded yet", None
 
 
-def status() -> dict[str, Any]:
+class Status(TypedDict):
+    """What ``status`` reports about the native kernels."""
+
+    active: bool
+    reason: str  # why they are (or are not) active
+    isa: str | None  # the code path the build chose (None when inactive)
+    cache: str | None  # the build's cache folder
+    build_key: str  # "plain-torch" when inactive
+    compiler: str
+    cpu_flags_simd: list[str]
+
+
+def status() -> Status:
     """Whether the native kernels are active and why (or why not), their ISA variant, cache path and compiler."""
     module = load()
     flags = set(cpu_flags())

@@ -10,7 +10,6 @@ where they cannot be built), so work and memory are ρ of a dense layer's.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
@@ -100,17 +99,17 @@ class RowStorage(StorageFormat):
 
     name = "rows"
 
-    def holds(self, state_dict: Mapping[str, Any], key: str) -> bool:
+    def holds(self, state_dict: Mapping[str, torch.Tensor], key: str) -> bool:
         return key + "_index" in state_dict and key in state_dict and state_dict[key].dim() == 2
 
-    def to_masked_dense(self, state_dict: dict[str, Any], key: str, shape: tuple[int, ...]) -> None:
+    def to_masked_dense(self, state_dict: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> None:
         state_dict.pop(key + "_shape", None)
         index = state_dict.pop(key + "_index").to(state_dict[key].device)
         values = state_dict.pop(key)
         state_dict[key] = rows_dense(values, index, shape[1])
         state_dict[key + MASK_SUFFIX] = _mask(index, shape[1], values.dtype)
 
-    def from_masked_dense(self, state_dict: dict[str, Any], key: str, owner: nn.Module, name: str) -> None:
+    def from_masked_dense(self, state_dict: dict[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
         assert isinstance(owner, RowSparseLinear)  # only its weights are declared stored as "rows"
         mask = state_dict.pop(key + MASK_SUFFIX) != 0
         layout = row_layout(mask)
@@ -125,7 +124,7 @@ class RowStorage(StorageFormat):
         state_dict[key + "_index"] = owner.weight_index.clone()
         state_dict[key + "_shape"] = owner.weight_shape.clone()
 
-    def check_layout(self, state_dict: Mapping[str, Any], key: str, owner: nn.Module, name: str) -> None:
+    def check_layout(self, state_dict: Mapping[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
         assert isinstance(owner, RowSparseLinear)
         if not torch.equal(state_dict[key + "_index"].cpu().long(), owner.weight_index.cpu().long()):
             raise ValueError(f"{name}: the state_dict's kept entries sit elsewhere than this layer's (another seed "

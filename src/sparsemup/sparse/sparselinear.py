@@ -110,6 +110,7 @@ def sparse_linear(kernels: FormatKernels, name: str, x: torch.Tensor, values: to
         raise TypeError(f"{name}: input dtype {x.dtype} differs from the weight's {values.dtype}")
     lead = x.shape[:-1]
     with torch.autocast(device, enabled=False):
-        y = _SparseMatmul.apply(kernels, x.reshape(-1, x.shape[-1]).contiguous(), values, index)
+        y: torch.Tensor = _SparseMatmul.apply(  # type: ignore[no-untyped-call]
+            kernels, x.reshape(-1, x.shape[-1]).contiguous(), values, index)
     y = y.view(*lead, y.shape[-1])
     return y if bias is None else y + bias

@@ -3,10 +3,10 @@ checkpoints, multi-process wrapping and evaluation."""
 
 from .build import build_model
 from .config import load_config
-from .evaluate import evaluate_checkpoint
+from .evaluate import Evaluation, evaluate_checkpoint
 from .schema import Config, ConfigError
-from .trainer import Trainer, train
+from .trainer import Completed, Diverged, Trainer, TrainResult, train
 from .validate import validate
 
-__all__ = ["Config", "ConfigError", "Trainer", "build_model", "evaluate_checkpoint", "load_config", "train",
-           "validate"]
+__all__ = ["Completed", "Config", "ConfigError", "Diverged", "Evaluation", "TrainResult", "Trainer", "build_model",
+           "evaluate_checkpoint", "load_config", "train", "validate"]

@@ -8,32 +8,53 @@ temp file and renames it over the old one: a kill at any moment leaves a loadabl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    OptimizerStateType,
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.optim.lr_scheduler import LRScheduler
 
 from ..core.atomic import write_atomic
 from ..core.shards import full_state
+from ..core.vocab import Backend
 from ..sparse import get_backends
 from .build import dynamic_sparsity
 from .distributed import Context
 from .schema import RESUMABLE_KEYS, Config, ConfigError, flatten, with_defaults
 
-__all__ = ["CHECKPOINT_NAME", "FORMAT", "ConfigOrigin", "checkpoint_path", "save", "load", "check_compatible",
-           "restore_model", "restore_training_state", "remove_stale_temps"]
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "Checkpoint", "ConfigOrigin", "checkpoint_path", "save", "load",
+           "check_compatible", "restore_model", "restore_training_state", "remove_stale_temps"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = 1
+
+
+class _Saved(TypedDict):
+    format: int  # FORMAT
+    step: int
+    config: dict[str, dict[str, object]]  # Config.to_dict()
+    world_size: int
+    model: dict[str, torch.Tensor]  # full (unsharded) tensors by parameter name
+    optimizer: OptimizerStateType  # full, keyed by parameter name
+    scheduler: dict[str, object]
+    rng: list[dict[str, torch.Tensor]]  # per rank: "torch" (and "cuda")
+
+
+class Checkpoint(_Saved, total=False):
+    """The contents of checkpoint.pt, as ``save`` writes them and ``load`` returns them."""
+
+    backends: dict[str, Backend]  # the layers' backends, replayed on resume (absent in early checkpoints)
 
 
 def checkpoint_path(path: Path) -> Path:
@@ -61,11 +82,11 @@ def _gather_rng(ctx: Context) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, cfg: Config,
+def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, step: int, cfg: Config,
          ctx: Context) -> None:
     """Gather the full state on every rank (a collective) and write it atomically from rank 0."""
     sharded = StateDictOptions(full_state_dict=False)  # gathered by full_state: see core.shards for why
-    state = {
+    state: Checkpoint = {
         "format": FORMAT,
         "step": step,
         "config": cfg.to_dict(),
@@ -82,7 +103,7 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         dist.barrier()
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path) -> Checkpoint:
     """Read a checkpoint onto the CPU; a missing or unreadable file is a clear error."""
     file = checkpoint_path(path)
     if not file.is_file():
@@ -94,7 +115,7 @@ def load(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{file} is not a readable sparsemup checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError(f"{file} is not a sparsemup training checkpoint (format {FORMAT})")
-    return state
+    return cast(Checkpoint, state)
 
 
 @dataclass(frozen=True)
@@ -106,7 +127,7 @@ class ConfigOrigin:
     set_keys: tuple[str, ...] = ()
 
 
-def check_compatible(saved: dict[str, dict[str, Any]], cfg: Config, file: Path,
+def check_compatible(saved: Mapping[str, Mapping[str, object]], cfg: Config, file: Path,
                      origin: ConfigOrigin = ConfigOrigin()) -> None:
     """Refuse to resume with settings that change the computation (any key not flagged resumable), naming
     each differing key and, from ``origin``, the option that brought the difference; keys the checkpoint
@@ -137,7 +158,7 @@ def _resume_fix(differing: list[str], origin: ConfigOrigin) -> str:
     return "To resume, " + " and ".join(fixes)
 
 
-def restore_model(model: nn.Module, state: dict[str, Any], file: Path) -> None:
+def restore_model(model: nn.Module, state: Checkpoint, file: Path) -> None:
     """Load weights and masks into the parameterized, not yet wrapped model; under a dynamic ``[sparsity]``
     method the load check expects the masks the schedule has at the checkpoint's step."""
     dynamic = dynamic_sparsity(Config.from_dict(state["config"], str(file)), model)
@@ -149,8 +170,8 @@ def restore_model(model: nn.Module, state: dict[str, Any], file: Path) -> None:
         raise ConfigError(f"{file} does not fit this model: {err}") from None
 
 
-def restore_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                           state: dict[str, Any], ctx: Context) -> None:
+def restore_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+                           state: Checkpoint, ctx: Context) -> None:
     """Load optimizer and scheduler state (after wrapping) and this rank's RNG state."""
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])

@@ -25,7 +25,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 __all__ = ["load_config", "apply_overrides", "typed_value", "to_toml", "to_yaml", "describe", "tomllib"]
 
 
-_ARITH: dict[type[ast.AST], Callable[..., Any]] = {
+_ARITH: dict[type[ast.AST], Callable[..., int | float]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
     ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos,
 }
@@ -139,7 +139,8 @@ def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML."""
     import yaml
 
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    text: str = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return text
 
 
 def describe() -> str:

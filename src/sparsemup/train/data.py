@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -37,6 +37,17 @@ SPLITS = ("train", "val")
 _FIX = "write the token files again with `sparsemup tokenize`"
 
 
+class TokensJson(TypedDict):
+    """The content of ``tokens.json``."""
+
+    format: int
+    vocab_size: int
+    dtype: str
+    tokenizer: str
+    bytes_per_token: dict[str, float]
+    tokens: dict[str, int]
+
+
 @dataclass(frozen=True)
 class TokenFiles:
     """A folder of token files as its ``tokens.json`` describes them."""
@@ -48,7 +59,7 @@ class TokenFiles:
     bytes_per_token: dict[str, float]
     tokens: dict[str, int]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> TokensJson:
         """The ``tokens.json`` content."""
         return {"format": TOKENS_FORMAT, "vocab_size": self.vocab_size, "dtype": self.dtype,
                 "tokenizer": self.tokenizer, "bytes_per_token": self.bytes_per_token, "tokens": self.tokens}

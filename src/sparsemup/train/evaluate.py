@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .build import build_model, logits_of
-from .checkpoint import checkpoint_path, load, restore_model
+from .checkpoint import Checkpoint, checkpoint_path, load, restore_model
 from .data import bits_per_byte, load_corpus, val_windows
 from .distributed import Context, all_sum
 from .schema import Config
 
-__all__ = ["validation_loss", "load_trained", "evaluate_checkpoint"]
+__all__ = ["validation_loss", "load_trained", "evaluate_checkpoint", "Evaluation"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A checkpoint's validation loss on its own config's validation split (``sparsemup eval --json`` prints
+    ``to_json()``)."""
+
+    checkpoint: str  # the checkpoint file
+    step: int
+    val_loss: float  # nats per token (per byte on text)
+    bits_per_byte: float | None
+    val_tokens: int  # validation tokens the loss averages over
+    data: str  # the corpus: its path, or "shakespeare"
+
+    def to_json(self) -> dict[str, object]:
+        """The fields as a JSON object, in their order."""
+        return dataclasses.asdict(self)
 
 
 @torch.no_grad()
@@ -37,7 +55,7 @@ def validation_loss(model: nn.Module, data: torch.Tensor, windows: int | None, s
     return float(all_sum(total, ctx)) / (count * seq_len)
 
 
-def load_trained(path: Path) -> tuple[nn.Module, Config, dict[str, Any], Path]:
+def load_trained(path: Path) -> tuple[nn.Module, Config, Checkpoint, Path]:
     """The model of a checkpoint (a run directory or the file), its config, its state and the file, on the CPU."""
     file = checkpoint_path(path)
     state = load(file)
@@ -47,7 +65,7 @@ def load_trained(path: Path) -> tuple[nn.Module, Config, dict[str, Any], Path]:
     return model, cfg, state, file
 
 
-def evaluate_checkpoint(path: Path, windows: int | None = None, batch: int = 32) -> dict[str, Any]:
+def evaluate_checkpoint(path: Path, windows: int | None = None, batch: int = 32) -> Evaluation:
     """Validation loss (nats per token: per byte on text) and bits per byte of a checkpoint, on its own config's
     validation split."""
     model, cfg, state, file = load_trained(path)
@@ -55,6 +73,6 @@ def evaluate_checkpoint(path: Path, windows: int | None = None, batch: int = 32)
     ctx = Context(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     loss = validation_loss(model, corpus.val, windows, cfg.train.seq_len, batch, ctx)
     used = len(val_windows(corpus.val, windows, cfg.train.seq_len)[0])
-    return {"checkpoint": str(file), "step": state["step"], "val_loss": loss,
-            "bits_per_byte": bits_per_byte(loss, corpus), "val_tokens": used * cfg.train.seq_len,
-            "data": cfg.data.path or "shakespeare"}
+    return Evaluation(checkpoint=str(file), step=state["step"], val_loss=loss,
+                      bits_per_byte=bits_per_byte(loss, corpus),
+                      val_tokens=used * cfg.train.seq_len, data=cfg.data.path or "shakespeare")

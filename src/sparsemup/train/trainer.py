@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,64 @@ from .evaluate import validation_loss
 from .schema import OPTIMIZERS, Config, ConfigError
 from .validate import transfer_note, validate
 
-__all__ = ["Schedule", "MetricsLog", "Trainer", "train", "METRIC_COLUMNS"]
+__all__ = ["Schedule", "MetricsLog", "Trainer", "train", "METRIC_COLUMNS", "Completed", "Diverged", "TrainResult"]
 
 METRIC_COLUMNS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
+
+
+class MetricsRow(TypedDict, total=False):
+    """One row of metrics.csv (``val_loss`` only on validation steps)."""
+
+    step: int
+    train_loss: float
+    val_loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    elapsed_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Completed:
+    """The result of a run that reached ``train.steps`` (result.json holds ``to_json()``)."""
+
+    status: Literal["completed"] = "completed"
+    final_val_loss: float
+    steps: int
+    final_val_bits_per_byte: float | None
+    mean_tokens_per_s: float | None  # None when resumed at the last step (no step ran)
+    world_size: int
+    device: str
+    fsdp: bool
+    mask_sha256: str
+    kept_weights: dict[str, dict[str, float]]  # per masked weight: Trainer._kept_weights
+    backends: dict[str, int]  # {backend: number of masked layers on it}
+
+    def to_json(self) -> dict[str, object]:
+        """result.json's object (the fields, in their order)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Diverged:
+    """The result of a run stopped by a non-finite loss or gradient norm (result.json holds ``to_json()``)."""
+
+    status: Literal["diverged"] = "diverged"
+    diverged_at_step: int
+    final_val_loss: None = None
+    steps: int  # the steps completed before the diverging one
+    loss_at_divergence: str  # repr of the non-finite value
+    grad_norm_at_divergence: str
+    last_checkpoint_step: int | None
+    world_size: int
+    device: str
+
+    def to_json(self) -> dict[str, object]:
+        """result.json's object (the fields, in their order)."""
+        return dataclasses.asdict(self)
+
+
+TrainResult = Completed | Diverged
 
 
 class Schedule:
@@ -99,15 +156,16 @@ class MetricsLog:
               "(the steps after the checkpoint are redone)", file=sys.stderr)
         return [row for _, row in rows[:first]]
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, row: MetricsRow) -> None:
         buffer = io.StringIO()
+        values: dict[str, object] = dict(row)
         csv.DictWriter(buffer, METRIC_COLUMNS, lineterminator="\n").writerow(
-            {k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+            {k: ("" if values.get(k) is None else values[k]) for k in METRIC_COLUMNS})
         append_atomic(self.path, buffer.getvalue().encode(), sync=False)
         if self.tb is not None:
             for key in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s"):
-                if row.get(key) is not None:
-                    self.tb.add_scalar(key, row[key], row["step"])
+                if values.get(key) is not None:
+                    self.tb.add_scalar(key, values[key], row["step"])
 
     def close(self) -> None:
         if self.tb is not None:
@@ -130,36 +188,54 @@ class Trainer:
         if note is not None and ctx.main:
             print(note, file=sys.stderr)
         self.cfg, self.out = cfg, Path(out)
-        ckpt_file = self.out / checkpoint.CHECKPOINT_NAME
-        state = None
+        state = self._saved_state(resume, origin or ConfigOrigin())
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, cfg.train.seq_len, cfg.data.format)
+        self._build(state)
+        self.last_checkpoint = self.step if state is not None else None
+        self.val_loss: float | None = None
+        self.metrics: MetricsLog | None = None
+        self.bar: tqdm | None = None
+        self.tokens_per_s: list[float] = []
+        self.result: TrainResult | None = None
+        if ctx.main:
+            self._open_outputs(config_format)
+
+    def _saved_state(self, resume: bool, origin: ConfigOrigin) -> checkpoint.Checkpoint | None:
+        """The checkpoint to resume from (checked against this config), or None for a fresh run; refuses to
+        start over a finished or checkpointed run without ``resume``."""
+        cfg, ckpt_file = self.cfg, self.out / checkpoint.CHECKPOINT_NAME
         killed_early = not ckpt_file.exists() and (self.out / "metrics.csv").exists()
         if resume and killed_early:
             raise ConfigError(f"{self.out} holds a run killed before its first checkpoint: there is nothing to "
                               "resume; run again without --resume to start it over")
         if resume:
             state = checkpoint.load(ckpt_file)
-            checkpoint.check_compatible(state["config"], cfg, ckpt_file, origin or ConfigOrigin())
+            checkpoint.check_compatible(state["config"], cfg, ckpt_file, origin)
             if state["step"] > cfg.train.steps:
                 raise ConfigError(f"{ckpt_file} is at step {state['step']}, beyond train.steps = {cfg.train.steps}; "
                                   f"set train.steps to at least {state['step']}")
-        elif ckpt_file.exists():
+            return state
+        if ckpt_file.exists():
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-        elif killed_early and ctx.main:  # its metrics.csv and config are rewritten below
+        if killed_early and self.ctx.main:  # its metrics.csv and config are rewritten below
             print(f"sparsemup: {self.out} holds a run killed before its first checkpoint; starting it over",
                   file=sys.stderr)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        t = cfg.train
-        self.corpus = load_corpus(cfg.data.path, cfg.data.val_fraction, t.seq_len, cfg.data.format)
+        return None
+
+    def _build(self, state: checkpoint.Checkpoint | None) -> None:
+        """Model (masks checked equal on every rank), dynamic sparsity, optimizer and LR schedule, restored from
+        ``state`` when resuming."""
+        cfg, ctx, o, t = self.cfg, self.ctx, self.cfg.optim, self.cfg.train
         model = build_model(cfg, ctx.device, backends=state.get("backends") if state is not None else None)
         self.dynamic = dynamic_sparsity(cfg, model)
         if state is not None:
-            checkpoint.restore_model(model, state, ckpt_file)
+            checkpoint.restore_model(model, state, self.out / checkpoint.CHECKPOINT_NAME)
         self.inner = model  # unwrapped: the parameterization and the masks live here
         self.mask_digests = distributed.gather_mask_digests(model, ctx)
         distributed.check_same_masks(self.mask_digests)
         self.model = distributed.wrap(model, ctx, cfg.dist.fsdp, fsdp_units(model))
-        o = cfg.optim
         extra = {"betas": (o.beta1, o.beta2), "eps": o.eps} if o.name == "adamw" else {"momentum": o.momentum}
         self.optimizer = make_optimizer(model, OPTIMIZERS[o.name], o.lr, o.weight_decay,
                                         o.weight_decay_mode, **extra)
@@ -177,20 +253,17 @@ class Trainer:
             self.schedule = Schedule(o.schedule, o.warmup_steps, t.steps, o.final_lr_fraction)
             self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
             self._set_lrs()
-        self.last_checkpoint = self.step if state is not None else None
-        self.val_loss: float | None = None
-        self.metrics: MetricsLog | None = None
-        self.bar: tqdm | None = None
-        self.tokens_per_s: list[float] = []
-        self.result: dict[str, Any] = {}
-        if ctx.main:
-            make_dirs(self.out)
-            checkpoint.remove_stale_temps(self.out)
-            text = to_yaml(cfg) if config_format == "yaml" else to_toml(cfg)
-            write_text_atomic(self.out / f"config.{config_format}", text)
-            self.metrics = MetricsLog(self.out, self.step, t.tensorboard)
-            self.bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
-                            disable=not t.progress, dynamic_ncols=True)
+
+    def _open_outputs(self, config_format: str) -> None:
+        """Rank 0: the run directory, its config file, metrics.csv and the progress bar."""
+        make_dirs(self.out)
+        checkpoint.remove_stale_temps(self.out)
+        text = to_yaml(self.cfg) if config_format == "yaml" else to_toml(self.cfg)
+        write_text_atomic(self.out / f"config.{config_format}", text)
+        t = self.cfg.train
+        self.metrics = MetricsLog(self.out, self.step, t.tensorboard)
+        self.bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                        disable=not t.progress, dynamic_ncols=True)
 
     def _set_lrs(self) -> None:
         """The LR of the next step in every group: its initial LR times the schedule (as the scheduler sets it)."""
@@ -204,7 +277,7 @@ class Trainer:
         rows = slice(self.ctx.rank * share, (self.ctx.rank + 1) * share)
         return x[rows].to(self.ctx.device), y[rows].to(self.ctx.device)
 
-    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager[object]:
         """Reduce gradients only on the last micro-step."""
         if not self.ctx.distributed:
             return contextlib.nullcontext()
@@ -218,22 +291,9 @@ class Trainer:
         """One optimizer step with logging, and validation/checkpoint when due; False when the run diverged."""
         t, ctx = self.cfg.train, self.ctx
         start = time.perf_counter()
-        x, y = self._local_rows(self.step)
-        micro = len(x) // t.grad_accum
         lr = self.cfg.optim.lr * self.schedule(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=ctx.device)
         dense = self.dynamic is not None and self.dynamic.wants_gradients(self.step + 1)
-        with dense_gradients(self.inner) if dense else contextlib.nullcontext():
-            for i in range(t.grad_accum):
-                rows = slice(i * micro, (i + 1) * micro)
-                with self._sync(i == t.grad_accum - 1):
-                    logits = logits_of(self.model(x[rows]))
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y[rows].flatten()) / t.grad_accum
-                    loss.backward()
-                total += loss.detach()
-        gradients = self.dynamic.take_gradients() if dense and self.dynamic is not None else None
-        train_loss = float(distributed.all_mean(total, ctx))
+        train_loss, gradients = self._backward(dense)
         clip = self.cfg.optim.grad_clip
         grad_norm = clip_grad_norm(self.model.parameters(), clip if clip > 0 else math.inf)
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
@@ -248,22 +308,47 @@ class Trainer:
                 distributed.check_same_masks(distributed.gather_mask_digests(self.inner, ctx))
         elapsed = time.perf_counter() - start
         self.tokens_per_s.append(t.batch_size * t.seq_len / elapsed)
-        row: dict[str, Any] = {"step": self.step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                               "tokens_per_s": round(self.tokens_per_s[-1], 1), "elapsed_s": round(elapsed, 4)}
+        row: MetricsRow = {"step": self.step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": round(self.tokens_per_s[-1], 1), "elapsed_s": round(elapsed, 4)}
+        return self._finish_step(row)
+
+    def _backward(self, dense: bool) -> tuple[float, dict[str, torch.Tensor] | None]:
+        """Gradients of this step's batch over the accumulation micro-steps: the mean loss over all ranks and,
+        when ``dense``, the dense gradients the dynamic sparsity asked for."""
+        t, ctx = self.cfg.train, self.ctx
+        x, y = self._local_rows(self.step)
+        micro = len(x) // t.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=ctx.device)
+        with dense_gradients(self.inner) if dense else contextlib.nullcontext():
+            for i in range(t.grad_accum):
+                rows = slice(i * micro, (i + 1) * micro)
+                with self._sync(i == t.grad_accum - 1):
+                    logits = logits_of(self.model(x[rows]))
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y[rows].flatten()) / t.grad_accum
+                    loss.backward()  # type: ignore[no-untyped-call]
+                total += loss.detach()
+        gradients = self.dynamic.take_gradients() if dense and self.dynamic is not None else None
+        return float(distributed.all_mean(total, ctx)), gradients
+
+    def _finish_step(self, row: MetricsRow) -> bool:
+        """Validation and checkpoint when due, then the metrics row and the progress bar; False when the
+        validation loss is not finite (the run diverged)."""
+        t = self.cfg.train
         last = self.step == t.steps
         if last or (t.eval_every and self.step % t.eval_every == 0):
             row["val_loss"] = self.val_loss = self._validate()
             if not math.isfinite(self.val_loss):
-                self._finish_diverged(self.step, self.val_loss, grad_norm)
+                self._finish_diverged(self.step, self.val_loss, row["grad_norm"])
                 return False
         if last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
             checkpoint.save(self.out / checkpoint.CHECKPOINT_NAME, self.model, self.optimizer, self.scheduler,
-                            self.step, self.cfg, ctx)
+                            self.step, self.cfg, self.ctx)
             self.last_checkpoint = self.step
         if self.metrics is not None:
             self.metrics.log(row)
         if self.bar is not None:
-            postfix = {"loss": f"{train_loss:.3f}"}
+            postfix = {"loss": f"{row['train_loss']:.3f}"}
             if self.val_loss is not None:
                 postfix["val"] = f"{self.val_loss:.3f}"
             self.bar.set_postfix(postfix, refresh=False)
@@ -295,36 +380,35 @@ class Trainer:
         return {name: {**{k: v for k, v in s.items() if k != "rms_over_supar_std"}, "layer_supar_std": reference[name],
                        "rms_over_layer_supar_std": s["rms_over_supar_std"]} for name, s in stats.items()}
 
-    def _write_result(self, result: dict[str, Any]) -> None:
+    def _write_result(self, result: TrainResult) -> TrainResult:
+        self.result = result
         if self.ctx.main:
-            write_json_atomic(self.out / "result.json", result)
+            write_json_atomic(self.out / "result.json", result.to_json())
+        return result
 
     def _finish_diverged(self, step: int, loss: float, grad_norm: float) -> None:
-        self.result = {"status": "diverged", "diverged_at_step": step, "final_val_loss": None, "steps": self.step,
-                       "loss_at_divergence": repr(loss), "grad_norm_at_divergence": repr(grad_norm),
-                       "last_checkpoint_step": self.last_checkpoint, "world_size": self.ctx.world,
-                       "device": self.ctx.device.type}
-        self._write_result(self.result)
+        self._write_result(Diverged(diverged_at_step=step, steps=self.step, loss_at_divergence=repr(loss),
+                                    grad_norm_at_divergence=repr(grad_norm), last_checkpoint_step=self.last_checkpoint,
+                                    world_size=self.ctx.world, device=self.ctx.device.type))
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self) -> TrainResult:
         """Train to ``train.steps`` (or divergence), write result.json and return it."""
         try:
             while self.step < self.cfg.train.steps:
                 if not self.train_step():
+                    assert self.result is not None  # _finish_diverged set it
                     return self.result
             if self.val_loss is None:  # resumed at the last step: nothing ran, validate the checkpoint
                 self.val_loss = self._validate()
-            self.result = {
-                "status": "completed", "final_val_loss": self.val_loss, "steps": self.step,
-                "final_val_bits_per_byte": bits_per_byte(self.val_loss, self.corpus),
-                "mean_tokens_per_s": (sum(self.tokens_per_s) / len(self.tokens_per_s)) if self.tokens_per_s else None,
-                "world_size": self.ctx.world, "device": self.ctx.device.type, "fsdp": self.cfg.dist.fsdp,
-                "mask_sha256": distributed.mask_digest(self.inner) if self.dynamic else self.mask_digests[0],
-                "kept_weights": self._kept_weights(),
-                "backends": dict(Counter(get_backends(self.model).values())),
-            }
-            self._write_result(self.result)
-            return self.result
+            return self._write_result(Completed(
+                final_val_loss=self.val_loss, steps=self.step,
+                final_val_bits_per_byte=bits_per_byte(self.val_loss, self.corpus),
+                mean_tokens_per_s=(sum(self.tokens_per_s) / len(self.tokens_per_s)) if self.tokens_per_s else None,
+                world_size=self.ctx.world, device=self.ctx.device.type, fsdp=self.cfg.dist.fsdp,
+                mask_sha256=distributed.mask_digest(self.inner) if self.dynamic else self.mask_digests[0],
+                kept_weights=self._kept_weights(),
+                backends=dict(Counter(get_backends(self.model).values())),
+            ))
         finally:
             self.close()
 
@@ -337,8 +421,9 @@ class Trainer:
 
 
 def train(cfg: Config, out: Path, resume: bool = False, config_format: str = "toml",
-          origin: ConfigOrigin | None = None) -> dict[str, Any]:
-    """Run (or resume) a training run in ``out`` on this process or the torchrun group; returns result.json.
+          origin: ConfigOrigin | None = None) -> TrainResult:
+    """Run (or resume) a training run in ``out`` on this process or the torchrun group; returns its result
+    (result.json holds ``to_json()``).
     ``origin`` (the CLI's) names the config's sources in the error when a resume's config differs."""
     try:
         return Trainer(cfg, out, resume, config_format, origin).fit()

@@ -9,7 +9,7 @@ from ..core.masks import nonzeros_per_row
 from ..core.vocab import hf_model_spec
 from ..sparse import Fixes, check_backend
 from .data import corpus_files, data_vocab, token_files
-from .schema import Config, ConfigError, field_specs, flatten, run_identity, with_defaults
+from .schema import Config, ConfigError, ModelConfig, field_specs, flatten, run_identity, with_defaults
 
 __all__ = ["validate", "TRANSFER_EXEMPT", "transfer_note"]
 
@@ -80,7 +80,19 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key, spec in field_specs().items():
         choices = spec.metadata["choices"]
         _require(not choices or values[key] in choices, f"{key} = {values[key]!r}: {_choose(choices)}")
-    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    hf_spec = _check_model(cfg)
+    _check_optim_and_steps(cfg, world_size)
+    _require(0.0 < cfg.data.val_fraction <= 0.5, f"data.val_fraction = {cfg.data.val_fraction}: must be in (0, 0.5]")
+    _check_sparsity(cfg)
+    if token_files(cfg.data.path, cfg.data.format) is None:  # token files are checked against their JSON there
+        corpus_files(cfg.data.path)  # raises ConfigError when missing
+    if hf_spec is not None:
+        _check_hf(cfg, hf_spec)
+
+
+def _check_model(cfg: Config) -> str | None:
+    """The model section (and the backend rule); returns the transformers model type it names, if any."""
+    m = cfg.model
     try:
         hf_spec = hf_model_spec(m.arch)
     except ValueError as error:
@@ -114,15 +126,26 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              "every layer would train dense on masked_dense; set model.backend = 'masked_dense' or a model.density "
              "below 1")
     if m.mask_kind == "blocks":
-        _require(m.block_size >= 1 and m.width % m.block_size == 0
-                 and (m.base_density == 1 or m.base_width % m.block_size == 0),
-                 f"model.block_size = {m.block_size} must divide model.width = {m.width} (and model.base_width = "
-                 f"{m.base_width} when model.base_density < 1); pick a power of two such as 16 or 32")
-        for key, width in (("density", m.width), ("base_density", m.base_width)):
-            rho = getattr(m, key)
-            _require(rho >= 1 or nonzeros_per_row(rho, width // m.block_size) >= 1,
-                     f"model.{key} = {rho:g} keeps no {m.block_size}x{m.block_size} block per row at width "
-                     f"{width}; lower model.block_size to at most {key}·width = {rho * width:g}")
+        _check_blocks(m)
+    return hf_spec
+
+
+def _check_blocks(m: ModelConfig) -> None:
+    """Block masks: the block size divides the widths and every density keeps a block per row."""
+    _require(m.block_size >= 1 and m.width % m.block_size == 0
+             and (m.base_density == 1 or m.base_width % m.block_size == 0),
+             f"model.block_size = {m.block_size} must divide model.width = {m.width} (and model.base_width = "
+             f"{m.base_width} when model.base_density < 1); pick a power of two such as 16 or 32")
+    for key, width in (("density", m.width), ("base_density", m.base_width)):
+        rho = getattr(m, key)
+        _require(rho >= 1 or nonzeros_per_row(rho, width // m.block_size) >= 1,
+                 f"model.{key} = {rho:g} keeps no {m.block_size}x{m.block_size} block per row at width "
+                 f"{width}; lower model.block_size to at most {key}·width = {rho * width:g}")
+
+
+def _check_optim_and_steps(cfg: Config, world_size: int) -> None:
+    """The optimizer and the train section: ranges, and the batch split over processes and micro-steps."""
+    o, t = cfg.optim, cfg.train
     _require(o.lr > 0, f"optim.lr = {o.lr}: must be positive")
     _require(o.weight_decay >= 0, f"optim.weight_decay = {o.weight_decay}: must be non-negative")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
@@ -139,12 +162,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.batch_size % shards == 0,
              f"train.batch_size = {t.batch_size} does not divide into {world_size} process(es) × "
              f"train.grad_accum = {t.grad_accum}; make it a multiple of {shards}")
-    _require(0.0 < d.val_fraction <= 0.5, f"data.val_fraction = {d.val_fraction}: must be in (0, 0.5]")
-    _check_sparsity(cfg)
-    if token_files(d.path, d.format) is None:  # token files are checked against their JSON there
-        corpus_files(d.path)  # raises ConfigError when missing
-    if hf_spec is not None:
-        _check_hf(cfg, hf_spec)
 
 
 def _check_depth_rule(cfg: Config) -> None:

@@ -223,7 +223,7 @@ def _execute(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
         return {"error": str(err), "unwritable": [str(err.path), err.errno]}
     except Exception:  # noqa: BLE001 - reported by the parent, the run stays unrecorded and is retried
         return {"error": traceback.format_exc()}
-    return {**result, "seconds": round(time.perf_counter() - start, 2), "resumed": resume}
+    return {**result.to_json(), "seconds": round(time.perf_counter() - start, 2), "resumed": resume}
 
 
 def _finished_result(run_dir: Path, steps: int) -> dict[str, Any] | None:
