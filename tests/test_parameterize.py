@@ -1,6 +1,8 @@
 """Applying a scheme to a model: roles, init, multipliers, attention, and input errors."""
 
 import copy
+import dataclasses
+import inspect
 import math
 
 import pytest
@@ -271,3 +273,20 @@ def test_role_init_std_overrides_one_role():
     assert smp.get_parameterization(model).params["hidden.0.weight"].init_std == 0.1
     with pytest.raises(ValueError, match="role_init_std"):
         tiny_mlp(role_init_std={"vector": 0.1})
+
+
+def test_parameterize_takes_the_fields_of_options_as_keywords():
+    # The options are declared once (core.options.Options): parameterize's signature, help and record follow them.
+    from sparsemup.core.options import Options
+
+    fields = [f.name for f in dataclasses.fields(Options)]
+    params = inspect.signature(smp.parameterize).parameters
+    assert list(params) == ["model", "base", *fields]
+    assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in fields)
+    assert "mask_kind:" in smp.parameterize.__doc__ and "Returns the ``Parameterization``" in smp.parameterize.__doc__
+    with torch.device("meta"):
+        base = MLP(8, 16, 4, depth=1)
+    with pytest.raises(TypeError, match="sed"):
+        smp.parameterize(MLP(8, 64, 4, depth=1), base, sed=1)
+    record = smp.parameterize(MLP(8, 64, 4, depth=1), base, density=0.5, seed=3, init_std=0.05)
+    assert record.options == Options(density=0.5, seed=3, init_std=0.05)

@@ -87,7 +87,7 @@ def _options_from_json(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tied(model: PreTrainedModel) -> bool:
-    output = model.get_output_embeddings()
+    output = model.get_output_embeddings()  # type: ignore[no-untyped-call]
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 
@@ -291,10 +291,11 @@ def _read_saved(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
 def _read_config(directory: Path) -> PretrainedConfig:
     """The saved ``config.json``, or an error naming it."""
     try:
-        return AutoConfig.from_pretrained(directory)
+        config: PretrainedConfig = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as err:
         raise ValueError(f"{directory / 'config.json'} cannot be read ({type(err).__name__}: {err}); the directory "
                          "is damaged: save the model again") from None
+    return config
 
 
 def _wrong_types(data: Mapping[str, Any], types: Mapping[str, tuple[type | None, ...]]) -> str | None:

@@ -85,7 +85,7 @@ def auto_choice(target: nn.Module, candidates: Mapping[str, tuple[Backend, ...]]
             continue
         info = record.info(name)
         shape = (int(info.shape[0]), int(info.shape[1]))
-        cases[name] = LayerCase(shape, info.density, dtype_name, possible,  # type: ignore[arg-type]
+        cases[name] = LayerCase(shape, info.density, dtype_name, possible,
                                 record.block_size if "blocks" in possible else 0)
     choice: dict[str, Backend] = {name: "masked_dense" for name in candidates}
     if cases and _rank() == 0:

@@ -184,8 +184,12 @@ def load_corpus(path: str, val_fraction: float, seq_len: int, data_format: str =
                 f"the {name} split of data.path = {path!r} has {len(split)} bytes, fewer than train.seq_len + 1 = "
                 f"{seq_len + 1}; use more text, a shorter train.seq_len or another data.val_fraction"
             )
-    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
-    return Corpus(as_tensor(train), as_tensor(val), len(train_parts))
+    return Corpus(_bytes_tensor(train), _bytes_tensor(val), len(train_parts))
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    """The bytes as a uint8 tensor (a copy: ``frombuffer`` needs a writable buffer)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _load_tokens(files: TokenFiles, seq_len: int) -> Corpus:
