@@ -286,7 +286,9 @@ def test_parameterize_takes_the_fields_of_options_as_keywords():
     assert "mask_kind:" in smp.parameterize.__doc__ and "Returns the ``Parameterization``" in smp.parameterize.__doc__
     with torch.device("meta"):
         base = MLP(8, 16, 4, depth=1)
-    with pytest.raises(TypeError, match="sed"):
-        smp.parameterize(MLP(8, 64, 4, depth=1), base, sed=1)
+    with pytest.raises(TypeError, match=r"parameterize\(\): .*unexpected keyword argument 'sed'"):
+        smp.parameterize(MLP(8, 64, 4, depth=1), base, sed=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"parameterize\(\) takes the model and the base by position"):
+        smp.parameterize(MLP(8, 64, 4, depth=1), base, "supar")  # type: ignore[call-arg]
     record = smp.parameterize(MLP(8, 64, 4, depth=1), base, density=0.5, seed=3, init_std=0.05)
     assert record.options == Options(density=0.5, seed=3, init_std=0.05)

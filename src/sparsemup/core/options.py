@@ -99,7 +99,14 @@ def takes_options(
     ) -> Callable[Concatenate[nn.Module, nn.Module, P], R]:
         @functools.wraps(function)
         def call(model: nn.Module, base: nn.Module, /, *args: P.args, **kwargs: P.kwargs) -> R:
-            return function(model, base, options(*args, **kwargs))
+            if args:
+                raise TypeError(f"{function.__name__}() takes the model and the base by position and the rest by "
+                                f"keyword; got {len(args)} more positional argument(s)")
+            try:
+                chosen = options(*args, **kwargs)
+            except TypeError as err:  # an unknown keyword: name the function that was called
+                raise TypeError(f"{function.__name__}(): {err}") from None
+            return function(model, base, chosen)
 
         own = list(inspect.signature(function).parameters.values())[:2]
         fields = inspect.signature(options).parameters.values()
