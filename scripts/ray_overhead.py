@@ -38,7 +38,7 @@ def main() -> None:
         seconds[engine] = time.perf_counter() - start
         records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
         losses[engine] = {r["id"]: r["final_val_loss"] for r in records}
-        print(f"{engine}: {counts['completed']} runs completed in {seconds[engine]:.1f} s", flush=True)
+        print(f"{engine}: {counts.completed} runs completed in {seconds[engine]:.1f} s", flush=True)
     print(f"ray / local wall time: {seconds['ray'] / seconds['local']:.3f} "
           f"(+{seconds['ray'] - seconds['local']:.1f} s over {len(spec.points)} runs); "
           f"records bitwise equal: {losses['ray'] == losses['local']}")

@@ -240,3 +240,23 @@ def test_widths_below_the_base_are_refused_naming_the_fix():
     with pytest.raises(ValueError, match="--widths 32 below the base width 64.*lower --base-width"):
         CheckSettings.resolve("mlp", "supar", widths=[32, 128])
     assert CheckSettings.resolve("mlp", "supar", widths=[32, 128], base_width=32).widths == [32, 128]
+
+
+def test_coord_check_flags_are_the_settings_with_their_docs_and_counts_are_checked(capsys):
+    from dataclasses import fields
+
+    from sparsemup.coord import CheckSettings
+
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["coord-check"]
+    options = {a.dest: a for a in sub._actions}
+    for setting in fields(CheckSettings):
+        assert options[setting.name].help == setting.metadata["doc"].replace("%", "%%")
+        assert options[setting.name].default == setting.metadata["unset"]
+    assert options["block"].option_strings == ["--blocks"]
+    with pytest.raises(TypeError, match="unknown settings blocks"):
+        CheckSettings.resolve("mlp", "supar", blocks=4)  # the flag's name is not the setting's
+    for argv in (["coord-check", "--steps", "0"], ["sweep", "--config", "x", "--out", "y", "--workers", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        assert "must be at least 1, got 0" in capsys.readouterr().err

@@ -38,12 +38,12 @@ def _records(out):
 
 def test_ray_runs_give_the_local_engines_records(corpus, tmp_path, local_ray):
     spec = _spec(corpus)
-    assert run_sweep(spec, tmp_path / "local", workers=2, log=lambda s: None)["completed"] == 3
-    assert run_sweep(spec, tmp_path / "ray", workers=2, log=lambda s: None, engine="ray")["completed"] == 3
+    assert run_sweep(spec, tmp_path / "local", workers=2, log=lambda s: None).completed == 3
+    assert run_sweep(spec, tmp_path / "ray", workers=2, log=lambda s: None, engine="ray").completed == 3
     local = {r["id"]: r["final_val_loss"] for r in _records(tmp_path / "local")}
     on_ray = {r["id"]: r["final_val_loss"] for r in _records(tmp_path / "ray")}
     assert on_ray == local  # same ids, same losses bitwise
-    assert run_sweep(spec, tmp_path / "ray", workers=2, log=lambda s: None, engine="ray")["stored"] == 3
+    assert run_sweep(spec, tmp_path / "ray", workers=2, log=lambda s: None, engine="ray").stored == 3
 
 
 def test_an_optuna_search_on_ray_records_the_local_engines_trials(corpus, tmp_path, local_ray):
@@ -102,7 +102,7 @@ def test_a_worker_killed_mid_run_is_retried_and_recorded_once(corpus, tmp_path, 
     counts = run_sweep(spec, out, workers=2, log=lambda s: None, engine="ray")
     killer.join()
     assert killed, "no run was caught mid-training"
-    assert counts["completed"] == 2 and counts["failed"] == 0
+    assert counts.completed == 2 and counts.failed == 0
     assert sorted(r["id"] for r in _records(out)) == sorted(p.id for p in spec.points)  # once each
     assert not (out / "failures.jsonl").exists()
 

@@ -81,20 +81,20 @@ def test_a_search_records_its_trials_and_a_rerun_runs_nothing(corpus, tmp_path):
     assert spec.points == [] and spec.search is not None
     out, logs = tmp_path / "s", []
     counts = run_sweep(spec, out, log=logs.append)
-    assert counts["completed"] == 3
+    assert counts.completed == 3
     records = sorted(_records(out), key=lambda r: r["trial"])
     assert [r["trial"] for r in records] == [0, 1, 2]
     assert all(r["search"] == {"sampler": "tpe", "seed": 0} and r["overrides"]["train.seed"] == 0 for r in records)
     assert all(2**-9 <= r["overrides"]["optim.lr"] <= 2**-5 for r in records)
     assert any("tpe search, 3 trials × 1 grid point(s) in batches of 2" in line for line in logs)
     again = run_sweep(_search_spec(corpus), out, log=lambda s: None)
-    assert again["stored"] == 3 and again["completed"] == 0 and len(_records(out)) == 3
+    assert again.stored == 3 and again.completed == 0 and len(_records(out)) == 3
     other = parse_sweep({"base": sweep_base(corpus), "grid": {"train.seed": [0]},
                          "random": {"sampler": "tpe", "seed": 0, "samples": 3, "batch": 2,
                                     "log_uniform": {"optim.lr": ["2**-8", "2**-5"]}}}, "t")
     with pytest.raises(SweepError, match="trial 0 of this tpe search .* is stored as run"):
         run_sweep(other, out, log=lambda s: None)  # same sampler and seed, other range: not mixed in
-    assert run_sweep(_search_spec(corpus, seed=5), out, log=lambda s: None)["completed"] == 3  # a second search
+    assert run_sweep(_search_spec(corpus, seed=5), out, log=lambda s: None).completed == 3  # a second search
     assert sorted(r["search"]["seed"] for r in _records(out)) == [0, 0, 0, 5, 5, 5]
 
 
@@ -110,10 +110,10 @@ def test_a_search_stopped_by_a_failed_run_resumes_to_the_same_trials(corpus, tmp
     monkeypatch.setattr(sweep_module, "_execute", failing_third)
     cut, logs = tmp_path / "cut", []
     counts = run_sweep(_search_spec(corpus, samples=4), cut, log=logs.append)
-    assert counts["failed"] == 1 and len(_records(cut)) == 3  # the batch finished; no trial asked after it
+    assert counts.failed == 1 and len(_records(cut)) == 3  # the batch finished; no trial asked after it
     assert any("search stopped at trial 2" in line for line in logs)
     monkeypatch.setattr(sweep_module, "_execute", execute)
-    assert run_sweep(_search_spec(corpus, samples=4), cut, log=lambda s: None)["completed"] == 1
+    assert run_sweep(_search_spec(corpus, samples=4), cut, log=lambda s: None).completed == 1
     by_trial = {r["trial"]: (r["id"], r["final_val_loss"]) for r in _records(whole)}
     assert {r["trial"]: (r["id"], r["final_val_loss"]) for r in _records(cut)} == by_trial
 

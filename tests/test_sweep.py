@@ -16,7 +16,7 @@ from helpers import sweep_base
 from sparsemup.cli import main
 from sparsemup.train.trainer import train
 from sparsemup.tuning.store import ResultStore, StoreError
-from sparsemup.tuning.sweep import SweepError, load_sweep, parse_sweep, resolve, run_sweep
+from sparsemup.tuning.sweep import SweepCounts, SweepError, load_sweep, parse_sweep, resolve, run_sweep
 
 
 def _spec(corpus, grid=None, **extra):
@@ -77,7 +77,7 @@ def test_kill_and_resume_keep_every_result_once(corpus, tmp_path):
     spec = _spec(corpus, {"optim.lr": ["2**-7", "2**-5", "2**-3", "2**-4"]})
     out = tmp_path / "sweep"
     logs: list[str] = []
-    assert run_sweep(spec, out, log=logs.append)["completed"] == 4
+    assert run_sweep(spec, out, log=logs.append).completed == 4
     reference = {r["id"]: r["final_val_loss"] for r in _records(out)}
     assert not list(out.glob("runs/*/checkpoint.pt")) and len(list(out.glob("runs/*/metrics.csv"))) == 4
 
@@ -102,20 +102,20 @@ def test_kill_and_resume_keep_every_result_once(corpus, tmp_path):
     assert store.repaired and list(store.records) == [first.id]
     logs.clear()
     counts = run_sweep(spec, out, log=logs.append)
-    assert counts == {"planned": 4, "stored": 1, "completed": 3, "diverged": 0, "failed": 0}
+    assert counts == SweepCounts(planned=4, stored=1, completed=3, diverged=0, failed=0)
     records = _records(out)
     assert sorted(r["id"] for r in records) == sorted(reference)  # nothing lost, nothing duplicated
     assert {r["id"]: r["final_val_loss"] for r in records} == reference  # the resumed run matches exactly
     assert [r["seconds"] for r in records if r["id"] == second.id] == [None]  # recorded, not retrained
     assert sum("resumed" in line for line in logs) == 1
-    assert run_sweep(spec, out, log=logs.append)["stored"] == 4
+    assert run_sweep(spec, out, log=logs.append).stored == 4
     assert len(_records(out)) == 4
 
 
 def test_diverged_run_is_an_outcome(corpus, tmp_path):
     spec = _spec(corpus, {"optim.lr": [1e6]}, sweep={"keep_checkpoints": True})
     counts = run_sweep(spec, tmp_path / "s", log=lambda s: None)
-    assert counts["diverged"] == 1
+    assert counts.diverged == 1
     record = _records(tmp_path / "s")[0]
     assert record["status"] == "diverged" and record["final_val_loss"] is None
     assert record["config"]["optim.lr"] == 1e6
@@ -125,7 +125,7 @@ def test_diverged_run_is_an_outcome(corpus, tmp_path):
 @pytest.mark.slow
 def test_parallel_workers_write_one_consistent_store(corpus, tmp_path):
     spec = _spec(corpus, {"optim.lr": ["2**-7", "2**-5"], "train.seed": [0, 1]})
-    assert run_sweep(spec, tmp_path / "p", workers=2, log=lambda s: None)["completed"] == 4
+    assert run_sweep(spec, tmp_path / "p", workers=2, log=lambda s: None).completed == 4
     records = _records(tmp_path / "p")
     assert sorted(r["id"] for r in records) == sorted(p.id for p in spec.points)
     assert all(r["config"]["train.seed"] in (0, 1) and math.isfinite(r["final_val_loss"]) for r in records)
@@ -147,7 +147,7 @@ def test_a_store_from_before_the_block_keys_existed_resumes(corpus, tmp_path):
         r["config"] = {k: v for k, v in r["config"].items() if k not in old}
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     counts = run_sweep(spec, out, log=lambda s: None)
-    assert counts["stored"] == 1 and counts["completed"] == 1 and counts["failed"] == 0
+    assert counts.stored == 1 and counts.completed == 1 and counts.failed == 0
     assert sorted(r["id"] for r in _records(out)) == sorted(r["id"] for r in records)
 
 
@@ -223,7 +223,7 @@ def test_a_second_driver_on_the_same_directory_is_refused(corpus, tmp_path):
         with pytest.raises(SweepError, match="being swept by pid"):
             run_sweep(_spec(corpus), out, log=lambda s: None)
     assert not (out / "results.jsonl").exists()
-    assert run_sweep(_spec(corpus), out, log=lambda s: None)["completed"] == 2  # free once the holder is gone
+    assert run_sweep(_spec(corpus), out, log=lambda s: None).completed == 2  # free once the holder is gone
 
 
 def _children(pid):
@@ -272,7 +272,7 @@ def test_a_killed_driver_leaves_no_process_behind_and_the_rerun_records_every_ru
         time.sleep(0.2)
     assert not [pid for pid in children if _alive(pid)]
     counts = run_sweep(load_sweep(config), out, log=lambda s: None)
-    assert counts["planned"] == 3 and counts["stored"] + counts["completed"] == 3 and counts["failed"] == 0
+    assert counts.planned == 3 and counts.stored + counts.completed == 3 and counts.failed == 0
     assert sorted(r["id"] for r in _records(out)) == sorted(p.id for p in load_sweep(config).points)
 
 
@@ -285,13 +285,13 @@ def test_a_run_that_raises_goes_to_failures_not_results_and_is_retried(corpus, t
     shutil.rmtree(data)  # the corpus disappears after planning: every run raises
     out, logs = tmp_path / "f", []
     counts = run_sweep(spec, out, log=logs.append)
-    assert counts["failed"] == 2 and not (out / "results.jsonl").exists()
+    assert counts.failed == 2 and not (out / "results.jsonl").exists()
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert sorted(f["id"] for f in failures) == sorted(p.id for p in spec.points)
     assert all("ConfigError" in f["error"] and f["overrides"] for f in failures)
     assert any("[1/2, 1 failed, ETA" in line for line in logs) and any("[2/2, 2 failed]" in line for line in logs)
     shutil.copytree(corpus, data)
-    assert run_sweep(spec, out, log=lambda s: None)["completed"] == 2  # retried on the rerun
+    assert run_sweep(spec, out, log=lambda s: None).completed == 2  # retried on the rerun
     assert len((out / "failures.jsonl").read_text().splitlines()) == 2 and len(_records(out)) == 2
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +28,29 @@ from ..sparse.machine import cpu_facts
 from ..sparse.timing import sync
 from .layers import Grid, block_for, derive_thresholds, main_table, run_layers
 
-__all__ = ["run_gpt_step", "run"]
+__all__ = ["GPTStepRow", "run_gpt_step", "run"]
+
+
+class _GPTStepRowBase(TypedDict):
+    model: str
+    tokens: int
+    density: float
+    block: int | None
+    mask: str
+    dtype: str
+    backend: str
+    step_ms: float
+    param_mb: float
+
+
+class GPTStepRow(_GPTStepRowBase, total=False):
+    """One training step of the reference GPT on one backend and dtype; its speedup once all are measured."""
+
+    speedup_vs_fastest_dense: float
 
 
 def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3,
-                 device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+                 device: torch.device | str = "cpu") -> list[GPTStepRow]:
     """One AdamW training step of the reference GPT: masked dense vs block- and row-sparse, fp32 and bf16 autocast."""
     batch, context = grid.gpt_tokens
     width = grid.gpt_width
@@ -42,7 +60,7 @@ def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3,
     device = torch.device(device)
     tokens = torch.randint(0, cfg.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(device)
-    rows: list[dict[str, Any]] = []
+    rows: list[GPTStepRow] = []
     runs: tuple[tuple[Backend, MaskKind], ...] = (("masked_dense", "blocks"), ("blocks", "blocks"), ("rows", "rows"))
     for backend, mask_kind in runs:
         model, _ = build_gpt(cfg, base_width=cfg.head_dim, scheme="supar", density=density, mask_kind=mask_kind,
@@ -59,7 +77,7 @@ def run_gpt_step(grid: Grid, density: float = 1 / 16, steps: int = 3,
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_name == "bf16"):
                     logits = model(tokens[:, :-1])
                 loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-                loss.backward()
+                torch.autograd.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 sync(device)

@@ -18,15 +18,15 @@ import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 
 from ..sparse.timing import DTYPES, LayerStep, Memory, layer_step, masked_weight, time_step
 
-__all__ = ["Grid", "FULL", "QUICK", "GPU", "BENCH_MASKS", "run_layers", "block_for", "blocks_for", "main_table",
-           "derive_thresholds"]
+__all__ = ["Grid", "FULL", "QUICK", "GPU", "BENCH_MASKS", "LayerRow", "run_layers", "block_for", "blocks_for",
+           "main_table", "derive_thresholds"]
 
 
 BENCH_MASKS = ("rows", "blocks")  # unstructured row-exact masks; b×b block masks
@@ -111,7 +111,7 @@ class _CudaMemory:
         # rather than inside the first peak-memory reading.
         for dtype in DTYPES.values():
             weight = torch.randn(64, 64, device=device, dtype=dtype, requires_grad=True)
-            F.linear(torch.randn(64, 64, device=device, dtype=dtype), weight).sum().backward()
+            torch.autograd.backward(F.linear(torch.randn(64, 64, device=device, dtype=dtype), weight).sum())
         self.device = device
 
     def start(self) -> None:
@@ -132,7 +132,8 @@ class _CSRLinear(torch.autograd.Function):
         weight = torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), values, pattern.shape)
         ctx.save_for_backward(x, values)
         ctx.pattern, ctx.transpose = pattern, transpose
-        return torch.sparse.mm(weight, x.t()).t()
+        out: torch.Tensor = torch.sparse.mm(weight, x.t()).t()
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:
@@ -153,7 +154,12 @@ def _csr_layer(weight: torch.Tensor, mask: torch.Tensor) -> Callable[[torch.Tens
     trans = numbered.to_dense().t().to_sparse_csr()
     perm = trans.values().long() - 1
     transpose = (trans.crow_indices(), trans.col_indices(), perm, torch.tensor(trans.shape))
-    return lambda x: _CSRLinear.apply(x, values, pattern, transpose)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _CSRLinear.apply(x, values, pattern, transpose)  # type: ignore[no-untyped-call]
+        return out
+
+    return forward
 
 
 def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dtype, block: int,
@@ -166,20 +172,45 @@ def _layer(backend: str, shape: tuple[int, int], density: float, dtype: torch.dt
     return _csr_layer(weight, mask), lambda: None, csr_bytes
 
 
-def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = None,
-               device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+class _LayerRowBase(TypedDict):
+    mask: str
+    shape: list[int]
+    tokens: int
+    density: float
+    dtype: str
+    backend: str
+    block: int | None
+    fwd_ms: float | None
+    bwd_ms: float | None
+    total_ms: float | None  # None: this backend cannot run the case (``error`` says why)
+    peak_mem_mb: float | None
+    state_mb: float | None
+
+
+class LayerRow(_LayerRowBase, total=False):
+    """A row of the layer table: one backend's forward + backward of one layer (``_measure``), and where it ran
+    its speedups (``_speedups``)."""
+
+    error: str
+    speedup_vs_masked_dense: float
+    speedup_vs_fastest_dense: float
+    fraction_of_ideal: float
+
+
+def run_layers(grid: Grid, progress: Callable[[LayerRow], None] | None = None,
+               device: torch.device | str = "cpu") -> list[LayerRow]:
     """Every (shape, tokens, dtype, density, backend) of the grid; rows as in the module docstring."""
     device = torch.device(device)
     memory = _CudaMemory(device) if device.type == "cuda" else _Memory()
-    rows: list[dict[str, Any]] = []
+    rows: list[LayerRow] = []
     for shape in grid.shapes:
         for tokens in grid.tokens:
-            group: list[dict[str, Any]] = []
+            group: list[LayerRow] = []
             for dtype_name in grid.dtypes:
                 dtype = DTYPES[dtype_name]
                 x = torch.randn(tokens, shape[1]).to(device, dtype).requires_grad_()
                 grad_y = torch.randn(tokens, shape[0]).to(device, dtype)
-                dense = None
+                dense: LayerRow | None = None
                 for density in grid.densities:
                     runs: list[tuple[str, str, int]] = []  # (mask, backend, block)
                     if "rows" in grid.masks:
@@ -191,10 +222,11 @@ def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = N
                         if backend == "masked_dense" and dense is not None:
                             # Masked dense does the same work for every mask and density: measured once
                             # per shape, tokens and dtype, and reported beside each mask kind.
-                            row = {**dense, "density": density, "mask": mask}
+                            row = dense.copy()
+                            row["density"], row["mask"] = density, mask
                         else:
-                            row = {"mask": mask, **_measure(backend, shape, tokens, density, dtype_name, block, x,
-                                                            grad_y, grid.repeats, memory)}
+                            row = _measure(mask, backend, shape, tokens, density, dtype_name, block, x, grad_y,
+                                           grid.repeats, memory)
                             if backend == "masked_dense":
                                 dense = row
                         group.append(row)
@@ -204,38 +236,47 @@ def run_layers(grid: Grid, progress: Callable[[dict[str, Any]], None] | None = N
     return rows
 
 
-def _measure(backend: str, shape: tuple[int, int], tokens: int, density: float, dtype_name: str, block: int,
-             x: torch.Tensor, grad_y: torch.Tensor, repeats: int, memory: Memory) -> dict[str, Any]:
-    row: dict[str, Any] = {"shape": list(shape), "tokens": tokens, "density": density, "dtype": dtype_name,
-                           "backend": backend, "block": block if backend == "blocks" else None}
+def _measure(mask: str, backend: str, shape: tuple[int, int], tokens: int, density: float, dtype_name: str,
+             block: int, x: torch.Tensor, grad_y: torch.Tensor, repeats: int, memory: Memory) -> LayerRow:
+    row: LayerRow = {"mask": mask, "shape": list(shape), "tokens": tokens, "density": density, "dtype": dtype_name,
+                     "backend": backend, "block": block if backend == "blocks" else None, "fwd_ms": None,
+                     "bwd_ms": None, "total_ms": None, "peak_mem_mb": None, "state_mb": None}
     try:
         forward, after, weight_bytes = _layer(backend, shape, density, DTYPES[dtype_name], block, x.device)
         fwd, bwd, peak = time_step(forward, after, x, grad_y, repeats, memory)
     except (RuntimeError, NotImplementedError) as err:  # e.g. a dtype torch's CSR kernels lack
-        return {**row, "fwd_ms": None, "bwd_ms": None, "total_ms": None, "peak_mem_mb": None,
-                "state_mb": None, "error": str(err).splitlines()[0][:160]}
-    return {**row, "fwd_ms": round(fwd, 3), "bwd_ms": round(bwd, 3), "total_ms": round(fwd + bwd, 3),
-            "peak_mem_mb": peak, "state_mb": round(weight_bytes / 2**20, 3)}
+        row["error"] = str(err).splitlines()[0][:160]
+        return row
+    row.update({"fwd_ms": round(fwd, 3), "bwd_ms": round(bwd, 3), "total_ms": round(fwd + bwd, 3),
+                "peak_mem_mb": peak, "state_mb": round(weight_bytes / 2**20, 3)})
+    return row
 
 
-def _speedups(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _speedups(group: list[LayerRow]) -> list[LayerRow]:
     """Add speedups over masked dense (same dtype) and over the fastest dense path, and % of 1/ρ."""
-    dense = {r["dtype"]: r["total_ms"] for r in group if r["backend"] == "masked_dense"}
+    dense = {r["dtype"]: _ran(r) for r in group if r["backend"] == "masked_dense"}
     fastest = min(dense.values())
     for r in group:
-        if r["total_ms"]:
-            same = dense[r["dtype"]] / r["total_ms"]
+        if total := r["total_ms"]:
+            same = dense[r["dtype"]] / total
             r["speedup_vs_masked_dense"] = round(same, 3)
-            r["speedup_vs_fastest_dense"] = round(fastest / r["total_ms"], 3)
+            r["speedup_vs_fastest_dense"] = round(fastest / total, 3)
             r["fraction_of_ideal"] = round(same * r["density"], 3)
     return group
 
 
-def derive_thresholds(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str], float]:
+def _ran(row: LayerRow) -> float:
+    """The time of a row that must have run (masked dense runs every case)."""
+    if row["total_ms"] is None:
+        raise RuntimeError(f"masked dense failed on {row['shape']} {row['dtype']}: {row.get('error')}")
+    return row["total_ms"]
+
+
+def derive_thresholds(rows: Iterable[LayerRow]) -> dict[tuple[str, str], float]:
     """{(dtype, "rows" or "blocks b=B"): the highest density at or below which every measured row of that sparse
     backend beat masked dense} (keys without such a density are left out). Documentation of a run's crossovers:
     ``auto`` times the model's own layers instead (``calibration``)."""
-    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    by_key: dict[tuple[str, str], list[LayerRow]] = {}
     for r in rows:
         if r["backend"] in ("blocks", "rows") and r["total_ms"] is not None:
             kind = "rows" if r["backend"] == "rows" else f"blocks b={r['block']}"
@@ -251,7 +292,7 @@ def derive_thresholds(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str], f
     return out
 
 
-def main_table(rows: Iterable[dict[str, Any]]) -> str:
+def main_table(rows: Iterable[LayerRow]) -> str:
     """A plain-text table of the layer rows."""
     head = f"{'shape':>11} {'tokens':>6} {'rho':>7} {'dtype':>5} {'mask':>6} {'backend':>12} {'b':>3} {'fwd':>8} " \
            f"{'bwd':>8} {'total':>8} {'mem MB':>7} {'x mdense':>8} {'x best':>7} {'%ideal':>6}"

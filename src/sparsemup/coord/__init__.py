@@ -14,7 +14,9 @@ from .measurement import (
     unstable_cases,
     verdict,
 )
-from .reference import CheckSettings, run_check, write_check
+from .reference import CheckRecord, DepthCheckRecord, across_depth, run_check, write_check
+from .settings import CheckSettings
 
-__all__ = ["CheckSettings", "Case", "QUANTITIES", "THRESHOLD", "UNSTABLE", "check", "evaluate", "fit_slopes", "measure",
-           "run", "run_check", "unstable_cases", "verdict", "write_check"]
+__all__ = ["CheckSettings", "CheckRecord", "DepthCheckRecord", "Case", "QUANTITIES", "THRESHOLD", "UNSTABLE",
+           "across_depth", "check", "evaluate", "fit_slopes", "measure", "run", "run_check", "unstable_cases",
+           "verdict", "write_check"]

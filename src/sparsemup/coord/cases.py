@@ -9,31 +9,54 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.vocab import BackendChoice
+from ..core.vocab import BackendChoice, MaskKind
 from ..models import GPTConfig, build_gpt, build_mlp
 from ..sparse import sparsify
 from .measurement import Case
 
-__all__ = ["COORD_DEFAULTS", "MLP_DEFAULTS", "GPT_DEFAULTS", "HF_DEFAULTS", "mlp_cases", "gpt_cases", "hf_cases",
-           "teacher_batch", "markov_tokens"]
+__all__ = ["LMSizes", "ModelDefaults", "COORD_DEFAULTS", "MLP_DEFAULTS", "GPT_DEFAULTS", "HF_DEFAULTS", "mlp_cases",
+           "gpt_cases", "hf_cases", "teacher_batch", "markov_tokens"]
+
+
+class LMSizes(TypedDict):
+    """A language model's sizes in the check and its fixed batch of ``batch_size`` × ``seq_len`` tokens."""
+
+    batch_size: int
+    seq_len: int
+    vocab_size: int
+    depth: int
+    head_dim: int
+    init_std: float
+
+
+class ModelDefaults(TypedDict):
+    """A reference model's default grid and training, and how coord.json describes its batch and data."""
+
+    widths: list[int]
+    densities: list[float]
+    lr: float
+    base_width: int
+    batch: str  # formatted with the batch size
+    data: str
+
 
 # Sizes of the reference models and their fixed batches; see docs/COORD_CHECK.md.
 MLP_DEFAULTS: dict[str, int] = {"batch_size": 256, "in_features": 32, "classes": 10, "depth": 2}
-GPT_DEFAULTS: dict[str, Any] = {"batch_size": 2, "seq_len": 64, "vocab_size": 256, "depth": 2, "head_dim": 16,
+GPT_DEFAULTS: LMSizes = {"batch_size": 2, "seq_len": 64, "vocab_size": 256, "depth": 2, "head_dim": 16,
                                 "init_std": 0.02}
 # A transformers causal LM (``--model hf:TYPE``): the GPT's batch, its config's own fields but these.
-HF_DEFAULTS: dict[str, Any] = {"batch_size": 2, "seq_len": 64, "vocab_size": 256, "depth": 2, "head_dim": 64,
+HF_DEFAULTS: LMSizes = {"batch_size": 2, "seq_len": 64, "vocab_size": 256, "depth": 2, "head_dim": 64,
                                "init_std": 0.02}
 
 # CLI defaults per model. The GPT grid reaches width 2048 because its density slopes carry a
 # finite weights-per-neuron correction that only fades at large width·density (docs/COORD_CHECK.md).
-COORD_DEFAULTS: dict[str, dict[str, Any]] = {
+COORD_DEFAULTS: dict[str, ModelDefaults] = {
     "mlp": {
         "widths": [64, 128, 256, 512], "densities": [1.0, 0.25, 0.0625, 0.015625], "lr": 2**-7, "base_width": 64,
         "batch": "{} samples, one fixed batch",
@@ -98,7 +121,14 @@ def _with_base(widths: Sequence[int], densities: Sequence[float],
             yield width, density, False
 
 
-def _mask_options(block: int | None) -> dict[str, Any]:
+class MaskOptions(TypedDict, total=False):
+    """Block masks' keyword arguments of the builders (none: row masks)."""
+
+    mask_kind: MaskKind
+    block_size: int
+
+
+def _mask_options(block: int | None) -> MaskOptions:
     return {"mask_kind": "blocks", "block_size": block} if block else {}
 
 

@@ -20,9 +20,8 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -34,9 +33,10 @@ from ..core.residual import residual_blocks
 from ..core.structure import named_modules
 from ..models import GPTConfig, build_gpt
 from .cases import GPT_DEFAULTS, HF_DEFAULTS, markov_tokens
-from .measurement import THRESHOLD, UNSTABLE, unstable_cases
+from .measurement import THRESHOLD, UNSTABLE, Case, CaseLosses, UnstableCase, unstable_cases
 
-__all__ = ["DEPTH_QUANTITIES", "DEPTH_JUDGED", "DepthCase", "depth_cases", "hf_depth_cases", "measure_depth",
+__all__ = ["DEPTH_QUANTITIES", "DEPTH_JUDGED", "DepthMeasurement", "DepthGridMeasurement", "DepthFit", "DepthWorst",
+           "DepthVerdict", "DepthEvaluation", "DepthRule", "depth_cases", "hf_depth_cases", "measure_depth",
            "fit_depth_slopes", "depth_verdict", "evaluate_depth"]
 
 DEPTH_QUANTITIES = ("act", "delta", "block_delta")
@@ -45,19 +45,66 @@ DEPTH_QUANTITIES = ("act", "delta", "block_delta")
 DEPTH_JUDGED = ("delta", "block_delta")
 
 
-@dataclass(frozen=True)
-class DepthCase:
-    """One model of the depth grid: its place, how to build it, its batch and loss."""
+class DepthMeasurement(TypedDict):
+    """A row of ``measure_depth``: one depth quantity at one step."""
+
+    step: int
+    quantity: str
+    rms: float
+
+
+class DepthGridMeasurement(TypedDict):
+    """A row of ``evaluate_depth``: a depth measurement with its place in the grid."""
 
     width: int
     density: float
     depth: int
     seed: int
-    build: Callable[[], nn.Module]
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    base: bool = False  # the base model (base width, dense, base depth): trained only to judge stability
+    step: int
+    quantity: str
+    rms: float
+
+
+class DepthFit(TypedDict):
+    """The slope against depth of one (width, density, quantity, step), and the seed-averaged RMS by depth."""
+
+    width: int
+    density: float
+    quantity: str
+    step: int
+    depth_slope: float | None
+    rms: dict[str, float]
+
+
+class DepthWorst(TypedDict):
+    """Where the largest judged slope against depth is."""
+
+    width: int
+    density: float
+    quantity: str
+    step: int
+
+
+# "pass" is a keyword: the functional form.
+_DepthVerdictBase = TypedDict("_DepthVerdictBase", {"pass": bool | None, "max_abs_slope": float | None,
+                                                    "threshold": float, "worst": DepthWorst | None})
+
+
+class DepthVerdict(_DepthVerdictBase, total=False):
+    """The verdict across depth (``depth_verdict``); ``reason`` and ``unstable`` when training diverged."""
+
+    reason: str
+    unstable: list[UnstableCase]
+
+
+class DepthEvaluation(TypedDict):
+    """What ``evaluate_depth`` returns (and coord.json holds, with the scheme and settings)."""
+
+    verdict: dict[str, DepthVerdict]
+    slopes: list[DepthFit]
+    measurements: list[DepthGridMeasurement]
+    losses: list[CaseLosses]
+    seconds: float
 
 
 def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,7 +113,7 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def depth_cases(scheme: str, widths: Sequence[int], densities: Sequence[float], depths: Sequence[int], seeds: int,
                 base_width: int, depth_alpha: float | None, base_depth: int,
-                batch_size: int | None = None) -> Iterator[DepthCase]:
+                batch_size: int | None = None) -> Iterator[Case]:
     """The reference GPT at every (width, density, depth, seed) on the Markov-chain batch, after the base."""
     d = GPT_DEFAULTS
     for seed in range(seeds):
@@ -74,10 +121,20 @@ def depth_cases(scheme: str, widths: Sequence[int], densities: Sequence[float], 
         for width, density, depth, base in _grid(widths, densities, depths, base_width, base_depth):
             cfg = GPTConfig(vocab_size=d["vocab_size"], width=width, depth=depth, head_dim=d["head_dim"],
                             context=d["seq_len"])
-            rule: dict[str, Any] = {"depth_alpha": depth_alpha, "base_depth": base_depth} if depth_alpha else {}
             build = partial(_first, partial(build_gpt, cfg, base_width, scheme=scheme, density=density, seed=seed,
-                                            init_std=d["init_std"], **rule))
-            yield DepthCase(width, density, depth, seed, build, tokens[:, :-1], tokens[:, 1:], _lm_loss, base)
+                                            init_std=d["init_std"], **_depth_rule(depth_alpha, base_depth)))
+            yield Case(width, density, seed, build, tokens[:, :-1], tokens[:, 1:], _lm_loss, base, depth)
+
+
+class DepthRule(TypedDict, total=False):
+    """The depth rule's keyword arguments of ``build_gpt`` and ``hf.build`` (none: no rule)."""
+
+    depth_alpha: float
+    base_depth: int
+
+
+def _depth_rule(depth_alpha: float | None, base_depth: int) -> DepthRule:
+    return {"depth_alpha": depth_alpha, "base_depth": base_depth} if depth_alpha else {}
 
 
 def _grid(widths: Sequence[int], densities: Sequence[float], depths: Sequence[int], base_width: int,
@@ -93,7 +150,7 @@ def _logits_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
 
 def hf_depth_cases(spec: str, scheme: str, widths: Sequence[int], densities: Sequence[float], depths: Sequence[int],
                    seeds: int, base_width: int, depth_alpha: float | None, base_depth: int,
-                   batch_size: int | None = None, head_dim: int | None = None) -> Iterator[DepthCase]:
+                   batch_size: int | None = None, head_dim: int | None = None) -> Iterator[Case]:
     """A transformers causal LM (``spec``: a model type or config.json, built by ``sparsemup.hf.build``, vocab 256)
     at every (width, density, depth, seed) on the Markov-chain batch, after the base."""
     from .. import hf  # needs sparsemup[hf]; its error names the extra
@@ -102,12 +159,11 @@ def hf_depth_cases(spec: str, scheme: str, widths: Sequence[int], densities: Seq
     for seed in range(seeds):
         tokens = markov_tokens(seed, batch_size or d["batch_size"], d["seq_len"] + 1, d["vocab_size"])
         for width, density, depth, base in _grid(widths, densities, depths, base_width, base_depth):
-            rule: dict[str, Any] = {"depth_alpha": depth_alpha, "base_depth": base_depth} if depth_alpha else {}
             build = partial(hf.build, hf.small_config(spec, d["vocab_size"], depth), width, base_width,
                             head_dim=head_dim or d["head_dim"], scheme=scheme, density=density, seed=seed,
-                            init_std=d["init_std"], **rule)
-            yield DepthCase(width, density, depth, seed, partial(_without_cache, build), tokens[:, :-1],
-                            tokens[:, 1:], _logits_loss, base)
+                            init_std=d["init_std"], **_depth_rule(depth_alpha, base_depth))
+            yield Case(width, density, seed, partial(_without_cache, build), tokens[:, :-1], tokens[:, 1:],
+                       _logits_loss, base, depth)
 
 
 def _without_cache(build: Callable[[], nn.Module]) -> nn.Module:
@@ -137,36 +193,50 @@ def _stream_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return x
 
 
+class _BlockProbe:
+    """Hooks that keep each residual block's step-0 call and the last block's output; ``own_updates`` re-runs
+    the blocks on those calls."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = named_modules(model)
+        self.blocks = residual_blocks(self.modules)
+        self.calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self.last_out: torch.Tensor | None = None
+        self.handles = [self.modules[b].register_forward_hook(partial(self._record, b), with_kwargs=True)
+                        for b in self.blocks]
+
+    def _record(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                output: Any) -> None:
+        self.calls.setdefault(name, (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs))
+        if name == self.blocks[-1]:
+            self.last_out = first_tensor(output).detach()
+
+    @torch.no_grad()
+    def own_updates(self) -> dict[str, torch.Tensor]:
+        """Each block's output minus its input, re-run in eval mode on its step-0 arguments."""
+        self.model.eval()
+        try:
+            return {b: first_tensor(self.modules[b](*self.calls[b][0], **self.calls[b][1]))
+                    - _stream_input(*self.calls[b]) for b in self.blocks}
+        finally:
+            self.model.train()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def measure_depth(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-                  steps: int, losses: list[float]) -> list[dict[str, Any]]:
+                  steps: int, losses: list[float]) -> list[DepthMeasurement]:
     """Train ``steps`` steps on one batch; per step the depth quantities (module docstring) as rows
     {step, quantity, rms}. Each step's loss is appended to ``losses``; a non-finite one ends the training.
 
     A block's own update is measured by re-running it (eval mode, no grad) on the arguments it got at step 0,
     so that the change of its input, which earlier blocks cause, is not counted as its own."""
-    modules = named_modules(model)
-    blocks = residual_blocks(modules)
-    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    last_out: list[torch.Tensor] = []
-
-    def keep_call(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            calls.setdefault(name, (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs))
-            if name == blocks[-1]:
-                last_out[:] = [first_tensor(output).detach()]
-        return record
-
-    @torch.no_grad()
-    def own_updates() -> dict[str, torch.Tensor]:
-        model.eval()
-        try:
-            return {b: first_tensor(modules[b](*calls[b][0], **calls[b][1])) - _stream_input(*calls[b]) for b in blocks}
-        finally:
-            model.train()
-
-    handles = [modules[b].register_forward_hook(keep_call(b), with_kwargs=True) for b in blocks]
-    rows: list[dict[str, Any]] = []
+    probe = _BlockProbe(model)
+    rows: list[DepthMeasurement] = []
     first: dict[str, torch.Tensor] = {}
     try:
         model.train()
@@ -176,30 +246,30 @@ def measure_depth(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
                 break
-            loss.backward()
-            last = last_out[0]
-            own = own_updates()
+            torch.autograd.backward(loss)
+            assert probe.last_out is not None  # the forward pass ran the last block
+            last = probe.last_out
+            own = probe.own_updates()
             if step == 0:
                 first = {**own, "last": last.clone()}
             rows.append({"step": step, "quantity": "act", "rms": _rms(last)})
             if step:
                 rows.append({"step": step, "quantity": "delta", "rms": _rms(last - first["last"])})
-                change = float(np.mean([_rms(own[b] - first[b]) for b in blocks]))
-                rows.append({"step": step, "quantity": "block_delta", "rms": len(blocks) * change})
+                change = float(np.mean([_rms(own[b] - first[b]) for b in probe.blocks]))
+                rows.append({"step": step, "quantity": "block_delta", "rms": len(probe.blocks) * change})
             if step < steps:
                 optimizer.step()
     finally:
-        for handle in handles:
-            handle.remove()
+        probe.remove()
     return rows
 
 
-def fit_depth_slopes(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def fit_depth_slopes(rows: Sequence[DepthGridMeasurement]) -> list[DepthFit]:
     """Log-log slope of the seed-averaged RMS against depth, per (width, density, quantity, step)."""
     sums: dict[tuple[int, float, str, int], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         sums[(r["width"], r["density"], r["quantity"], r["step"])][r["depth"]].append(r["rms"])
-    fits = []
+    fits: list[DepthFit] = []
     for (width, density, quantity, step), by_depth in sorted(sums.items()):
         points = sorted((depth, float(np.mean(v))) for depth, v in by_depth.items())
         usable = [(x, y) for x, y in points if y > 0]
@@ -210,31 +280,37 @@ def fit_depth_slopes(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return fits
 
 
-def depth_verdict(fits: Sequence[dict[str, Any]], threshold: float = THRESHOLD,
-                  unstable: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+def depth_verdict(fits: Sequence[DepthFit], threshold: float = THRESHOLD,
+                  unstable: Sequence[UnstableCase] = ()) -> DepthVerdict:
     """Pass when max |depth slope| of the judged quantities (``DEPTH_JUDGED``) over every step, width and density
     is ≤ threshold; none (with the reason) when training was unstable or there is one depth only."""
-    judged = [f for f in fits if f["depth_slope"] is not None and f["quantity"] in DEPTH_JUDGED]
+    judged = [(abs(slope), f) for f in fits
+              if (slope := f["depth_slope"]) is not None and f["quantity"] in DEPTH_JUDGED]
+    out: DepthVerdict
     if not judged:
-        out: dict[str, Any] = {"pass": None, "max_abs_slope": None, "threshold": threshold, "worst": None}
+        out = {"pass": None, "max_abs_slope": None, "threshold": threshold, "worst": None}
     else:
-        worst = max(judged, key=lambda f: abs(f["depth_slope"]))
-        out = {"pass": abs(worst["depth_slope"]) <= threshold, "max_abs_slope": abs(worst["depth_slope"]),
-               "threshold": threshold,
-               "worst": {k: worst[k] for k in ("width", "density", "quantity", "step")}}
+        largest, worst = max(judged, key=lambda found: found[0])
+        out = {"pass": largest <= threshold, "max_abs_slope": largest, "threshold": threshold,
+               "worst": {"width": worst["width"], "density": worst["density"], "quantity": worst["quantity"],
+                         "step": worst["step"]}}
     if unstable:
-        out.update({"pass": None, "reason": UNSTABLE, "unstable": list(unstable)})
+        out["pass"] = None
+        out["reason"] = UNSTABLE
+        out["unstable"] = list(unstable)
     return out
 
 
-def evaluate_depth(cases: Iterable[DepthCase], lr: float, steps: int,
-                   progress: Callable[[DepthCase], None] | None = None) -> dict[str, Any]:
+def evaluate_depth(cases: Iterable[Case], lr: float, steps: int,
+                   progress: Callable[[Case], None] | None = None) -> DepthEvaluation:
     """Measure every case with Adam (``make_optimizer``: the depth rule's LRs and ε), fit and judge:
     {verdict: {depth: ...}, slopes, measurements, losses, seconds}."""
     start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    losses: list[dict[str, Any]] = []
+    rows: list[DepthGridMeasurement] = []
+    losses: list[CaseLosses] = []
     for case in cases:
+        if case.depth is None:
+            raise ValueError("evaluate_depth measures cases of the depth grid (Case.depth set): use depth_cases")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(case.seed)
             model = case.build()
@@ -245,8 +321,8 @@ def evaluate_depth(cases: Iterable[DepthCase], lr: float, steps: int,
         losses.append({"width": case.width, "density": case.density, "depth": case.depth, "seed": case.seed,
                        "base": case.base, "losses": case_losses})
         if not case.base:
-            rows += [{"width": case.width, "density": case.density, "depth": case.depth, "seed": case.seed, **r}
-                     for r in measured]
+            rows += [{"width": case.width, "density": case.density, "depth": case.depth, "seed": case.seed,
+                      "step": r["step"], "quantity": r["quantity"], "rms": r["rms"]} for r in measured]
         if progress is not None:
             progress(case)
     fits = fit_depth_slopes(rows)

@@ -6,22 +6,23 @@ import math
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 
 from ..core.atomic import write_atomic  # noqa: E402
-from .measurement import averaged  # noqa: E402
+from .depth import DepthFit  # noqa: E402
+from .measurement import GridMeasurement, averaged  # noqa: E402
 
 __all__ = ["plot_coord", "plot_depth"]
 
 _LABELS = {"act": "activations Y", "grad": "activation gradients ∇X", "delta": "update effect ΔY"}
 
 
-def _min_span(ax: plt.Axes, decades: float = 2.0) -> None:
+def _min_span(ax: Axes, decades: float = 2.0) -> None:
     """Show at least ``decades`` on the y axis, so a flat line looks flat and a slope stands out."""
     low, high = ax.get_ylim()
     missing = decades - math.log10(high / low)
@@ -34,7 +35,7 @@ def _panels(steps: int) -> list[tuple[str, int]]:
     return [("act", 0), ("act", steps), ("grad", steps), ("delta", steps)]
 
 
-def plot_coord(rows: Sequence[dict[str, Any]], out_dir: Path, title: str, steps: int) -> list[Path]:
+def plot_coord(rows: Sequence[GridMeasurement], out_dir: Path, title: str, steps: int) -> list[Path]:
     """Write ``width.png`` (RMS vs width at the highest density) and ``density.png``
     (RMS vs density at the largest width); return their paths."""
     avg = averaged(rows)
@@ -78,7 +79,7 @@ _DEPTH_LABELS = {"act": "last block's output", "delta": "its change since step 0
                  "block_delta": "depth x mean change of a block's update"}
 
 
-def plot_depth(fits: Sequence[dict[str, Any]], out_dir: Path, title: str, steps: int) -> Path:
+def plot_depth(fits: Sequence[DepthFit], out_dir: Path, title: str, steps: int) -> Path:
     """Write ``depth.png``: each depth quantity's seed-averaged RMS against depth at the last step, a line per
     (width, density); return its path."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), constrained_layout=True)

@@ -14,10 +14,10 @@ import contextlib
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from ..core.record import dense_gradients
 from ..core.structure import named_modules
 from ..dynamic import DynamicSparsity
 
-__all__ = ["QUANTITIES", "THRESHOLD", "UNSTABLE", "MaskUpdates", "Case", "measure", "run", "fit_slopes",
+__all__ = ["QUANTITIES", "THRESHOLD", "UNSTABLE", "MaskUpdates", "Case", "Measurement", "GridMeasurement", "Fit",
+           "CaseLosses", "UnstableCase", "LayerWorst", "AxisVerdict", "Evaluation", "measure", "run", "fit_slopes",
            "unstable_cases", "verdict", "evaluate", "check"]
 
 QUANTITIES = ("act", "grad", "delta")
@@ -61,6 +62,97 @@ class Case:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     # The base model itself (its width, dense), trained only to judge stability: not part of the fits.
     base: bool = False
+    # The number of blocks, in the check across depth (``coord.depth``); None on the width and density grid.
+    depth: int | None = None
+
+
+class Measurement(TypedDict):
+    """One row of ``measure``: a layer's RMS of one quantity at one step."""
+
+    step: int
+    layer: str
+    role: str
+    quantity: str
+    rms: float
+
+
+class GridMeasurement(Measurement):
+    """A row of ``run``: a measurement with its place in the grid."""
+
+    width: int
+    density: float
+    seed: int
+
+
+class Fit(TypedDict):
+    """The log-log slopes of one (layer, quantity, step) (``fit_slopes``)."""
+
+    layer: str
+    role: str
+    quantity: str
+    step: int
+    width_slope: float | None
+    density_slope: float | None
+    density_slope_by_width: dict[str, float | None]
+
+
+class _CaseLossesBase(TypedDict):
+    width: int
+    density: float
+    seed: int
+    base: bool
+    losses: list[float]
+
+
+class CaseLosses(_CaseLossesBase, total=False):
+    """The loss of every step of one case (``depth``: in the check across depth)."""
+
+    depth: int
+
+
+class UnstableCase(TypedDict):
+    """A case whose training diverged (``unstable_cases``)."""
+
+    width: int
+    density: float
+    seed: int
+    base: bool
+    first: float
+    last: float
+    worst_rise: float | None
+    finite: bool
+
+
+class LayerWorst(TypedDict):
+    """Where the largest judged slope of an axis is."""
+
+    layer: str
+    quantity: str
+    step: int
+
+
+# "pass" is a keyword: the functional form.
+_AxisVerdictBase = TypedDict("_AxisVerdictBase", {"pass": bool | None, "max_abs_slope": float | None,
+                                                  "threshold": float, "worst": LayerWorst | None})
+
+
+class AxisVerdict(_AxisVerdictBase, total=False):
+    """The verdict of one axis (``verdict``); ``reason`` and ``unstable`` when training diverged,
+    ``max_abs_slope_by_width`` on the density axis."""
+
+    reason: str
+    unstable: list[UnstableCase]
+    max_abs_slope_by_width: dict[str, float | None]
+
+
+class Evaluation(TypedDict):
+    """What ``evaluate`` and ``check`` return (and coord.json holds, with the scheme and settings)."""
+
+    verdict: dict[str, AxisVerdict]
+    slopes: list[Fit]
+    measurements: list[GridMeasurement]
+    losses: list[CaseLosses]
+    seconds: float
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -81,6 +173,43 @@ def _observed_layers(model: nn.Module) -> dict[str, tuple[nn.Module, Role]]:
     return layers
 
 
+class _Probe:
+    """Forward and backward hooks that record each observed layer's RMS of Y, ∇X and ΔY at the current step."""
+
+    def __init__(self, layers: Mapping[str, tuple[nn.Module, Role]]) -> None:
+        self.layers = layers
+        self.step = 0
+        self.current: dict[tuple[str, str], float] = {}
+        self.initial: dict[str, torch.Tensor] = {}
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        for name, (module, role) in layers.items():
+            self.handles.append(module.register_forward_hook(partial(self._forward, name)))
+            if role is not Role.INPUT:  # an input layer's input is data: it has no gradient
+                self.handles.append(module.register_full_backward_hook(partial(self._backward, name)))
+
+    def _forward(self, name: str, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        out = output.detach()
+        self.current[(name, "act")] = _rms(out)
+        if self.step == 0:
+            self.initial[name] = out.clone()
+        else:
+            self.current[(name, "delta")] = _rms(out - self.initial[name])
+
+    def _backward(self, name: str, module: nn.Module, grad_input: tuple[torch.Tensor | None, ...],
+                  grad_output: Any) -> None:
+        if grad_input and grad_input[0] is not None:
+            self.current[(name, "grad")] = _rms(grad_input[0])
+
+    def rows(self) -> list[Measurement]:
+        """This step's recorded values as rows."""
+        return [Measurement(step=self.step, layer=name, role=self.layers[name][1].value, quantity=quantity, rms=value)
+                for (name, quantity), value in self.current.items()]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def measure(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -90,7 +219,7 @@ def measure(
     steps: int,
     losses: list[float] | None = None,
     dynamic: DynamicSparsity | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Measurement]:
     """Train ``steps`` steps on one batch; per step and layer, RMS of Y, ∇X and ΔY.
 
     Returns rows {step, layer, role, quantity, rms}; step 0 is at init (no ΔY). With ``losses``,
@@ -98,39 +227,13 @@ def measure(
     without, a non-finite loss raises FloatingPointError. With ``dynamic``, its mask updates run after
     the optimizer steps they are due at.
     """
-    layers = _observed_layers(model)
-    current: dict[tuple[str, str], float] = {}
-    initial: dict[str, torch.Tensor] = {}
-    step = 0
-
-    def forward_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            out = output.detach()
-            current[(name, "act")] = _rms(out)
-            if step == 0:
-                initial[name] = out.clone()
-            else:
-                current[(name, "delta")] = _rms(out - initial[name])
-
-        return hook
-
-    def backward_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, grad_input: tuple[torch.Tensor | None, ...], grad_output: Any) -> None:
-            if grad_input and grad_input[0] is not None:
-                current[(name, "grad")] = _rms(grad_input[0])
-
-        return hook
-
-    handles = []
-    for name, (module, role) in layers.items():
-        handles.append(module.register_forward_hook(forward_hook(name)))
-        if role is not Role.INPUT:  # an input layer's input is data: it has no gradient
-            handles.append(module.register_full_backward_hook(backward_hook(name)))
-    rows: list[dict[str, Any]] = []
+    probe = _Probe(_observed_layers(model))
+    rows: list[Measurement] = []
     try:
         model.train()
         for step in range(steps + 1):
-            current.clear()
+            probe.step = step
+            probe.current.clear()
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(inputs), targets)
             value = loss.item()
@@ -142,18 +245,15 @@ def measure(
                 raise FloatingPointError(f"loss is {value} at step {step}; lower the coordinate check's lr")
             dense = dynamic is not None and step < steps and dynamic.wants_gradients(step + 1)
             with dense_gradients(model) if dense else contextlib.nullcontext():
-                loss.backward()
+                torch.autograd.backward(loss)
             gradients = dynamic.take_gradients() if dense and dynamic is not None else None
-            for (name, quantity), value in current.items():
-                rows.append({"step": step, "layer": name, "role": layers[name][1].value,
-                             "quantity": quantity, "rms": value})
+            rows += probe.rows()
             if step < steps:
                 optimizer.step()
                 if dynamic is not None:
                     dynamic.update(step + 1, optimizer, gradients)
     finally:
-        for handle in handles:
-            handle.remove()
+        probe.remove()
     return rows
 
 
@@ -163,9 +263,9 @@ def run(
     lr: float,
     steps: int,
     progress: Callable[[Case], None] | None = None,
-    losses: list[dict[str, Any]] | None = None,
+    losses: list[CaseLosses] | None = None,
     mask_updates: MaskUpdates | None = None,
-) -> list[dict[str, Any]]:
+) -> list[GridMeasurement]:
     """``measure`` every case with a fresh optimizer from ``sparsemup.make_optimizer``, each model built
     with torch's global generator seeded from its case; ``mask_updates(model, seed)`` gives the sparse
     cases' dynamic masks (dense cases and the base stay dense).
@@ -174,7 +274,7 @@ def run(
     base, losses} of every case is appended to it, and a case whose loss turns non-finite stops there
     (without, it raises FloatingPointError). Base cases give losses only, no rows.
     """
-    rows = []
+    rows: list[GridMeasurement] = []
     roles: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))  # layer -> role -> widths
     for case in cases:
         # Parameters sparsemup leaves to the module's own init (biases, norm gains) and dropout draw from torch's
@@ -188,16 +288,18 @@ def run(
             if mask_updates is not None and not case.base and case.density < 1.0:
                 dynamic = mask_updates(model, case.seed)
                 dynamic.attach(optimizer)
-            case_losses: list[float] | None = [] if losses is not None else None
-            measured = measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps, case_losses,
-                               dynamic)
+            case_losses: list[float] = []
+            measured = measure(model, case.inputs, case.targets, case.loss_fn, optimizer, steps,
+                               case_losses if losses is not None else None, dynamic)
         del model, optimizer
         if losses is not None:
             losses.append({"width": case.width, "density": case.density, "seed": case.seed, "base": case.base,
                            "losses": case_losses})
         if not case.base:
             for row in measured:
-                rows.append({"width": case.width, "density": case.density, "seed": case.seed, **row})
+                rows.append({"width": case.width, "density": case.density, "seed": case.seed, "step": row["step"],
+                             "layer": row["layer"], "role": row["role"], "quantity": row["quantity"],
+                             "rms": row["rms"]})
                 roles[row["layer"]][row["role"]].add(case.width)
             _check_roles(roles)  # after each case: a conflict stops the check before more models are trained
         if progress is not None:
@@ -219,10 +321,10 @@ def _check_roles(seen: Mapping[str, Mapping[str, set[int]]]) -> None:
 
 def evaluate(cases: Iterable[Case], optimizer_class: type[torch.optim.Optimizer], lr: float, steps: int,
              progress: Callable[[Case], None] | None = None,
-             mask_updates: MaskUpdates | None = None) -> dict[str, Any]:
+             mask_updates: MaskUpdates | None = None) -> Evaluation:
     """``run`` the cases, fit the slopes and judge them: {verdict, slopes, measurements, losses, seconds}."""
     start = time.perf_counter()
-    losses: list[dict[str, Any]] = []
+    losses: list[CaseLosses] = []
     rows = run(cases, optimizer_class, lr, steps, progress, losses, mask_updates)
     fits = fit_slopes(rows)
     return {"verdict": verdict(fits, unstable=unstable_cases(losses)), "slopes": fits, "measurements": rows,
@@ -242,7 +344,7 @@ def check(
     optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
     progress: Callable[[Case], None] | None = None,
     base_width: int | None = None,
-) -> dict[str, Any]:
+) -> Evaluation:
     """The coordinate check of your own model family, in one call; the same result as ``sparsemup coord-check``.
 
     Args:
@@ -270,23 +372,28 @@ def check(
     """
     if seeds < 1 or steps < 1 or not widths or not densities:
         raise ValueError("check needs at least one width, one density, one seed and one step")
-
-    def cases() -> Iterable[Case]:
-        for seed in range(seeds):
-            inputs, targets = batch(seed) if callable(batch) else batch
-            if base_width is not None:
-                yield Case(base_width, 1.0, seed, partial(build, base_width, 1.0, seed), inputs, targets, loss,
-                           base=True)
-            for width in widths:
-                for density in densities:
-                    yield Case(width, density, seed, partial(build, width, density, seed), inputs, targets, loss)
-
-    return evaluate(cases(), optimizer_class, lr, steps, progress)
+    return evaluate(_family_cases(build, widths, densities, batch, loss, seeds, base_width), optimizer_class, lr,
+                    steps, progress)
 
 
-def averaged(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str, int], dict[tuple[int, float], float]]:
+def _family_cases(
+    build: Callable[[int, float, int], nn.Module], widths: Sequence[int], densities: Sequence[float],
+    batch: tuple[torch.Tensor, torch.Tensor] | Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], seeds: int, base_width: int | None,
+) -> Iterator[Case]:
+    """``check``'s cases: per seed, its batch, the base (with ``base_width``) and then the grid."""
+    for seed in range(seeds):
+        inputs, targets = batch(seed) if callable(batch) else batch
+        if base_width is not None:
+            yield Case(base_width, 1.0, seed, partial(build, base_width, 1.0, seed), inputs, targets, loss, base=True)
+        for width in widths:
+            for density in densities:
+                yield Case(width, density, seed, partial(build, width, density, seed), inputs, targets, loss)
+
+
+def averaged(rows: Sequence[GridMeasurement]) -> dict[tuple[str, str, str, int], dict[tuple[int, float], float]]:
     """Mean RMS over seeds: {(layer, role, quantity, step): {(width, density): rms}}."""
-    sums: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    sums: dict[tuple[str, str, str, int], dict[tuple[int, float], list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         sums[(r["layer"], r["role"], r["quantity"], r["step"])][(r["width"], r["density"])].append(r["rms"])
     return {k: {g: float(np.mean(v)) for g, v in grid.items()} for k, grid in sums.items()}
@@ -301,7 +408,7 @@ def _slope(points: Sequence[tuple[float, float]]) -> float | None:
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
-def fit_slopes(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def fit_slopes(rows: Sequence[GridMeasurement]) -> list[Fit]:
     """Log-log slopes of the seed-averaged RMS per (layer, quantity, step).
 
     ``width_slope`` is fitted across widths at the grid's highest density and
@@ -311,7 +418,7 @@ def fit_slopes(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ``density_slope_by_width`` gives the density slope at every width, to show that
     convergence. A slope is None when its axis has a single value.
     """
-    fits = []
+    fits: list[Fit] = []
     for (layer, role, quantity, step), grid in sorted(averaged(rows).items()):
         widths = sorted({w for w, _ in grid})
         densities = sorted({d for _, d in grid})
@@ -325,7 +432,7 @@ def fit_slopes(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return fits
 
 
-def unstable_cases(losses: Sequence[dict[str, Any]], tolerance: float = RISE_TOLERANCE) -> list[dict[str, Any]]:
+def unstable_cases(losses: Sequence[CaseLosses], tolerance: float = RISE_TOLERANCE) -> list[UnstableCase]:
     """Cases whose training diverged: a non-finite loss anywhere, or a base case (the base model itself,
     ``Case.base``; without one, the grid's smallest width) whose loss rises at any step by more than
     ``tolerance`` of the step before, or ends above its step-0 loss.
@@ -339,7 +446,7 @@ def unstable_cases(losses: Sequence[dict[str, Any]], tolerance: float = RISE_TOL
         return []
     judged_base = [c for c in losses if c.get("base")]
     smallest = min(c["width"] for c in losses)
-    found = []
+    found: list[UnstableCase] = []
     for case in losses:
         values = case["losses"]
         finite = all(math.isfinite(v) for v in values)
@@ -358,40 +465,37 @@ def _worst_rise(values: Sequence[float]) -> float | None:
     return max(rises) if rises else None
 
 
-def verdict(fits: Sequence[dict[str, Any]], threshold: float = THRESHOLD,
-            unstable: Sequence[dict[str, Any]] = ()) -> dict[str, dict[str, Any]]:
+def verdict(fits: Sequence[Fit], threshold: float = THRESHOLD,
+            unstable: Sequence[UnstableCase] = ()) -> dict[str, AxisVerdict]:
     """Pass/fail per axis: max |slope| over hidden layers, judged quantities and steps ≤ threshold.
 
     With ``unstable`` cases (``unstable_cases``) every axis is ``pass: None`` with the reason
     ``UNSTABLE``: a diverging run says nothing about width or density.
     """
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, AxisVerdict] = {}
     for axis, quantities in JUDGED.items():
-        key = f"{axis}_slope"
-        worst: dict[str, Any] | None = None
-        for fit in fits:
-            if fit["role"] != Role.HIDDEN.value or fit["quantity"] not in quantities or fit[key] is None:
-                continue
-            if worst is None or abs(fit[key]) > abs(worst[key]):
-                worst = fit
-        if worst is None:
+        judged = [(abs(slope), fit) for fit in fits if fit["role"] == Role.HIDDEN.value
+                  and fit["quantity"] in quantities and (slope := _axis_slope(fit, axis)) is not None]
+        if not judged:
             out[axis] = {"pass": None, "max_abs_slope": None, "threshold": threshold, "worst": None}
         else:
-            out[axis] = {
-                "pass": abs(worst[key]) <= threshold,
-                "max_abs_slope": abs(worst[key]),
-                "threshold": threshold,
-                "worst": {k: worst[k] for k in ("layer", "quantity", "step")},
-            }
+            largest, worst = max(judged, key=lambda found: found[0])  # the first of equal maxima, as before
+            out[axis] = {"pass": largest <= threshold, "max_abs_slope": largest, "threshold": threshold,
+                         "worst": {"layer": worst["layer"], "quantity": worst["quantity"], "step": worst["step"]}}
         if unstable:
-            out[axis].update({"pass": None, "reason": UNSTABLE, "unstable": list(unstable)})
+            out[axis]["pass"] = None
+            out[axis]["reason"] = UNSTABLE
+            out[axis]["unstable"] = list(unstable)
     if out["density"]["pass"] is not None:
         # The same maximum at every width: how the density dependence fades as width·density grows.
-        judged = [f for f in fits if f["role"] == Role.HIDDEN.value and f["quantity"] in JUDGED["density"]]
-        widths = judged[0]["density_slope_by_width"] if judged else {}
+        hidden = [f["density_slope_by_width"] for f in fits
+                  if f["role"] == Role.HIDDEN.value and f["quantity"] in JUDGED["density"]]
         out["density"]["max_abs_slope_by_width"] = {
-            w: max((abs(f["density_slope_by_width"][w]) for f in judged
-                    if f["density_slope_by_width"][w] is not None), default=None)
-            for w in widths
+            w: max((abs(s) for by_width in hidden if (s := by_width[w]) is not None), default=None)
+            for w in (hidden[0] if hidden else {})
         }
     return out
+
+
+def _axis_slope(fit: Fit, axis: str) -> float | None:
+    return fit["width_slope"] if axis == "width" else fit["density_slope"]

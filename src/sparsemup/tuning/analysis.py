@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
 
 import numpy as np
 
 from ..train.schema import run_identity, with_defaults
-from .estimate import SEED, WINDOW, CurveEstimate, Noise, estimate, transfer
+from .estimate import SEED, WINDOW, CurveEstimate, Noise, NoiseRecord, Optimum, TransferCost, estimate, transfer
+from .store import ConfigValue, RunRecord
 
-__all__ = ["curves", "analyze", "pooled_noise", "setting_label"]
+__all__ = ["Curve", "Drift", "Analysis", "curves", "analyze", "pooled_noise", "setting_label"]
 
 SEED_KEY = "train.seed"
 # Keys along which the optimum should not move; each gets a drift table when it varies (one table when
@@ -27,26 +28,73 @@ SEED_KEY = "train.seed"
 DRIFT_AXES = ("model.density", "model.width")
 
 
-def setting_label(setting: dict[str, Any]) -> str:
+class Curve(TypedDict):
+    """One setting's loss curve along the x axis (``curves``), and its optimum once ``analyze`` estimated it."""
+
+    setting: dict[str, ConfigValue]
+    label: str
+    log2_x: list[float]
+    loss: list[float | None]  # seed-averaged; None where any seed diverged
+    seed_spread: list[float | None]
+    seeds: int
+    seeds_at: list[int]
+    seed_losses: list[list[float | None]]
+    optimum: Optimum | None
+
+
+class Drift(TypedDict):
+    """Settings that differ only along a drift axis (``_drifts``). Its rows and worst regret are keyed by the
+    axis itself (e.g. ``model.density``), so they are plain dicts."""
+
+    along: str
+    setting: dict[str, ConfigValue]
+    label: str
+    rows: list[dict[str, Any]]
+    transferred_log2_x: float | None
+    worst_regret: dict[str, Any] | None
+    drift_log2: float | None
+    edge_involved: bool
+    flat: list[ConfigValue]
+
+
+class _AnalysisBase(TypedDict):
+    axis: str
+    runs: int
+    diverged: int
+    noise: NoiseRecord
+    regret: list[dict[str, Any]]  # per drift: its setting, axis and worst regret (keyed by the axis), drift_log2
+    curves: list[Curve]
+    drifts: list[Drift]
+
+
+class Analysis(_AnalysisBase, total=False):
+    """``analyze``'s result, report.json: ``merged_from`` when stores were merged; ``files`` (what was written)
+    only in what ``write_report`` returns."""
+
+    merged_from: list[str]
+    files: list[str]
+
+
+def setting_label(setting: Mapping[str, ConfigValue | None]) -> str:
     """``key=value, ...`` with the last part of each key; floats in the shortest form (0.5, 1)."""
     return ", ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                      for k, v in setting.items())
 
 
-def curves(records: Sequence[dict[str, Any]], axis: str = "optim.lr") -> list[dict[str, Any]]:
+def curves(records: Sequence[RunRecord], axis: str = "optim.lr") -> list[Curve]:
     """One curve per setting: seed-averaged loss at each log2 x (None where any seed diverged), each seed's loss and
     the number of seeds at each x (the optimum is ``analyze``'s)."""
     if not records:
         return []
-    records = [{**r, "config": run_identity(with_defaults(r["config"]))} for r in records]
-    keys = sorted({k for r in records for k in r["config"]})
-    varying = [k for k in keys if k not in (axis, SEED_KEY) and len({repr(r["config"].get(k)) for r in records}) > 1]
-    groups: dict[tuple, dict[float, list[float | None]]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        setting = tuple(r["config"].get(k) for k in varying)
+    configs = [run_identity(with_defaults(r["config"])) for r in records]
+    keys = sorted({k for c in configs for k in c})
+    varying = [k for k in keys if k not in (axis, SEED_KEY) and len({repr(c.get(k)) for c in configs}) > 1]
+    groups: dict[tuple[Any, ...], dict[float, list[float | None]]] = defaultdict(lambda: defaultdict(list))
+    for r, config in zip(records, configs):
+        setting = tuple(config.get(k) for k in varying)
         loss = r["final_val_loss"] if r["status"] == "completed" else None
-        groups[setting][r["config"][axis]].append(loss)
-    out = []
+        groups[setting][config[axis]].append(loss)
+    out: list[Curve] = []
     for setting, by_x in sorted(groups.items(), key=lambda kv: tuple(map(repr, kv[0]))):
         xs = sorted(by_x)
         losses: list[float | None] = []
@@ -59,11 +107,11 @@ def curves(records: Sequence[dict[str, Any]], axis: str = "optim.lr") -> list[di
         labelled = dict(zip(varying, setting))
         out.append({"setting": labelled, "label": setting_label(labelled), "log2_x": [math.log2(x) for x in xs],
                     "loss": losses, "seed_spread": spreads, "seeds": max(len(v) for v in by_x.values()),
-                    "seeds_at": [len(by_x[x]) for x in xs], "seed_losses": [by_x[x] for x in xs]})
+                    "seeds_at": [len(by_x[x]) for x in xs], "seed_losses": [by_x[x] for x in xs], "optimum": None})
     return out
 
 
-def pooled_noise(found: Sequence[dict[str, Any]]) -> Noise:
+def pooled_noise(found: Sequence[Curve]) -> Noise:
     """The per-run noise of a store: |differences| between the seeds of each point within ``WINDOW`` of its curve's
     minimum (where the optimum is read; the high-LR cliff's much larger differences stay out), or the default."""
     differences = []
@@ -74,36 +122,38 @@ def pooled_noise(found: Sequence[dict[str, Any]]) -> Noise:
         floor = min(finite)
         for y, runs in zip(c["loss"], c["seed_losses"]):
             if y is not None and y <= floor + WINDOW:
-                differences += [abs(a - b) for k, a in enumerate(runs) for b in runs[k + 1:]]
+                differences += [abs(a - b) for k, a in enumerate(runs) for b in runs[k + 1:]
+                                if a is not None and b is not None]  # all are: y is not None
     return Noise.pooled(differences)
 
 
-def _linked(found: list[dict[str, Any]]) -> bool:
+def _linked(found: list[Curve]) -> bool:
     """Whether density and width vary together, one width per density (an iso-parameter sweep)."""
     pairs = {(c["setting"].get("model.density"), c["setting"].get("model.width")) for c in found}
     densities, widths = {d for d, _ in pairs}, {w for _, w in pairs}
     return None not in densities and None not in widths and len(pairs) == len(densities) == len(widths) > 1
 
 
-def _drifts(found: list[dict[str, Any]], fits: dict[int, CurveEstimate], along: str,
-            linked: str | None = None) -> list[dict[str, Any]]:
+def _drifts(found: list[Curve], fits: dict[int, CurveEstimate], along: str,
+            linked: str | None = None) -> list[Drift]:
     """Groups of settings that differ only in ``along`` (and ``linked``, set with it): per member the regret of the
     reference's optimum and the shift of its own, with intervals; the drift of the located optima."""
-    groups: dict[tuple, list[int]] = defaultdict(list)
+    groups: dict[tuple[tuple[str, str], ...], list[int]] = defaultdict(list)
     for n, c in enumerate(found):
         if along in c["setting"]:
             rest = tuple((k, repr(v)) for k, v in c["setting"].items() if k not in (along, linked))
             groups[rest].append(n)
-    out = []
+    out: list[Drift] = []
     for members in groups.values():
         if len(members) < 2:
             continue
         members.sort(key=lambda n: found[n]["setting"][along], reverse=along == "model.density")
         reference = fits.get(members[0])  # densest (density) or narrowest (width): where the HPs are tuned
-        rows = []
+        rows: list[dict[str, Any]] = []  # keyed by ``along`` (and ``linked``): no fixed keys
         for n in members:
             c, o = found[n], found[n]["optimum"]
-            moved = transfer(reference, fits[n]) if reference is not None and n in fits else {}
+            moved: TransferCost | dict[str, None] = (transfer(reference, fits[n]) if reference is not None and n in fits
+                                                      else {})
             rows.append({along: c["setting"][along], **({linked: c["setting"][linked]} if linked else {}),
                          "best_log2_x": None if o is None else o["log2_x"],
                          "best_loss": None if o is None else o["loss"], "edge": None if o is None else o["edge"],
@@ -128,7 +178,7 @@ def _drifts(found: list[dict[str, Any]], fits: dict[int, CurveEstimate], along: 
     return out
 
 
-def analyze(records: Sequence[dict[str, Any]], axis: str = "optim.lr", noise: Noise | None = None) -> dict[str, Any]:
+def analyze(records: Sequence[RunRecord], axis: str = "optim.lr", noise: Noise | None = None) -> Analysis:
     """Curves, optima (with intervals), regret and drift tables of a sweep's records (JSON-serialisable).
 
     ``noise``: one run's loss noise; by default pooled from the records' seed pairs (``pooled_noise``)."""

@@ -18,6 +18,7 @@ from typing import Any
 from ..coord import THRESHOLD, CheckSettings, run_check, write_check
 from ..coord.reference import verdict_summary
 from ..core.atomic import make_dirs, write_json_atomic, write_text_atomic
+from .analysis import Analysis
 from .report import write_report
 from .sweep import SweepSpec, parse_sweep, run_sweep
 
@@ -86,33 +87,35 @@ def sweep_spec(plan: DemoPlan, seeds: list[int] | None = None) -> SweepSpec:
                                                "train.seed": seeds or plan.seeds}}, "demo")
 
 
-def _coord_check(plan: DemoPlan, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _coord_check(plan: DemoPlan, out: Path,
+                 log: Callable[[str], None]) -> dict[str, dict[str, dict[str, bool | float | None]]]:
     """The MLP coordinate check (seconds) for each scheme: density and width verdicts."""
-    found = {}
+    found: dict[str, dict[str, dict[str, bool | float | None]]] = {}
     for scheme in plan.schemes:
-        settings = CheckSettings.resolve("mlp", scheme, plan.coord_widths, plan.coord_densities, seeds=plan.coord_seeds)
+        settings = CheckSettings.resolve("mlp", scheme, widths=plan.coord_widths, densities=plan.coord_densities,
+                                         seeds=plan.coord_seeds)
         result = run_check(settings)
         write_check(result, out / f"coord-{scheme}")
         found[scheme] = {axis: {"pass": v["pass"], "max_abs_slope": v["max_abs_slope"]}
                          for axis, v in result["verdict"].items()}
         log("coordinate check (MLP, widths " + ",".join(map(str, plan.coord_widths)) + f"), {scheme}: "
-            + verdict_summary(found[scheme]))
+            + verdict_summary(result["verdict"]))
     return found
 
 
-def summarize(result: dict[str, Any], plan: DemoPlan) -> dict[str, Any]:
+def summarize(result: Analysis, plan: DemoPlan) -> dict[str, Any]:
     """The regret, shifts and optima per scheme of an analysed demo sweep, and its verdict."""
     summary = _summary(result, plan)
     summary["verdict"] = verdict(summary)
     return summary
 
 
-def _summary(result: dict[str, Any], plan: DemoPlan) -> dict[str, Any]:
+def _summary(result: Analysis, plan: DemoPlan) -> dict[str, Any]:
     schemes: dict[str, Any] = {}
     for drift in result["drifts"]:
         if drift["along"] != "model.density":
             continue
-        scheme = drift["setting"].get("model.scheme", "all")
+        scheme = str(drift["setting"].get("model.scheme", "all"))
         schemes[scheme] = {  # what the user pays first: the regret of keeping the dense LR
             "worst_regret": drift["worst_regret"],
             "regret_by_density": {f"{r['model.density']:g}": {"regret": r["regret"], "interval": r["regret_interval"]}

@@ -23,13 +23,59 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal, TypedDict
 
 import numpy as np
 from numpy.typing import NDArray
 
 __all__ = ["DEFAULT_PAIR_MEDIAN", "FLAT_WIDTH", "LEVEL", "NU", "RESOLUTION", "WINDOW", "CurveEstimate", "Noise",
-           "estimate", "point_estimate", "transfer"]
+           "NoiseRecord", "PointEstimate", "Optimum", "TransferCost", "estimate", "point_estimate", "transfer"]
+
+Edge = Literal["low", "high"]  # an optimum on the grid's low or high edge (None: inside)
+
+
+class NoiseRecord(TypedDict):
+    """The per-run noise as a report records it (``Noise.as_dict``)."""
+
+    pair_median: float
+    pairs: int
+    nu: float
+    source: str
+
+
+class PointEstimate(TypedDict):
+    """An optimum without its uncertainty (``point_estimate``)."""
+
+    log2_x: float
+    loss: float
+    edge: Edge | None
+
+
+class Optimum(TypedDict):
+    """A curve's optimum with its uncertainty (``CurveEstimate.optimum``); no interval on the grid's edge."""
+
+    log2_x: float
+    loss: float
+    edge: Edge | None
+    flat: bool
+    interval: list[float] | None
+    se: float | None
+    fit_span: list[float] | None
+
+
+class TransferCost(TypedDict):
+    """What keeping a reference's optimum costs on another curve (``transfer``)."""
+
+    loss_at_reference: float | None
+    regret: float | None
+    shift: float
+    shift_interval: list[float]
+    shift_se: float
+    regret_interval: list[float] | None
+    regret_se: float | None
+
+
+_EDGES: dict[int, Edge | None] = {-1: "low", 0: None, 1: "high"}
 
 WINDOW = 0.1  # nats above the minimum within which points join the fit (docs/SWEEPS.md: chosen on synthetic curves)
 NU = 2.0  # Student-t degrees of freedom of one run's noise: the tails of the stores' seed differences
@@ -75,7 +121,7 @@ class Noise:
         used = np.arange(most)[None, None, :] < seeds[None, :, None]
         return np.asarray((draws * used).sum(axis=2) / np.maximum(seeds, 1)[None, :], dtype=np.float64)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> NoiseRecord:
         return {"pair_median": self.pair_median, "pairs": self.pairs, "nu": NU,
                 "source": f"{self.pairs} seed pairs" if self.pairs else "default"}
 
@@ -153,14 +199,14 @@ def _loss_at(fits: _Fits, xs: NDArray[np.float64], ys: NDArray[np.float64], x: N
 
 
 def point_estimate(xs: Sequence[float], losses: Sequence[float | None],
-                   window: float = WINDOW) -> dict[str, Any] | None:
+                   window: float = WINDOW) -> PointEstimate | None:
     """The optimum of one curve without its uncertainty: ``{"log2_x", "loss", "edge"}``; None if all diverged."""
     ys = np.array([math.nan if y is None else y for y in losses], dtype=np.float64)
     if not np.isfinite(ys).any():
         return None
     fits = _fit_rows(np.asarray(xs, dtype=np.float64), ys[None, :], window)
     return {"log2_x": float(fits.x[0]), "loss": float(fits.loss[0]),
-            "edge": {-1: "low", 0: None, 1: "high"}[int(fits.edge[0])]}
+            "edge": _EDGES[int(fits.edge[0])]}
 
 
 @dataclass(frozen=True)
@@ -172,10 +218,10 @@ class CurveEstimate:
     fits: _Fits
 
     @property
-    def optimum(self) -> dict[str, Any]:
+    def optimum(self) -> Optimum:
         """``{"log2_x", "loss", "edge", "flat", "interval", "se", "fit_span"}`` (JSON-serialisable)."""
         f = self.fits
-        edge = {-1: "low", 0: None, 1: "high"}[int(f.edge[0])]
+        edge = _EDGES[int(f.edge[0])]
         lo, hi = _interval(f.x[1:])
         lo, hi = lo - RESOLUTION, hi + RESOLUTION
         se = _se(f.x[1:])
@@ -211,7 +257,7 @@ def estimate(xs: Sequence[float], losses: Sequence[float | None], seeds: Sequenc
     return CurveEstimate(grid, rows, _fit_rows(grid, rows, window))
 
 
-def transfer(reference: CurveEstimate, other: CurveEstimate) -> dict[str, Any]:
+def transfer(reference: CurveEstimate, other: CurveEstimate) -> TransferCost:
     """What keeping the reference curve's optimum costs on ``other``: the regret (``other``'s loss at the reference's
     estimated optimum, from its quadratic unless the curve is flat, minus its own best; its interval from ``other``'s
     resamples) and the signed shift of the optimum (its interval from both curves' resamples)."""
@@ -221,15 +267,12 @@ def transfer(reference: CurveEstimate, other: CurveEstimate) -> dict[str, Any]:
     shift = other.fits.x - reference.fits.x
     lo, hi = _interval(shift[1:])
     allowance = RESOLUTION * math.sqrt(2)  # both optima's
-    found: dict[str, Any] = {"loss_at_reference": _finite(at_reference[0]), "regret": _finite(regret[0]),
-                             "shift": float(shift[0]), "shift_interval": [lo - allowance, hi + allowance],
-                             "shift_se": _se(shift[1:])}
     usable = np.isfinite(regret[1:])
-    if found["regret"] is None or usable.mean() < LEVEL:
-        found.update(regret_interval=None, regret_se=None)
-    else:
-        found.update(regret_interval=list(_interval(regret[1:][usable])), regret_se=_se(regret[1:][usable]))
-    return found
+    bounded = not (_finite(regret[0]) is None or usable.mean() < LEVEL)
+    return {"loss_at_reference": _finite(at_reference[0]), "regret": _finite(regret[0]), "shift": float(shift[0]),
+            "shift_interval": [lo - allowance, hi + allowance], "shift_se": _se(shift[1:]),
+            "regret_interval": list(_interval(regret[1:][usable])) if bounded else None,
+            "regret_se": _se(regret[1:][usable]) if bounded else None}
 
 
 def _finite(value: float) -> float | None:

@@ -8,19 +8,26 @@ from collections import defaultdict
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from ..core.atomic import write_atomic, write_json_atomic, write_text_atomic
-from .analysis import SEED_KEY, analyze, setting_label
-from .store import STORE_NAME, ResultStore, StoreError
+from .analysis import SEED_KEY, Analysis, Curve, Drift, analyze, setting_label
+from .store import STORE_NAME, ConfigValue, ResultStore, RunRecord, StoreError
 
-__all__ = ["load_records", "merge_records", "optimum_cell", "preset_values", "tables", "plot_curves", "with_interval",
-           "write_report", "write_preset"]
+__all__ = ["Preset", "load_records", "merge_records", "optimum_cell", "preset_values", "tables", "plot_curves",
+           "with_interval", "write_report", "write_preset"]
 
 LINE_KEYS = ("model.density", "model.width")  # a line per value of the first that varies
 
 
-def load_records(out: Path) -> list[dict[str, Any]]:
+class Preset(TypedDict):
+    """What ``write_preset`` wrote: the runs it took the values from, and the values."""
+
+    runs: list[RunRecord]
+    values: dict[str, ConfigValue]
+
+
+def load_records(out: Path) -> list[RunRecord]:
     """The records of a sweep directory's store; an error naming the fix when there is none."""
     path = Path(out) / STORE_NAME
     if not path.exists():
@@ -63,7 +70,7 @@ def _regret(value: float | None, interval: list[float] | None) -> str:
     return "diverged or off the grid" if value is None else with_interval(value, interval, ".3f")
 
 
-def noise_line(result: dict[str, Any]) -> str:
+def noise_line(result: Analysis) -> str:
     """Where the per-run noise behind the intervals came from."""
     n = result["noise"]
     source = (f"pooled from {n['pairs']} seed pairs within 0.1 nats of their curve's minimum" if n["pairs"]
@@ -72,7 +79,7 @@ def noise_line(result: dict[str, Any]) -> str:
             "95 % (parametric bootstrap, docs/SWEEPS.md).")
 
 
-def regret_summary(result: dict[str, Any]) -> list[str]:
+def regret_summary(result: Analysis) -> list[str]:
     """The lead table: per group, the worst transfer regret (what keeping the reference's optimum costs) and the
     drift of the located optima."""
     axis = result["axis"].split(".")[-1]
@@ -88,13 +95,13 @@ def regret_summary(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def best_runs(records: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any]]:
+def best_runs(records: list[RunRecord], n: int = 5) -> list[RunRecord]:
     """The ``n`` completed runs of lowest final validation loss."""
-    done = [r for r in records if r["status"] == "completed" and r["final_val_loss"] is not None]
-    return sorted(done, key=lambda r: r["final_val_loss"])[:n]
+    done = [(loss, r) for r in records if r["status"] == "completed" and (loss := r["final_val_loss"]) is not None]
+    return [r for _, r in sorted(done, key=lambda found: found[0])][:n]
 
 
-def preset_values(records: list[dict[str, Any]], top: int = 1) -> dict[str, Any]:
+def preset_values(records: list[RunRecord], top: int = 1) -> dict[str, ConfigValue]:
     """The swept hyperparameters of the ``top`` best runs, for a preset: their geometric mean (4 significant
     digits) for floats, the common value for anything else. The seed is left out: it is not a hyperparameter.
 
@@ -110,20 +117,20 @@ def preset_values(records: list[dict[str, Any]], top: int = 1) -> dict[str, Any]
             raise StoreError(f"the {top} best runs swept different keys ({sorted(keys)} vs "
                              f"{sorted(set(r['overrides']) - {SEED_KEY})}), e.g. from two versions of a sweep file; "
                              "use --top 1")
-    values: dict[str, Any] = {}
+    values: dict[str, ConfigValue] = {}
     for key in keys:
         seen = [r["overrides"][key] for r in best]
         if len({repr(v) for v in seen}) == 1:
             values[key] = seen[0]
-        elif all(type(v) is float and v > 0 for v in seen):
-            values[key] = float(f"{math.exp(sum(map(math.log, seen)) / len(seen)):.4g}")
+        elif len(positive := [v for v in seen if type(v) is float and v > 0]) == len(seen):
+            values[key] = float(f"{math.exp(sum(map(math.log, positive)) / len(positive)):.4g}")
         else:
             raise StoreError(f"the {top} best runs differ in {key} ({', '.join(map(repr, seen))}), which has no "
                              "geometric mean (only positive floats are averaged); use --top 1 or a sweep that fixes it")
     return values
 
 
-def write_preset(out: Path, path: Path, top: int = 1) -> dict[str, Any]:
+def write_preset(out: Path, path: Path, top: int = 1) -> Preset:
     """Write the swept hyperparameters of ``out``'s best run (geometric mean of the ``top`` best) as a training
     config (a sweep's ``preset``); returns {"runs": the runs used, "values": the values written}."""
     records = load_records(out)
@@ -148,13 +155,13 @@ def write_preset(out: Path, path: Path, top: int = 1) -> dict[str, Any]:
     return {"runs": best, "values": values}
 
 
-def _along_value(drift: dict[str, Any], row: dict[str, Any]) -> str:
+def _along_value(drift: Drift, row: dict[str, Any]) -> str:
     """A drift row's density (or width), with the width beside a density when the two are set together."""
     width = f" (width {row['model.width']})" if drift["along"] != "model.width" and "model.width" in row else ""
     return f"{row[drift['along']]:g}{width}"
 
 
-def _fixed_tables(result: dict[str, Any]) -> list[str]:
+def _fixed_tables(result: Analysis) -> list[str]:
     """Loss along density (or width) at fixed hyperparameters (one value of the axis per setting), with the
     spread over seeds: the sweep of paper Fig. 3, where nothing is retuned."""
     axis = result["axis"].split(".")[-1]
@@ -171,7 +178,7 @@ def _fixed_tables(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) -> str:
+def tables(result: Analysis, records: list[RunRecord] | None = None) -> str:
     """Markdown tables: the best runs, every setting's optimum, then one drift table per group of settings."""
     axis = result["axis"].split(".")[-1]
     lines = []
@@ -213,7 +220,7 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
+def plot_curves(result: Analysis, out: Path) -> list[Path]:
     """Loss vs log2 x, a panel per scheme and a line per density (or width); one figure per other setting."""
     import matplotlib
 
@@ -223,46 +230,11 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
     curves = result["curves"]
     if all(len(c["log2_x"]) < 2 for c in curves):  # fixed HPs: loss along density, or a random search: nothing
         return [_plot_fixed(result, along, out, plt) for along in dict.fromkeys(d["along"] for d in result["drifts"])]
-    keys = list(curves[0]["setting"])
-    line_key = next((k for k in LINE_KEYS if k in keys), None)
-    # Keys set together with the line's (width × 1/√ρ in an iso-parameter sweep) share its lines.
-    tied = [k for k in keys if line_key and k not in ("model.scheme", line_key)
-            and len({(c["setting"][line_key], c["setting"][k]) for c in curves})
-            == len({c["setting"][line_key] for c in curves})]
-    figures: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for c in curves:
-        rest = tuple((k, v) for k, v in c["setting"].items() if k not in ("model.scheme", line_key, *tied))
-        figures[rest].append(c)
+    line_key, tied, figures = _figure_groups(curves)
     paths = []
     axis = result["axis"].split(".")[-1]
     for n, (rest, members) in enumerate(figures.items()):
-        schemes = list(dict.fromkeys(c["setting"].get("model.scheme", "") for c in members))
-        fig, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes), 3.6), sharey=True, squeeze=False)
-        finite = [y for c in members for y in c["loss"] if y is not None]
-        # One colour per density (or width) across every panel, densest / widest first.
-        values = sorted({c["setting"][line_key] for c in members}, reverse=True) if line_key else []
-        colour = {v: plt.cm.viridis(0.85 * i / max(1, len(values) - 1)) for i, v in enumerate(values)}
-        for ax, scheme in zip(axes[0], schemes):
-            for c in members:
-                if c["setting"].get("model.scheme", "") != scheme:
-                    continue
-                pts = [(x, y) for x, y in zip(c["log2_x"], c["loss"]) if y is not None]
-                label = setting_label({k: c["setting"][k] for k in (line_key, *tied)}) if line_key else c["label"]
-                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label,
-                               color=colour.get(c["setting"].get(line_key)) if line_key else None)[0]
-                if c["optimum"] is not None:
-                    ax.plot(c["optimum"]["log2_x"], c["optimum"]["loss"], marker="*", ms=11, color=line.get_color(),
-                            mfc="none" if c["optimum"]["edge"] or c["optimum"]["flat"] else line.get_color())
-            ax.set_title(scheme or "all")
-            ax.set_xlabel(f"log2 {axis}")
-            ax.grid(alpha=0.3)
-            if finite:
-                low = min(finite)
-                ax.set_ylim(low - 0.05, min(max(finite), low + 1.5) + 0.05)
-        axes[0][0].set_ylabel("final validation loss (nats/byte)")
-        if len(members) <= 3 * 12:
-            for ax in axes[0]:
-                ax.legend(fontsize=7)
+        fig = _plot_figure(plt, members, line_key, tied, axis)
         title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in rest)
         if title:
             fig.suptitle(title, fontsize=9)
@@ -274,7 +246,58 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def _plot_fixed(result: dict[str, Any], along: str, out: Path, plt: Any) -> Path:
+def _figure_groups(curves: list[Curve]) -> tuple[str | None, list[str],
+                                                dict[tuple[tuple[str, ConfigValue], ...], list[Curve]]]:
+    """The key a figure draws a line per value of (a ``LINE_KEYS`` one; None: none), the keys tied to it, and the
+    curves of each figure by the settings they share (all but the scheme, line and tied keys)."""
+    keys = list(curves[0]["setting"])
+    line_key = next((k for k in LINE_KEYS if k in keys), None)
+    # Keys set together with the line's (width × 1/√ρ in an iso-parameter sweep) share its lines.
+    tied = [k for k in keys if line_key and k not in ("model.scheme", line_key)
+            and len({(c["setting"][line_key], c["setting"][k]) for c in curves})
+            == len({c["setting"][line_key] for c in curves})]
+    figures: dict[tuple[tuple[str, ConfigValue], ...], list[Curve]] = defaultdict(list)
+    for c in curves:
+        rest = tuple((k, v) for k, v in c["setting"].items() if k not in ("model.scheme", line_key, *tied))
+        figures[rest].append(c)
+    return line_key, tied, figures
+
+
+def _plot_figure(plt: Any, members: list[Curve], line_key: str | None, tied: list[str], axis: str) -> Any:
+    """One figure: a panel per scheme, a line per value of ``line_key`` (one colour each across the panels),
+    each curve's optimum as a star (hollow on the edge or when flat)."""
+    schemes = list(dict.fromkeys(c["setting"].get("model.scheme", "") for c in members))
+    fig, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes), 3.6), sharey=True, squeeze=False)
+    finite = [y for c in members for y in c["loss"] if y is not None]
+    # One colour per density (or width) across every panel, densest / widest first.
+    values = sorted({c["setting"][line_key] for c in members}, reverse=True) if line_key else []
+    colour: dict[ConfigValue | None, Any] = {v: plt.cm.viridis(0.85 * i / max(1, len(values) - 1))
+                                             for i, v in enumerate(values)}
+    for ax, scheme in zip(axes[0], schemes):
+        for c in members:
+            if c["setting"].get("model.scheme", "") != scheme:
+                continue
+            pts = [(x, y) for x, y in zip(c["log2_x"], c["loss"]) if y is not None]
+            label = setting_label({k: c["setting"][k] for k in (line_key, *tied)}) if line_key else c["label"]
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label,
+                           color=colour.get(c["setting"].get(line_key)) if line_key else None)[0]
+            if c["optimum"] is not None:
+                ax.plot(c["optimum"]["log2_x"], c["optimum"]["loss"], marker="*", ms=11, color=line.get_color(),
+                        mfc="none" if c["optimum"]["edge"] or c["optimum"]["flat"] else line.get_color())
+        ax.set_title(scheme or "all")
+        ax.set_xlabel(f"log2 {axis}")
+        ax.grid(alpha=0.3)
+        if finite:
+            low = min(finite)
+            ax.set_ylim(low - 0.05, min(max(finite), low + 1.5) + 0.05)
+    axes[0][0].set_ylabel("final validation loss (nats/byte)")
+    if len(members) <= 3 * 12:
+        for ax in axes[0]:
+            ax.legend(fontsize=7)
+    return fig
+
+
+def _plot_fixed(result: Analysis, along: str, out: Path, plt: Any) -> Path:
     """Loss vs log2 density (or width) at fixed hyperparameters, a line per group (scheme): paper Fig. 3."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for d in result["drifts"]:
@@ -295,7 +318,7 @@ def _plot_fixed(result: dict[str, Any], along: str, out: Path, plt: Any) -> Path
     return path
 
 
-def merge_records(dirs: Sequence[Path]) -> tuple[list[dict[str, Any]], str]:
+def merge_records(dirs: Sequence[Path]) -> tuple[list[RunRecord], str]:
     """The records of several sweep directories (a run stored twice counts once) and a line saying what was merged.
 
     The line names the config keys that are constant within each store but differ between them, since
@@ -310,7 +333,7 @@ def merge_records(dirs: Sequence[Path]) -> tuple[list[dict[str, Any]], str]:
             raise StoreError(f"--with {d}: {err}" if n else str(err)) from None
     # A run id hashes only the swept keys, so stores with another base share ids: the same run means
     # the same id *and* the same full config.
-    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    merged: dict[tuple[str, str], RunRecord] = {}
     for records in per_dir:
         for r in records:
             merged.setdefault((r["id"], json.dumps(r["config"], sort_keys=True)), r)
@@ -327,7 +350,7 @@ def merge_records(dirs: Sequence[Path]) -> tuple[list[dict[str, Any]], str]:
 
 
 def write_report(out: Path, axis: str = "optim.lr", title: str | None = None,
-                 merge: Sequence[Path] = ()) -> tuple[dict[str, Any], str]:
+                 merge: Sequence[Path] = ()) -> tuple[Analysis, str]:
     """Analyse ``out``'s store (with the stores of the ``merge`` directories); write report.md, report.json and
     the figures into ``out``; return (result, text)."""
     out = Path(out)

@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from .store import SearchIdentity
+
 __all__ = ["SAMPLERS", "ADAPTIVE_SAMPLERS", "Search", "Study", "require_sampler"]
 
 SAMPLERS = ("random", "tpe", "cmaes")  # random: today's plan drawn once from the seed, no Optuna needed
@@ -32,7 +34,7 @@ class Search:
     batch: int
     bounds: dict[str, tuple[float, float]]  # key: (low, high), both > 0
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> SearchIdentity:
         """What a record names as the search it belongs to (with its trial number)."""
         return {"sampler": self.sampler, "seed": self.seed}
 

@@ -13,16 +13,57 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, cast
 
 from ..core.atomic import append_atomic, writing
 
-__all__ = ["ResultStore", "StoreError", "STORE_NAME", "FAILURES_NAME", "append_line", "record_problem", "STATUSES"]
+__all__ = ["ResultStore", "StoreError", "STORE_NAME", "FAILURES_NAME", "append_line", "record_problem", "STATUSES",
+           "ConfigValue", "SearchIdentity", "RunRecord", "FailureRecord"]
 
 STORE_NAME = "results.jsonl"
 FAILURES_NAME = "failures.jsonl"  # runs that raised: one line per failed attempt, never read back as results
 STATUSES = ("completed", "diverged")
 _TORN = object()  # a line that is not JSON
+
+ConfigValue = bool | int | float | str  # a config key's value, as a sweep sets and records it
+
+
+class SearchIdentity(TypedDict):
+    """The adaptive search a run belongs to (``search.Search.identity``)."""
+
+    sampler: str
+    seed: int
+
+
+class _RunRecordBase(TypedDict):
+    id: str
+    overrides: dict[str, ConfigValue]
+    status: str  # one of STATUSES
+    final_val_loss: float | None
+    steps: int | None
+    diverged_at_step: int | None
+    seconds: float | None
+    config: dict[str, ConfigValue]  # the flat config without its layout keys (``train.schema.run_identity``)
+
+
+class RunRecord(_RunRecordBase, total=False):
+    """One line of a results store: a finished run. ``device`` is absent from stores of older versions;
+    ``kept_weights`` (per hidden weight: density, RMS, ...) only from runs that measured them; ``trial`` and
+    ``search`` only from an adaptive search."""
+
+    device: str | None
+    kept_weights: dict[str, dict[str, float]]
+    trial: int
+    search: SearchIdentity
+
+
+class FailureRecord(TypedDict):
+    """One line of failures.jsonl: a run that raised (never read back as a result)."""
+
+    id: str
+    overrides: dict[str, ConfigValue]
+    error: str
+    time: str
 
 
 def record_problem(record: object) -> str | None:
@@ -42,7 +83,7 @@ def record_problem(record: object) -> str | None:
     return None
 
 
-def append_line(path: Path, record: dict[str, Any]) -> None:
+def append_line(path: Path, record: RunRecord | FailureRecord) -> None:
     """Append ``record`` as one JSON line with a single write, flushed and fsynced."""
     append_atomic(path, (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode())
 
@@ -56,7 +97,7 @@ class ResultStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.records: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, RunRecord] = {}
         self.repaired = False
         self._load()
 
@@ -78,7 +119,7 @@ class ResultStore:
                 if problem is not None or not isinstance(record, dict):
                     raise StoreError(f"{self.path}, line {number}: not a run record ({problem}: {line[:60]!r}); "
                                      "the file was edited or corrupted: fix or delete that line")
-                self.records.setdefault(record["id"], record)
+                self.records.setdefault(record["id"], cast(RunRecord, record))  # checked by record_problem
             pos = keep = min(nxt, len(data))
         if keep < len(data):
             with writing(self.path), self.path.open("r+b") as f:
@@ -93,7 +134,7 @@ class ResultStore:
     def __len__(self) -> int:
         return len(self.records)
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: RunRecord) -> None:
         """Write one record as a line and fsync it; a record whose id is already stored is ignored."""
         problem = record_problem(record)
         if problem is not None:

@@ -18,11 +18,11 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..core.atomic import WriteError, make_dirs, write_json_atomic
 from ..train import Config, ConfigError, load_config, train, validate
@@ -31,9 +31,10 @@ from ..train.config import tomllib, typed_value
 from ..train.schema import flatten, run_identity, with_defaults
 from .lock import SweepLocked, driver_lock
 from .search import SAMPLERS, Search, Study, require_sampler
-from .store import FAILURES_NAME, STORE_NAME, ResultStore, append_line
+from .store import FAILURES_NAME, STORE_NAME, ConfigValue, ResultStore, RunRecord, append_line
 
-__all__ = ["ENGINES", "Point", "SweepSpec", "SweepError", "load_sweep", "parse_sweep", "run_sweep", "run_id"]
+__all__ = ["ENGINES", "Point", "SweepSpec", "SweepCounts", "SweepError", "load_sweep", "parse_sweep", "run_sweep",
+           "run_id"]
 
 
 class SweepError(ConfigError):
@@ -45,7 +46,7 @@ class Point:
     """One run of a sweep: its id and the config keys it sets on top of the base."""
 
     id: str
-    overrides: dict[str, Any]
+    overrides: dict[str, ConfigValue]
     trial: int | None = None  # its number in the sweep's search ([random]), recorded with its result
 
 
@@ -62,15 +63,15 @@ class SweepSpec:
     keep_checkpoints: bool = False
     source: str = "sweep"
     search: Search | None = None
-    grid_parts: list[dict[str, Any]] = field(default_factory=lambda: [{}])
+    grid_parts: list[dict[str, ConfigValue]] = field(default_factory=lambda: [{}])
 
 
-def run_id(overrides: dict[str, Any]) -> str:
+def run_id(overrides: Mapping[str, ConfigValue]) -> str:
     """Deterministic 12-hex-digit id of a run: sha256 of its overrides as sorted JSON."""
     return hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _grid_axes(grid: dict[str, Any], source: str) -> list[tuple[list[str], list[tuple]]]:
+def _grid_axes(grid: dict[str, Any], source: str) -> list[tuple[list[str], list[tuple[ConfigValue, ...]]]]:
     axes = []
     for axis, values in flatten(grid).items():
         keys = [k.strip() for k in axis.split(",")]
@@ -88,7 +89,7 @@ def _grid_axes(grid: dict[str, Any], source: str) -> list[tuple[list[str], list[
     return axes
 
 
-def _random_table(table: dict[str, Any], source: str) -> tuple[list[dict[str, Any]], Search | None]:
+def _random_table(table: dict[str, Any], source: str) -> tuple[list[dict[str, ConfigValue]], Search | None]:
     """The [random] section: (samples drawn once from the seed, None) for the random sampler, else ([], the search)."""
     unknown = set(table) - {"seed", "samples", "log_uniform", "sampler", "batch"}
     if unknown:
@@ -205,7 +206,7 @@ def resolve(base: Config, point: Point, workers: int) -> Config:
     return cfg
 
 
-def _identity(cfg: Config) -> dict[str, Any]:
+def _identity(cfg: Config) -> dict[str, ConfigValue]:
     """The flat config without its layout keys: a sweep's base in sweep.json, a run's config in its record."""
     return run_identity(flatten(cfg.to_dict()))
 
@@ -238,15 +239,18 @@ def _finished_result(run_dir: Path, steps: int) -> dict[str, Any] | None:
     return None
 
 
-def _record(point: Point, cfg: Config, result: dict[str, Any], search: Search | None) -> dict[str, Any]:
-    return {"id": point.id, "overrides": point.overrides, "status": result["status"],
-            "final_val_loss": result.get("final_val_loss"), "steps": result.get("steps"),
-            "diverged_at_step": result.get("diverged_at_step"), "seconds": result.get("seconds"),
-            "device": result.get("device"),
-            **({"kept_weights": result["kept_weights"]} if result.get("kept_weights") else {}),
-            **({"trial": point.trial} if point.trial is not None else {}),
-            **({"search": search.identity()} if search is not None else {}),
-            "config": _identity(cfg)}
+def _record(point: Point, cfg: Config, result: dict[str, Any], search: Search | None) -> RunRecord:
+    optional: dict[str, object] = {}  # RunRecord's optional keys, before the config as stores have them
+    if result.get("kept_weights"):
+        optional["kept_weights"] = result["kept_weights"]
+    if point.trial is not None:
+        optional["trial"] = point.trial
+    if search is not None:
+        optional["search"] = search.identity()
+    return cast(RunRecord, {"id": point.id, "overrides": point.overrides, "status": result["status"],
+                            "final_val_loss": result.get("final_val_loss"), "steps": result.get("steps"),
+                            "diverged_at_step": result.get("diverged_at_step"), "seconds": result.get("seconds"),
+                            "device": result.get("device"), **optional, "config": _identity(cfg)})
 
 
 def _describe(point: Point) -> str:
@@ -269,9 +273,30 @@ def _exit_with_parent(parent: int) -> None:
 ENGINES = ("local", "ray")
 
 
+@dataclass
+class SweepCounts:
+    """What ``run_sweep`` did with the points it planned: already stored, completed, diverged or failed (failed
+    runs are not stored; a rerun retries them)."""
+
+    planned: int = 0
+    stored: int = 0
+    completed: int = 0
+    diverged: int = 0
+    failed: int = 0
+
+    def add(self, status: str) -> None:
+        """Count one recorded run by its status (completed or diverged)."""
+        if status == "completed":
+            self.completed += 1
+        elif status == "diverged":
+            self.diverged += 1
+        else:
+            raise ValueError(f"a recorded run's status is completed or diverged, not {status!r}")
+
+
 def run_sweep(spec: SweepSpec, out: Path, workers: int = 1,
               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-              engine: str = "local", address: str | None = None) -> dict[str, int]:
+              engine: str = "local", address: str | None = None) -> SweepCounts:
     """Run every point not yet in ``out``'s store (``workers`` at once); returns counts by outcome.
 
     engine: ``local`` (a process pool on this machine) or ``ray`` (Ray tasks: ``address`` None or "local"
@@ -297,7 +322,7 @@ def run_sweep(spec: SweepSpec, out: Path, workers: int = 1,
 
 
 def _run_locked(spec: SweepSpec, out: Path, workers: int, log: Callable[[str], None], engine: str,
-                address: str | None) -> dict[str, int]:
+                address: str | None) -> SweepCounts:
     make_dirs(out)
     meta_path = out / "sweep.json"
     fingerprint = _identity(spec.base)
@@ -335,7 +360,7 @@ class _Runner:
                  engine: str, address: str | None) -> None:
         self.spec, self.out, self.store, self.workers, self.log = spec, out, store, workers, log
         self.engine, self.address = engine, address
-        self.counts = {"planned": 0, "stored": 0, "completed": 0, "diverged": 0, "failed": 0}
+        self.counts = SweepCounts()
         self.queued = self.done = 0  # runs handed to the engine so far / finished so far
         self.ahead = 0  # runs expected after this batch (an adaptive search's trials not yet asked)
         self.started = time.perf_counter()
@@ -358,12 +383,12 @@ class _Runner:
         total = self.queued + self.ahead
         left = (total - self.done) * (time.perf_counter() - self.started) / self.done
         eta = f"ETA {left / 60:.0f} min" if left >= 90 else f"ETA {left:.0f} s"
-        failed = f", {self.counts['failed']} failed" if self.counts["failed"] else ""
+        failed = f", {self.counts.failed} failed" if self.counts.failed else ""
         return f"[{self.done}/{total}{failed}, {eta}]" if self.done < total else f"[{self.done}/{total}{failed}]"
 
     def run(self, points: list[Point], header: str | None = None) -> None:
         """Skip stored points, record finished-but-unrecorded ones, run the rest (``header``: logged first)."""
-        self.counts["planned"] += len(points)
+        self.counts.planned += len(points)
         todo = []
         stored = 0
         for point in points:
@@ -375,7 +400,7 @@ class _Runner:
                 _finish(self.store, point, cfg, result, run_dir, self.spec, self.counts)
             else:
                 todo.append((point, cfg, run_dir))
-        self.counts["stored"] += stored
+        self.counts.stored += stored
         self.queued += len(todo)
         if header is not None:
             self.log(header.format(stored=stored, todo=len(todo)))
@@ -401,7 +426,7 @@ class _Runner:
         """Record one run's outcome (a failure goes to failures.jsonl, never to the store) and log it."""
         self.done += 1
         if "error" in result:
-            self.counts["failed"] += 1
+            self.counts.failed += 1
             append_line(self.out / FAILURES_NAME, {"id": point.id, "overrides": point.overrides,
                                                    "error": result["error"],
                                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -466,9 +491,9 @@ def _search(spec: SweepSpec, search: Search, runner: _Runner, where: str) -> Non
 
 
 def _finish(store: ResultStore, point: Point, cfg: Config, result: dict[str, Any], run_dir: Path,
-            spec: SweepSpec, counts: dict[str, int]) -> None:
+            spec: SweepSpec, counts: SweepCounts) -> None:
     """Append the run's record, then drop its checkpoint (the record and metrics.csv are what a sweep keeps)."""
     store.append(_record(point, cfg, result, spec.search))
-    counts[result["status"]] += 1
+    counts.add(result["status"])
     if not spec.keep_checkpoints:
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)

@@ -10,21 +10,30 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from ..core.atomic import write_text_atomic
 from ..train.config import apply_overrides, load_config, to_toml
 from ..train.schema import Config, ConfigError, field_specs, flatten, run_identity, with_defaults
 from .report import best_runs
-from .store import STORE_NAME, ResultStore, StoreError
+from .store import STORE_NAME, ConfigValue, ResultStore, StoreError
 
-__all__ = ["proxy_config", "write_transfer"]
+__all__ = ["Transfer", "proxy_config", "write_transfer"]
 
 RUN_CONFIGS = ("config.toml", "config.yaml")
 
 
-def _nested(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+class Transfer(TypedDict):
+    """What ``write_transfer`` wrote: where the proxy came from, the changed keys (proxy value, target value) and
+    the keys a run may change further."""
+
+    proxy: str
+    changed: dict[str, list[ConfigValue]]
+    allow: list[str]
+
+
+def _nested(flat: dict[str, ConfigValue]) -> dict[str, dict[str, ConfigValue]]:
+    out: dict[str, dict[str, ConfigValue]] = {}
     for key, value in flat.items():
         section, _, name = key.partition(".")
         out.setdefault(section, {})[name] = value
@@ -50,7 +59,7 @@ def proxy_config(proxy: Path) -> tuple[Config, str]:
     return load_config(proxy), str(proxy)
 
 
-def write_transfer(proxy: Path, out: Path, changes: Sequence[str], allow: Sequence[str] = ()) -> dict[str, Any]:
+def write_transfer(proxy: Path, out: Path, changes: Sequence[str], allow: Sequence[str] = ()) -> Transfer:
     """Write ``out``: ``proxy``'s whole config with ``changes`` (``section.key=value``) and a ``[transfer]`` table;
     return {"proxy": its description, "changed": {key: [proxy value, target value]}, "allow": the allowed keys}."""
     if Path(out).suffix != ".toml":
