@@ -11,7 +11,7 @@ from torch import nn
 
 import sparsemup as smp
 from helpers import block_gpt, lm_loss, tokens
-from sparsemup.core.masks import block_layout, random_mask
+from sparsemup.core.masks import block_columns, random_mask
 from sparsemup.models import GPTConfig, build_gpt
 from sparsemup.sparse.backend import get_backends, sparsify
 from sparsemup.sparse.blocksparse import BlockSparseLinear, block_sparse_linear, to_blocks, to_dense
@@ -33,9 +33,9 @@ def test_block_mask_rows_have_equal_fan_in_in_whole_blocks(rows, cols, block, de
     mask = random_mask(shape, density, seed, "w", "blocks", block)
     assert torch.equal(mask, random_mask(shape, density, seed, "w", "blocks", block))  # deterministic
     assert (mask.sum(dim=1) == k * block).all()  # every neuron: the same fan-in
-    layout = block_layout(mask, block)
-    assert layout is not None and layout.shape == (rows, k)
-    assert torch.equal(to_dense(torch.ones(rows, k, block, block), layout, shape[1]).bool(), mask)
+    kept = block_columns(mask, block)
+    assert kept is not None and kept.shape == (rows, k)
+    assert torch.equal(to_dense(torch.ones(rows, k, block, block), kept, shape[1]).bool(), mask)
 
 
 def test_block_mask_errors_name_the_fix():
@@ -47,12 +47,12 @@ def test_block_mask_errors_name_the_fix():
         random_mask((64, 64), 1 / 16, 0, "w", "blocks", 16)
 
 
-def test_block_layout_rejects_other_masks():
-    assert block_layout(random_mask((64, 64), 0.25, 0, "w", "rows"), 16) is None
+def test_block_columns_rejects_other_masks():
+    assert block_columns(random_mask((64, 64), 0.25, 0, "w", "rows"), 16) is None
     uneven = torch.zeros(32, 32, dtype=torch.bool)
     uneven[:16, :16] = True
     uneven[16:, :] = True
-    assert block_layout(uneven, 16) is None
+    assert block_columns(uneven, 16) is None
 
 
 def test_parameterize_records_block_density_and_effective_fan_in():
@@ -78,7 +78,7 @@ def test_layer_matches_masked_dense_fp32(out_blocks, in_blocks, block, keep, lea
     linear = nn.Linear(shape[1], shape[0], bias=bias)
     with torch.no_grad():
         linear.weight.mul_(mask)
-    sparse = BlockSparseLinear.from_linear(linear, block_layout(mask, block), block)
+    sparse = BlockSparseLinear.from_linear(linear, block_columns(mask, block), block)
     x = torch.randn(*lead, shape[1], requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     y, y2 = linear(x), sparse(x2)
@@ -103,7 +103,7 @@ def test_layer_bf16_within_stated_tolerance(autocast):
     # bf16 keeps 8 mantissa bits: outputs and gradients within 2% of the fp32 result's scale.
     shape, block = (96, 128), 16
     mask = random_mask(shape, 0.25, 0, "w", "blocks", block)
-    index = block_layout(mask, block)
+    index = block_columns(mask, block)
     weight = torch.randn(shape) * mask / 8
     x = torch.randn(4, 7, shape[1])
     values = to_blocks(weight, index, block).requires_grad_()
@@ -226,7 +226,7 @@ def test_layer_guards_and_module_state():
     mask = random_mask((32, 64), 0.5, 0, "w", "blocks", 16)
     linear.weight.requires_grad_(False)
     linear.eval()
-    sparse = BlockSparseLinear.from_linear(linear, block_layout(mask, 16), 16)
+    sparse = BlockSparseLinear.from_linear(linear, block_columns(mask, 16), 16)
     assert not sparse.weight.requires_grad and sparse.bias.requires_grad and not sparse.training
     with pytest.raises(ValueError, match="input has 128 features, the layer takes 64"):
         sparse(torch.randn(3, 128))
@@ -257,7 +257,7 @@ def test_user_hooks_move_with_the_layer_and_export_gives_plain_linears():
     torch.testing.assert_close(lm_loss(plain, x), lm_loss(model, x))
 
 
-def test_a_block_checkpoint_of_another_layout_is_refused():
+def test_a_block_checkpoint_of_another_pattern_is_refused():
     mine, theirs = block_gpt("blocks", seed=1), block_gpt("blocks", seed=2)
     with pytest.raises(ValueError, match="blocks sit elsewhere"):
         mine.load_state_dict(theirs.state_dict())
@@ -279,7 +279,7 @@ def test_every_strategy_matches_masked_dense(strategy, dtype, tol, monkeypatch):
         monkeypatch.setattr(kernels, "_use_loop", lambda x, values: strategy == "loop")
     shape, block = (96, 160), 16
     mask = random_mask(shape, 0.4, 3, "w", "blocks", block)
-    index = block_layout(mask, block)
+    index = block_columns(mask, block)
     weight = (torch.randn(shape) * mask / 8).to(dtype)
     x = torch.randn(37, shape[1], dtype=dtype, requires_grad=True)
     dense_w = weight.clone().requires_grad_()

@@ -22,7 +22,7 @@ from helpers import (
     tokens,
     train_steps,
 )
-from sparsemup.core.masks import block_layout, random_mask
+from sparsemup.core.masks import block_columns, random_mask
 from sparsemup.sparse.blocksparse import block_sparse_linear, to_blocks
 from sparsemup.train import evaluate_checkpoint
 from sparsemup.train.trainer import Trainer, train
@@ -73,7 +73,7 @@ def test_block_sparse_kernel_on_gpu_matches_masked_dense(dtype, tol):
     shape, block = (256, 512), 32
     mask = random_mask(shape, 0.25, 0, "w", "blocks", block).to(CUDA)
     weight = torch.randn(shape, device=CUDA, dtype=dtype) * mask
-    index = block_layout(mask, block)
+    index = block_columns(mask, block)
     assert index.device.type == "cuda"
     values = to_blocks(weight, index, block).requires_grad_()
     dense = weight.clone().requires_grad_()

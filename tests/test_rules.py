@@ -6,12 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sparsemup import SCHEMES, Role, Scheme
 from sparsemup.rules import (
-    SCHEMES,
     Family,
     Multipliers,
-    Role,
-    Scheme,
     attention_scale,
     forward_multiplier,
     get_scheme,

@@ -81,15 +81,15 @@ def test_state_dicts_convert_both_ways(kind):
     assert_state_dicts_convert_both_ways(lambda backend, seed: BUILD[kind](backend and kind, seed=seed))
 
 
-@pytest.mark.parametrize("kind, message", [("rows", "mask is not this layer's"), ("blocks", "block layout")])
-def test_another_layout_is_refused_before_any_copy(kind, message):
+@pytest.mark.parametrize("kind, message", [("rows", "mask is not this layer's"), ("blocks", "block pattern")])
+def test_another_pattern_is_refused_before_any_copy(kind, message):
     build = BUILD[kind]
     sparse = build(kind, seed=1)
     before = {k: v.clone() for k, v in sparse.state_dict().items()}
     with pytest.raises(ValueError, match=message):
         sparse.load_state_dict(build(seed=2).state_dict())  # masked dense, other masks
     with pytest.raises(ValueError, match="sit elsewhere"):
-        sparse.load_state_dict(build(kind, seed=2).state_dict())  # the same storage, other layout
+        sparse.load_state_dict(build(kind, seed=2).state_dict())  # the same storage, other pattern
     assert all(torch.equal(before[k], v) for k, v in sparse.state_dict().items())
 
 

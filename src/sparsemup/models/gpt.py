@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import DotProductAttention, Parameterization, parameterize
+from ..core.attention import DotProductAttention
+from ..core.parameterize import parameterize
+from ..core.record import Parameterization
 
 __all__ = ["GPT", "GPTConfig", "gpt_init_scale", "build_gpt", "GPT_RESIDUAL_BRANCHES", "gpt_probe"]
 
@@ -81,7 +83,8 @@ class CausalSelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         y = self.core(q, k, v, attn_bias=self.alibi[:, :t, :t].to(q.dtype))
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        out: torch.Tensor = self.proj(y.transpose(1, 2).reshape(b, t, d))  # a Module call is typed Any
+        return out
 
 
 class SwiGLU(nn.Module):
@@ -92,7 +95,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.fc(x).chunk(2, dim=-1)
-        return self.proj(F.silu(gate) * up)
+        out: torch.Tensor = self.proj(F.silu(gate) * up)
+        return out
 
 
 class Block(nn.Module):
@@ -105,7 +109,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        out: torch.Tensor = x + self.mlp(self.ln2(x))
+        return out
 
 
 class GPT(nn.Module):
@@ -127,7 +132,8 @@ class GPT(nn.Module):
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        logits: torch.Tensor = self.lm_head(self.ln_f(x))
+        return logits
 
     def fsdp_units(self) -> list[nn.Module]:
         """The submodules FSDP shards one by one (then the root): whole blocks, never a masked Linear

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import Parameterization, parameterize
+from ..core.parameterize import parameterize
+from ..core.record import Parameterization
 
 __all__ = ["MLP", "build_mlp"]
 
@@ -24,7 +25,8 @@ class MLP(nn.Module):
         x = F.relu(self.input(x))
         for layer in self.hidden:
             x = F.relu(layer(x))
-        return self.readout(x)
+        y: torch.Tensor = self.readout(x)  # a Module call is typed Any
+        return y
 
 
 def build_mlp(
