@@ -19,8 +19,8 @@ from .benchmark import BENCH_MASKS
 from .coord import QUANTITIES, UNSTABLE, Case, CheckSettings, run_check, write_check
 from .coord.depth import DEPTH_QUANTITIES, DepthCase
 from .coord.reference import parse_model
-from .core import explain
 from .core.atomic import WriteError, make_dirs
+from .core.explain import explain
 from .core.rules import Family
 from .core.vocab import BACKEND_CHOICES, SCHEME_NAMES, hf_model_spec
 from .dynamic import METHOD_NAMES

@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from ..core import hooks
-from ..core.masks import block_layout
+from ..core.masks import block_columns
 from ..core.record import RECORD_PREFIX, get_parameterization
 from ..core.storage import storage_formats
 from ..core.structure import unwrap
 from ..core.vocab import BACKEND_CHOICES, BACKENDS, Backend, BackendChoice
 from .blocksparse import BlockSparseLinear
 from .calibration import LayerCase, broadcast_choice, calibrated
-from .rowsparse import RowSparseLinear, row_layout
+from .rowsparse import RowSparseLinear, row_columns
 from .timing import time_case
 
 __all__ = ["Fixes", "PYTHON_FIXES", "auto_choice", "check_backend", "sparsify", "get_backends", "to_masked_dense"]
@@ -167,7 +167,7 @@ def sparsify(
         layouts: dict[str, torch.Tensor | None] = {"blocks": None, "rows": None}
         if place is not None:
             mask = getattr(place[2], info.name.rpartition(".")[2] + hooks.MASK_SUFFIX) != 0
-            layouts = {"blocks": block_layout(mask, record.block_size), "rows": row_layout(mask)}
+            layouts = {"blocks": block_columns(mask, record.block_size), "rows": row_columns(mask)}
         places[info.name] = (place, layouts)
     automatic = auto_choice(target, places, dtype) if backend == "auto" else {}
 
