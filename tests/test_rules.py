@@ -118,7 +118,7 @@ def test_bad_names_are_clear_errors():
     with pytest.raises(ValueError, match="unknown scheme 'spar'.*sp, mup, supar"):
         get_scheme("spar")
     with pytest.raises(ValueError, match="weight-decay mode"):
-        weight_decay_multiplier("hidden", 1.0, "decoupled")
+        weight_decay_multiplier("hidden", 1.0, "decoupled")  # type: ignore[arg-type]  # bad on purpose
     with pytest.raises(ValueError, match="on top of µP"):
         Scheme("bad", width=False, density_init=True, density_lr=False)
     with pytest.raises(ValueError, match="positive"):

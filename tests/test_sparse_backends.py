@@ -5,6 +5,7 @@ import copy
 import io
 import json
 import pickle
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from sparsemup.sparse import BlockSparseLinear, RowSparseLinear, get_backends
 from sparsemup.sparse.blocksparse import to_dense
 from tolerances import model_rtol
 
-BUILD = {"rows": rows_gpt, "blocks": block_gpt}
+BUILD: dict[str, Callable[..., nn.Module]] = {"rows": rows_gpt, "blocks": block_gpt}
 LAYER = {"rows": RowSparseLinear, "blocks": BlockSparseLinear}
 
 
@@ -69,6 +70,7 @@ def test_sparsify_trains_like_masked_dense_with_rho_memory(kind):
     # Weights + AdamW state + index: ≤ 1.25 ρ of a dense fp32 weight with its two moments (12 bytes an entry).
     for name in get_backends(sparse):
         layer = sparse.get_submodule(name.rpartition(".")[0])
+        assert isinstance(layer, (BlockSparseLinear, RowSparseLinear))
         state = opts[1].state[layer.weight]
         stored = sum(t.numel() * t.element_size() for t in (layer.weight, state["exp_avg"], state["exp_avg_sq"],
                                                               layer.weight_index))
