@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,20 @@ from sparsemup.models import GPTConfig, build_gpt, build_mlp
 from sparsemup.train import Config
 from sparsemup.train.config import apply_overrides
 from tolerances import model_rtol
+
+T = TypeVar("T")
+
+
+def known(value: T | None) -> T:
+    """``value``, which the test knows is there (a gradient after backward, a mask it made): fails loudly if not,
+    and tells mypy so."""
+    assert value is not None
+    return value
+
+
+def mask_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The mask of the masked weight ``name`` (an error if it has none)."""
+    return known(smp.core.get_mask(model, name))
 
 
 def tiny_gpt(width=64, base_width=32, density=0.25, scheme="supar", **kw):

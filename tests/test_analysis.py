@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from helpers import known
 from sparsemup.cli import main
 from sparsemup.tuning.analysis import analyze
 from sparsemup.tuning.estimate import point_estimate
@@ -17,7 +18,7 @@ GRID = [-10, -9, -8, -7, -6, -5, -4]
 
 
 def test_interior_minimum_is_recovered_between_grid_points():
-    found = point_estimate(GRID, [(x + 6.3) ** 2 + 2.0 for x in GRID])
+    found = known(point_estimate(GRID, [(x + 6.3) ** 2 + 2.0 for x in GRID]))
     assert found["edge"] is None
     assert found["log2_x"] == pytest.approx(-6.3) and found["loss"] == pytest.approx(2.0)
 
@@ -28,13 +29,13 @@ def test_interior_minimum_is_recovered_between_grid_points():
     ([7.0, 6, 5, 4, None, float("nan"), 9], "high", -7),  # the minimum next to diverged points is an edge
 ])
 def test_edge_minimum_is_flagged_not_fitted(losses, edge, x):
-    found = point_estimate(GRID, losses)
+    found = known(point_estimate(GRID, losses))
     assert found["edge"] == edge and found["log2_x"] == x
 
 
 def test_diverged_points_are_excluded_and_all_diverged_is_none():
     assert point_estimate(GRID, [None] * 7) is None
-    found = point_estimate(GRID, [5.0, float("nan"), 3.0, 2.1, 2.0, 2.1, None])
+    found = known(point_estimate(GRID, [5.0, float("nan"), 3.0, 2.1, 2.0, 2.1, None]))
     assert found["edge"] is None and found["log2_x"] == pytest.approx(-6.0)
 
 
@@ -160,10 +161,14 @@ def test_iso_parameter_figure_draws_linked_widths_as_lines_of_one_figure(tmp_pat
 
     from sparsemup.tuning.report import plot_curves
 
-    labels = []
+    labels: list[str | None] = []
     original = matplotlib.axes.Axes.plot
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **kw: (labels.append(kw.get("label")),
-                                                                          original(ax, *a, **kw))[1])
+
+    def plot(ax, *a, **kw):
+        labels.append(kw.get("label"))
+        return original(ax, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
     records = iso_records()
     for r in records:  # a text key set together with density labels the lines too
         r["config"]["model.mask_kind"] = "rows" if r["config"]["model.density"] == 1.0 else "blocks"

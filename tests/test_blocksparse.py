@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsemup as smp
-from helpers import block_gpt, lm_loss, tokens
-from sparsemup.core.masks import block_layout, random_mask
+from helpers import block_gpt, known, lm_loss, tokens
+from sparsemup.core.masks import block_columns, random_mask
 from sparsemup.models import GPTConfig, build_gpt
 from sparsemup.sparse.backend import get_backends, sparsify
 from sparsemup.sparse.blocksparse import BlockSparseLinear, block_sparse_linear, to_blocks, to_dense
@@ -33,9 +33,9 @@ def test_block_mask_rows_have_equal_fan_in_in_whole_blocks(rows, cols, block, de
     mask = random_mask(shape, density, seed, "w", "blocks", block)
     assert torch.equal(mask, random_mask(shape, density, seed, "w", "blocks", block))  # deterministic
     assert (mask.sum(dim=1) == k * block).all()  # every neuron: the same fan-in
-    layout = block_layout(mask, block)
-    assert layout is not None and layout.shape == (rows, k)
-    assert torch.equal(to_dense(torch.ones(rows, k, block, block), layout, shape[1]).bool(), mask)
+    kept = block_columns(mask, block)
+    assert kept is not None and kept.shape == (rows, k)
+    assert torch.equal(to_dense(torch.ones(rows, k, block, block), kept, shape[1]).bool(), mask)
 
 
 def test_block_mask_errors_name_the_fix():
@@ -47,12 +47,12 @@ def test_block_mask_errors_name_the_fix():
         random_mask((64, 64), 1 / 16, 0, "w", "blocks", 16)
 
 
-def test_block_layout_rejects_other_masks():
-    assert block_layout(random_mask((64, 64), 0.25, 0, "w", "rows"), 16) is None
+def test_block_columns_rejects_other_masks():
+    assert block_columns(random_mask((64, 64), 0.25, 0, "w", "rows"), 16) is None
     uneven = torch.zeros(32, 32, dtype=torch.bool)
     uneven[:16, :16] = True
     uneven[16:, :] = True
-    assert block_layout(uneven, 16) is None
+    assert block_columns(uneven, 16) is None
 
 
 def test_parameterize_records_block_density_and_effective_fan_in():
@@ -61,7 +61,7 @@ def test_parameterize_records_block_density_and_effective_fan_in():
     assert record.mask_kind == "blocks" and record.block_size == 16
     info = record.params["blocks.0.attn.qkv.weight"]
     assert info.density == 0.25 and info.multipliers.density == 0.25
-    assert (smp.core.get_mask(model, "blocks.0.attn.qkv.weight").sum(dim=1) == 32).all()  # d·ρ = 128·1/4
+    assert (known(smp.core.get_mask(model, "blocks.0.attn.qkv.weight")).sum(dim=1) == 32).all()  # d·ρ = 128·1/4
 
 
 # ---- the layer -------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def test_layer_matches_masked_dense_fp32(out_blocks, in_blocks, block, keep, lea
     linear = nn.Linear(shape[1], shape[0], bias=bias)
     with torch.no_grad():
         linear.weight.mul_(mask)
-    sparse = BlockSparseLinear.from_linear(linear, block_layout(mask, block), block)
+    sparse = BlockSparseLinear.from_linear(linear, known(block_columns(mask, block)), block)
     x = torch.randn(*lead, shape[1], requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     y, y2 = linear(x), sparse(x2)
@@ -90,12 +90,13 @@ def test_layer_matches_masked_dense_fp32(out_blocks, in_blocks, block, keep, lea
     y.backward(grad)
     y2.backward(grad)
     flat_g = grad.reshape(-1, shape[0])
-    assert ((x2.grad - x.grad).double().abs() <= matmul_atol(flat_g, linear.weight.detach().t()).reshape(x.shape)).all()
+    dx_bound = matmul_atol(flat_g, linear.weight.detach().t()).reshape(x.shape)
+    assert ((known(x2.grad) - known(x.grad)).double().abs() <= dx_bound).all()
     dw_bound = matmul_atol(flat_g.t(), flat_x.t())  # dW = gradᵀ x sums over the tokens
-    dw = to_dense(sparse.weight.grad, sparse.weight_index, shape[1])
-    assert ((dw - linear.weight.grad * mask).double().abs() <= dw_bound).all()
+    dw = to_dense(known(sparse.weight.grad), sparse.weight_index, shape[1])
+    assert ((dw - known(linear.weight.grad) * mask).double().abs() <= dw_bound).all()
     if bias:
-        torch.testing.assert_close(sparse.bias.grad, linear.bias.grad)
+        torch.testing.assert_close(known(sparse.bias).grad, known(linear.bias).grad)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -103,25 +104,25 @@ def test_layer_bf16_within_stated_tolerance(autocast):
     # bf16 keeps 8 mantissa bits: outputs and gradients within 2% of the fp32 result's scale.
     shape, block = (96, 128), 16
     mask = random_mask(shape, 0.25, 0, "w", "blocks", block)
-    index = block_layout(mask, block)
+    index = known(block_columns(mask, block))
     weight = torch.randn(shape) * mask / 8
     x = torch.randn(4, 7, shape[1])
     values = to_blocks(weight, index, block).requires_grad_()
     ref = block_sparse_linear(x, values, index)
     ref.sum().backward()
-    ref_grad = values.grad.clone()
+    ref_grad = known(values.grad).clone()
     values.grad = None
     if autocast:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = block_sparse_linear(x, values, index)
         assert out.dtype == torch.bfloat16
         out.float().sum().backward()
-        grad = values.grad  # flows back to the fp32 weights
+        grad: torch.Tensor = known(values.grad)  # flows back to the fp32 weights
     else:
         v16 = values.detach().bfloat16().requires_grad_()
         out = block_sparse_linear(x.bfloat16(), v16, index)
         out.float().sum().backward()
-        grad = v16.grad.float()
+        grad = known(v16.grad).float()
     assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
     assert (grad - ref_grad).abs().max() <= 0.02 * ref_grad.abs().max()
 
@@ -141,14 +142,14 @@ def test_sparsify_errors_and_choices():
         sparsify(build_gpt(cfg, 64, density=0.25)[0], "blocks")
     model = block_gpt()
     with pytest.raises(ValueError, match="unknown backend"):
-        sparsify(model, "fast")
+        sparsify(model, "fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown backends"):
-        sparsify(model, {"blocks.0.attn.qkv.weight": "csr"})
+        sparsify(model, {"blocks.0.attn.qkv.weight": "csr"})  # type: ignore[dict-item]
     assert sparsify(model, "masked_dense") == {} and get_backends(model) == {}  # a recorded no-op
     with pytest.raises(ValueError, match="already sparsified"):
         sparsify(model, "blocks")
     with pytest.raises(ValueError, match="before wrapping"):
-        sparsify(torch.compile(block_gpt()), "blocks")
+        sparsify(torch.compile(block_gpt()), "blocks")  # type: ignore[arg-type]
     # A replayed choice per weight, e.g. from a checkpoint.
     mixed = sparsify(block_gpt(), {"blocks.1.mlp.proj.weight": "blocks"})
     assert mixed["blocks.1.mlp.proj.weight"] == "blocks" and mixed["blocks.0.mlp.proj.weight"] == "masked_dense"
@@ -226,8 +227,8 @@ def test_layer_guards_and_module_state():
     mask = random_mask((32, 64), 0.5, 0, "w", "blocks", 16)
     linear.weight.requires_grad_(False)
     linear.eval()
-    sparse = BlockSparseLinear.from_linear(linear, block_layout(mask, 16), 16)
-    assert not sparse.weight.requires_grad and sparse.bias.requires_grad and not sparse.training
+    sparse = BlockSparseLinear.from_linear(linear, known(block_columns(mask, 16)), 16)
+    assert not sparse.weight.requires_grad and known(sparse.bias).requires_grad and not sparse.training
     with pytest.raises(ValueError, match="input has 128 features, the layer takes 64"):
         sparse(torch.randn(3, 128))
     values = sparse.weight.detach().clone().requires_grad_()
@@ -240,10 +241,10 @@ def test_layer_guards_and_module_state():
 
 def test_user_hooks_move_with_the_layer_and_export_gives_plain_linears():
     model = block_gpt()
-    fc = model.blocks[0].mlp.fc
+    fc = model.get_submodule("blocks.0.mlp.fc")
     calls = []
-    kw = fc.register_forward_pre_hook(lambda m, args, kwargs: calls.append("pre") or None, with_kwargs=True)
-    fc.register_full_backward_hook(lambda m, gi, go: calls.append("backward") or None)
+    kw = fc.register_forward_pre_hook(lambda m, args, kwargs: calls.append("pre"), with_kwargs=True)
+    fc.register_full_backward_hook(lambda m, gi, go: calls.append("backward"))
     sparsify(model, "blocks")
     x = tokens(batch=2, seq=17, vocab=64)
     lm_loss(model, x).backward()
@@ -253,11 +254,11 @@ def test_user_hooks_move_with_the_layer_and_export_gives_plain_linears():
     lm_loss(model, x).backward()
     assert calls == ["backward"]
     plain = smp.export(model)
-    assert type(plain.blocks[0].mlp.fc) is nn.Linear and not hasattr(plain, "_sparsemup_backends")
+    assert type(plain.get_submodule("blocks.0.mlp.fc")) is nn.Linear and not hasattr(plain, "_sparsemup_backends")
     torch.testing.assert_close(lm_loss(plain, x), lm_loss(model, x))
 
 
-def test_a_block_checkpoint_of_another_layout_is_refused():
+def test_a_block_checkpoint_of_another_pattern_is_refused():
     mine, theirs = block_gpt("blocks", seed=1), block_gpt("blocks", seed=2)
     with pytest.raises(ValueError, match="blocks sit elsewhere"):
         mine.load_state_dict(theirs.state_dict())
@@ -275,11 +276,11 @@ def test_every_strategy_matches_masked_dense(strategy, dtype, tol, monkeypatch):
             pytest.skip(f"native kernels unavailable here: {native.status()['reason']}")
         monkeypatch.setattr(kernels, "_use_loop", lambda x, values: pytest.fail("the plain-torch path ran"))
     else:
-        monkeypatch.setattr(kernels.native, "kernels_for", lambda *tensors: None)
+        monkeypatch.setattr(native, "kernels_for", lambda *tensors: None)
         monkeypatch.setattr(kernels, "_use_loop", lambda x, values: strategy == "loop")
     shape, block = (96, 160), 16
     mask = random_mask(shape, 0.4, 3, "w", "blocks", block)
-    index = block_layout(mask, block)
+    index = known(block_columns(mask, block))
     weight = (torch.randn(shape) * mask / 8).to(dtype)
     x = torch.randn(37, shape[1], dtype=dtype, requires_grad=True)
     dense_w = weight.clone().requires_grad_()
@@ -287,12 +288,12 @@ def test_every_strategy_matches_masked_dense(strategy, dtype, tol, monkeypatch):
     grad = torch.randn(37, shape[0], dtype=dtype)
     ref = F.linear(x, dense_w)
     ref.backward(grad)
-    ref_dx = x.grad.clone()
+    ref_dx = known(x.grad).clone()
     x.grad = None
     out = block_sparse_linear(x, values, index)
     out.backward(grad)
     scale = lambda t: t.float().abs().max()  # noqa: E731
     assert (out.float() - ref.float()).abs().max() <= tol * scale(ref)
-    assert (x.grad.float() - ref_dx.float()).abs().max() <= tol * scale(ref_dx)
-    masked_grad = (dense_w.grad * mask).float()
-    assert (to_dense(values.grad, index, shape[1]).float() - masked_grad).abs().max() <= tol * scale(masked_grad)
+    assert (known(x.grad).float() - ref_dx.float()).abs().max() <= tol * scale(ref_dx)
+    masked_grad = (known(dense_w.grad) * mask).float()
+    assert (to_dense(known(values.grad), index, shape[1]).float() - masked_grad).abs().max() <= tol * scale(masked_grad)

@@ -11,7 +11,7 @@ from sparsemup.tuning.demo import KEEP, PAYS, VERDICTS, DemoPlan, run_demo, verd
 
 @pytest.mark.slow
 def test_tiny_demo_writes_summary_and_resumes(tmp_path, corpus):
-    lrs = {1.0: [-8, -6, -4], 0.5: [-8, -6, -4]}
+    lrs = {1.0: [-8.0, -6.0, -4.0], 0.5: [-8.0, -6.0, -4.0]}
     plan = DemoPlan(densities=[1.0, 0.5], log2_lrs={"sp": lrs, "supar": lrs},
                     base=sweep_base(corpus, steps=3), coord_widths=[64, 128], coord_densities=[1.0, 0.25],
                     coord_seeds=1, seed=3, cores=2)

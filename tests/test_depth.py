@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparsemup as smp
-from helpers import lm_loss, tiny_config, tokens, train_steps
+from helpers import known, lm_loss, tiny_config, tokens, train_steps
 from sparsemup.cli import main
 from sparsemup.coord import CheckSettings, run_check
 from sparsemup.core.export import export_with_folds
@@ -291,7 +291,7 @@ def gradient_and_eps(width, density, depth, alpha, seed):
         if info.role.value == "hidden":
             mask = smp.core.get_mask(model, name)
             grad = model.get_parameter(name).grad
-            kept = grad[mask != 0] if mask is not None else grad.flatten()
+            kept = known(grad)[mask != 0] if mask is not None else known(grad).flatten()
             logs.append(math.log(float(kept.pow(2).mean().sqrt())))
     eps = adam_eps_multiplier(record.scheme, record.info("blocks.0.mlp.fc.weight").multipliers, alpha)
     return math.exp(sum(logs) / len(logs)), eps
@@ -310,7 +310,8 @@ def test_eps_scales_as_hidden_gradients_do(alpha, axis, a, b):
     index = ("width", "density", "depth").index(axis)
     ends = []
     for point in (a, b):
-        grads, eps = zip(*(gradient_and_eps(*point, alpha, seed) for seed in range(2)))
+        width, density, depth = point
+        grads, eps = zip(*(gradient_and_eps(width, density, depth, alpha, seed) for seed in range(2)))
         ends.append((sum(grads) / 2, eps[0]))
     span = math.log(b[index] / a[index])
     grad_slope = math.log(ends[1][0] / ends[0][0]) / span

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparsemup as smp
-from helpers import TINY_RTOL, read_metrics, tiny_config, tiny_overrides, torchrun
+from helpers import TINY_RTOL, mask_of, read_metrics, tiny_config, tiny_overrides, torchrun
 from sparsemup.train import build_model, checkpoint
 from sparsemup.train.distributed import check_same_masks, mask_digest
 from sparsemup.train.trainer import train
@@ -36,7 +36,7 @@ def assert_masks_exact(out, corpus):
     checkpoint.restore_model(model, checkpoint.load(out), out)
     for name, info in smp.get_parameterization(model).params.items():
         if info.masked:
-            mask = smp.core.get_mask(model, name)
+            mask = mask_of(model, name)
             assert torch.equal(mask, expected[name + "_mask"])
             assert int((model.get_parameter(name).detach()[mask == 0] != 0).sum()) == 0
 
@@ -78,7 +78,7 @@ def test_a_mask_mismatch_between_ranks_is_an_error(corpus):
     digest = mask_digest(model)
     check_same_masks([digest, digest])
     name = next(n for n, i in smp.get_parameterization(model).params.items() if i.masked)
-    mask = smp.core.get_mask(model, name)
+    mask = mask_of(model, name)
     mask.view(-1)[0] = 1 - mask.view(-1)[0]
     assert mask_digest(model) != digest
     with pytest.raises(RuntimeError, match=r"masks differ across ranks \(ranks \[0\].*ranks \[1\]"):

@@ -1,9 +1,12 @@
 """The optimum estimator on synthetic curves with a known optimum and stores-like, heavy-tailed noise (fixed seeds;
 the choice of window and the full study: scripts/estimator_study.py, docs/SWEEPS.md)."""
 
+from typing import Any
+
 import numpy as np
 import pytest
 
+from helpers import known
 from sparsemup.tuning.estimate import _PAIR_MEDIAN_PER_SCALE, NU, Noise, estimate, point_estimate
 from sparsemup.tuning.synthetic import noisy, random_curve
 
@@ -15,11 +18,11 @@ def draws(grid, seeds, n, seed):
     """``n`` noisy synthetic curves with interior optima: (true optimum, estimate)."""
     rng = np.random.default_rng(seed)
     noise = Noise.pooled([])  # the default: what a one-seed store gets
-    out = []
+    out: list[tuple[float, dict[str, Any]]] = []
     while len(out) < n:
         curve = random_curve(rng, float(rng.uniform(-9, -6)))
         ys, _ = noisy(curve, grid, seeds, rng)
-        found = estimate(grid, ys.tolist(), [seeds] * grid.size, noise, rng, resamples=200)
+        found = known(estimate(grid, ys.tolist(), [seeds] * grid.size, noise, rng, resamples=200))
         if not found.optimum["edge"]:
             out.append((curve.optimum, found.optimum))
     return out
@@ -48,17 +51,17 @@ def test_a_single_dip_beside_a_flat_minimum_moves_the_optimum_less_than_its_unce
     rng = np.random.default_rng(3)
     noise = Noise.pooled([])
     flat_bottom = 1.8 + 0.02 * (grid - centre) ** 2
-    before = estimate(grid, flat_bottom.tolist(), [1] * grid.size, noise, rng).optimum
+    before = known(estimate(grid, flat_bottom.tolist(), [1] * grid.size, noise, rng)).optimum
     k = int(np.argmin(flat_bottom))
     for beside in (k - 1, k + 1):
         dipped = flat_bottom.copy()
         dipped[beside] -= 0.01
-        after = estimate(grid, dipped.tolist(), [1] * grid.size, noise, rng).optimum
+        after = known(estimate(grid, dipped.tolist(), [1] * grid.size, noise, rng)).optimum
         assert abs(after["log2_x"] - before["log2_x"]) < before["se"]
     # The parabola through the grid minimum and its neighbours (window 0) jumps by more.
     dipped = flat_bottom.copy()
     dipped[k + 1 if grid[k] < centre else k - 1] -= 0.01
-    assert abs(point_estimate(grid, dipped.tolist(), window=0)["log2_x"] - before["log2_x"]) > 0.3 * before["se"]
+    assert abs(known(point_estimate(grid, dipped.tolist(), window=0))["log2_x"] - before["log2_x"]) > 0.3 * before["se"]
 
 
 def test_a_flat_curve_is_flagged_and_a_curved_one_is_not():
@@ -68,17 +71,18 @@ def test_a_flat_curve_is_flagged_and_a_curved_one_is_not():
     for _ in range(60):
         flat = random_curve(rng, float(rng.uniform(-8, -7)), flat=True)
         ys, _ = noisy(flat, OCTAVES, 1, rng)
-        o = estimate(OCTAVES, ys.tolist(), [1] * OCTAVES.size, noise, rng, resamples=200).optimum
+        o = known(estimate(OCTAVES.tolist(), ys.tolist(), [1] * OCTAVES.size, noise, rng, resamples=200)).optimum
         flagged.append(o["flat"] or o["edge"] is not None)
     assert np.mean(flagged) >= 0.8
     # (a′)'s SµPar at ρ = 1/16 (results/a-lr-density-untuned): 0.03 nats over 2⁻⁹ … 2⁻⁶, no optimum.
     untuned = [2.682, 2.405, 2.243, 2.248, 2.271, 2.255, 2.501, 2.562, 2.596]
-    assert estimate(OCTAVES, untuned, [1] * 9, noise, rng).optimum["flat"]
+    assert known(estimate(OCTAVES.tolist(), untuned, [1] * 9, noise, rng)).optimum["flat"]
     assert sum(o["flat"] for _, o in draws(OCTAVES, 1, 60, seed=5)) <= 3  # curved curves: rarely flagged
 
 
 def test_edges_and_diverged_points_are_flagged_with_no_interval():
     rng = np.random.default_rng(6)
-    o = estimate(OCTAVES, [3.0, 2.5, 2.2, 2.0, None, None, None, None, None], [1] * 9, Noise.pooled([]), rng).optimum
+    o = known(estimate(OCTAVES.tolist(), [3.0, 2.5, 2.2, 2.0, None, None, None, None, None], [1] * 9, Noise.pooled([]),
+                       rng)).optimum
     assert o["edge"] == "high" and o["log2_x"] == -8 and o["interval"] is None and not o["flat"]
-    assert estimate(OCTAVES, [None] * 9, [1] * 9, Noise.pooled([]), rng) is None
+    assert estimate(OCTAVES.tolist(), [None] * 9, [1] * 9, Noise.pooled([]), rng) is None

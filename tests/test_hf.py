@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -16,9 +17,9 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import sparsemup as smp  # noqa: E402
 import sparsemup.hf as hf  # noqa: E402
-from helpers import curve, masked_zero_violations, read_metrics, tiny_config  # noqa: E402
+from helpers import curve, mask_of, masked_zero_violations, read_metrics, tiny_config  # noqa: E402
 from sparsemup.cli import main  # noqa: E402
-from sparsemup.core import explain_rows, get_mask  # noqa: E402
+from sparsemup.core import explain_rows  # noqa: E402
 from sparsemup.train import ConfigError, build_model, checkpoint  # noqa: E402
 from sparsemup.train.trainer import Trainer, train  # noqa: E402
 
@@ -38,7 +39,7 @@ def tokens(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-OPTIONS = dict(scheme="supar", density=0.25, input_alpha=2.0, output_alpha=0.5)
+OPTIONS: dict[str, Any] = dict(scheme="supar", density=0.25, input_alpha=2.0, output_alpha=0.5)
 
 
 def test_config_scaling_keeps_head_dim_and_ratios():
@@ -87,7 +88,7 @@ def test_llama_build_roles_and_masks():
     assert k.role is smp.Role.HIDDEN and k.multipliers.width == 2 and k.masked
     assert rec.info("model.embed_tokens.weight").role is smp.Role.INPUT
     assert rec.info("lm_head.weight").role is smp.Role.OUTPUT
-    mask = get_mask(model, "model.layers.0.mlp.down_proj.weight")
+    mask = mask_of(model, "model.layers.0.mlp.down_proj.weight")
     assert (mask.sum(dim=1) == round(0.25 * 344)).all()  # exact fan-in per output neuron
 
 
@@ -118,7 +119,7 @@ def test_gpt2_conv1d_matches_the_equivalent_linear_model():
         c, ln = rec_c.info(name), rec_l.info(name)
         assert c.role is ln.role is smp.Role.HIDDEN
         assert c.multipliers == ln.multipliers and c.density == ln.density
-        mask_c, mask_l = get_mask(conv, name), get_mask(linear, name)
+        mask_c, mask_l = mask_of(conv, name), mask_of(linear, name)
         assert torch.equal(mask_c.T, mask_l)  # (in, out) vs (out, in): the same mask, transposed
         fan_in = mask_c.shape[0]
         assert (mask_c.sum(dim=0) == round(0.25 * fan_in)).all()
@@ -294,7 +295,7 @@ def test_from_pretrained_refuses_weights_outside_their_masks(tmp_path):
     out = hf.save_pretrained(model, tmp_path / "saved")
     weights = load_file(str(out / "model.safetensors"))
     name = "model.layers.0.mlp.up_proj.weight"
-    outside = get_mask(model, name) == 0
+    outside = mask_of(model, name) == 0
     weights[name] = weights[name] + outside.float()  # fill the pruned entries
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"{name} has nonzero weights outside its mask"):
@@ -316,9 +317,9 @@ def test_a_gmp_pruned_model_round_trips_at_any_step(tmp_path, steps):
         opt.zero_grad()
         dyn.update(step, opt)
     name = "model.layers.0.mlp.up_proj.weight"
-    assert 0.25 <= float(get_mask(model, name).float().mean()) < 1.0
+    assert 0.25 <= float(mask_of(model, name).float().mean()) < 1.0
     restored = hf.from_pretrained(hf.save_pretrained(model, tmp_path / "saved"))
-    assert torch.equal(get_mask(restored, name), get_mask(model, name))
+    assert torch.equal(mask_of(restored, name), mask_of(model, name))
     saved = json.loads((tmp_path / "saved" / "sparsemup.json").read_text())["params"][name]
     assert smp.get_parameterization(restored).params[name].density == saved["density"] < 1.0
     for n in smp.get_parameterization(model).params:

@@ -10,7 +10,7 @@ pytest.importorskip("accelerate", reason="accelerate is not installed: pip insta
 from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments  # noqa: E402
 
 import sparsemup.hf as hf  # noqa: E402
-from sparsemup.core import get_mask  # noqa: E402
+from helpers import mask_of  # noqa: E402
 from sparsemup.dynamic import GMP, DynamicSparsity, RigL  # noqa: E402
 
 VOCAB = 64
@@ -68,10 +68,10 @@ def test_resume_continues_the_uninterrupted_run(tmp_path, method):
     assert sorted(resumed) == sorted(whole) == list(range(1, 9))
     assert max(abs(whole[k] - resumed[k]) for k in whole) <= 1e-5
     torch.testing.assert_close(logits, whole_logits, rtol=1.3e-6, atol=1e-5)
-    masks = [(get_mask(t.model, "model.layers.0.mlp.up_proj.weight") != 0) for t in (trainer, resumed_trainer)]
+    masks = [(mask_of(t.model, "model.layers.0.mlp.up_proj.weight") != 0) for t in (trainer, resumed_trainer)]
     assert torch.equal(*masks)
     if method != "static":  # the masks moved, and the checkpoint carried them
-        assert not torch.equal(masks[0], get_mask(tiny_model(), "model.layers.0.mlp.up_proj.weight") != 0)
+        assert not torch.equal(masks[0], mask_of(tiny_model(), "model.layers.0.mlp.up_proj.weight") != 0)
     if method == "gmp":  # pruned to 1/10, and the hidden weights' LR multipliers rose with it (SµPar: η ∝ 1/(m_d·m_ρ))
         assert abs(float(masks[0].float().mean()) - 0.1) < 0.01
         hidden = [g for g in resumed_trainer.optimizer.param_groups if "static_lr" in g]

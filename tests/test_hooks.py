@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import sparsemup as smp
-from helpers import lm_loss, masked_zero_violations, tiny_gpt, tiny_mlp, tokens, train_steps
+from helpers import lm_loss, mask_of, masked_zero_violations, tiny_gpt, tiny_mlp, tokens, train_steps
+from sparsemup.core.vocab import WeightDecayMode
 
 
 @pytest.mark.slow
@@ -29,7 +30,8 @@ def test_zeros_stay_exact_through_200_adamw_steps_with_decay_and_clipping():
 def test_zeros_stay_exact_with_other_optimizers(opt_cls, kw):
     model = tiny_gpt(density=0.25)
     wd = kw.pop("weight_decay", 0.0)
-    mode = "independent" if opt_cls is torch.optim.SGD else "coupled"  # Adam's L2 decay has no lr·wd rule
+    # Adam's L2 decay has no lr·wd rule
+    mode: WeightDecayMode = "independent" if opt_cls is torch.optim.SGD else "coupled"
     opt = smp.make_optimizer(model, opt_cls, lr=1e-3, weight_decay=wd, weight_decay_mode=mode, **kw)
     train_steps(model, opt, 20, tokens(seq=17))
     assert masked_zero_violations(model) == 0
@@ -112,7 +114,7 @@ def test_pickle_and_torch_save_whole_model():
 
 def test_to_dtype_moves_masks():
     model = tiny_mlp(density=0.25).to(torch.float64)
-    assert smp.core.get_mask(model, "hidden.0.weight").dtype == torch.float64
+    assert mask_of(model, "hidden.0.weight").dtype == torch.float64
     x = torch.randn(4, 8, dtype=torch.float64)
     model(x).sum().backward()
     assert (model.hidden[0].weight.grad[smp.core.get_mask(model, "hidden.0.weight") == 0] == 0).all()
@@ -145,7 +147,7 @@ def test_apply_masks_rezeroes_after_direct_writes():
 def test_torch_compile_keeps_multipliers_and_masks():
     model = tiny_gpt(density=0.25, input_alpha=2.0)
     compiled = torch.compile(model, backend="aot_eager")
-    opt = smp.make_optimizer(compiled, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    opt = smp.make_optimizer(compiled, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)  # type: ignore[arg-type]  # a Module
     x = tokens(seq=17)
     train_steps(compiled, opt, 3, x)
     assert masked_zero_violations(model) == 0

@@ -74,7 +74,7 @@ def test_mask_errors():
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
         random_mask((4, 4), 1.5, 0, "w")
     with pytest.raises(ValueError, match="unknown mask kind"):
-        random_mask((4, 4), 0.5, 0, "w", kind="stripes")
+        random_mask((4, 4), 0.5, 0, "w", kind="stripes")  # type: ignore[arg-type]  # bad on purpose
     with pytest.raises(ValueError, match="at least 1/100"):
         random_mask((4, 100), 0.001, 0, "w")
 

@@ -93,7 +93,7 @@ def test_results_do_not_depend_on_the_thread_count(built):
     _assert_thread_count_free(built.rows_forward, built.rows_backward, _case(1000, 384, 96, 24, seed=5))
 
 
-def _assert_layout_errors_named(forward, backward, case, bad, limit):
+def _assert_bad_inputs_named(forward, backward, case, bad, limit):
     """An out-of-range index, an int64 index and a wrong-shaped grad_y each raise a message naming the problem."""
     x, values, index, grad_y = case
     with pytest.raises(RuntimeError, match=rf"index out of range \[0, {limit}\)"):
@@ -106,11 +106,11 @@ def _assert_layout_errors_named(forward, backward, case, bad, limit):
         backward(grad_y[:, :2].contiguous(), x, values, index, True, True)
 
 
-def test_bad_layouts_are_named(built):
+def test_bad_inputs_are_named(built):
     case = _case(8, 16, 4, 3, seed=0)
     bad = case[2].clone()
     bad[1, 2] = 16
-    _assert_layout_errors_named(built.rows_forward, built.rows_backward, case, bad, 16)
+    _assert_bad_inputs_named(built.rows_forward, built.rows_backward, case, bad, 16)
 
 
 # ---- block kernels ------------------------------------------------------------------------------------
@@ -151,12 +151,12 @@ def test_block_kernels_do_not_depend_on_the_thread_count(built):
     _assert_thread_count_free(built.blocks_forward, built.blocks_backward, _block_case(1000, 6, 8, 3, 16, seed=6))
 
 
-def test_block_kernels_name_bad_layouts(built):
+def test_block_kernels_name_bad_inputs(built):
     case = _block_case(8, 2, 4, 2, 4, seed=0)
     x, values, index, _ = case
     bad = index.clone()
     bad[1, 1] = 4
-    _assert_layout_errors_named(built.blocks_forward, built.blocks_backward, case, bad, 4)
+    _assert_bad_inputs_named(built.blocks_forward, built.blocks_backward, case, bad, 4)
     with pytest.raises(RuntimeError, match="does not divide in"):
         built.blocks_forward(x[:, :15].contiguous(), values, index)
     with pytest.raises(RuntimeError, match=r"values must be \(rows, k, b, b\)"):

@@ -3,17 +3,18 @@
 import pytest
 import torch
 
-from helpers import block_gpt, lm_loss, rows_gpt, tokens
+from helpers import block_gpt, known, lm_loss, rows_gpt, tokens
 from sparsemup.sparse.backend import get_backends, sparsify
-from sparsemup.sparse.rowsparse import index_dtype, row_layout
+from sparsemup.sparse.rowsparse import index_dtype, row_columns
 from tolerances import model_rtol
 
 
-def test_row_layout_reads_equal_counts_only():
+def test_row_columns_reads_equal_counts_only():
     mask = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0]], dtype=torch.bool)
-    assert row_layout(mask).tolist() == [[0, 2], [1, 2]] and row_layout(mask).dtype == torch.int16
-    assert row_layout(torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)) is None
-    assert row_layout(torch.zeros(2, 3, dtype=torch.bool)) is None
+    columns = known(row_columns(mask))
+    assert columns.tolist() == [[0, 2], [1, 2]] and columns.dtype == torch.int16
+    assert row_columns(torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)) is None
+    assert row_columns(torch.zeros(2, 3, dtype=torch.bool)) is None
     assert index_dtype(40000) == torch.int32
 
 

@@ -6,12 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sparsemup import SCHEMES, Role, Scheme
 from sparsemup.rules import (
-    SCHEMES,
     Family,
     Multipliers,
-    Role,
-    Scheme,
     attention_scale,
     forward_multiplier,
     get_scheme,
@@ -120,7 +118,7 @@ def test_bad_names_are_clear_errors():
     with pytest.raises(ValueError, match="unknown scheme 'spar'.*sp, mup, supar"):
         get_scheme("spar")
     with pytest.raises(ValueError, match="weight-decay mode"):
-        weight_decay_multiplier("hidden", 1.0, "decoupled")
+        weight_decay_multiplier("hidden", 1.0, "decoupled")  # type: ignore[arg-type]  # bad on purpose
     with pytest.raises(ValueError, match="on top of µP"):
         Scheme("bad", width=False, density_init=True, density_lr=False)
     with pytest.raises(ValueError, match="positive"):

@@ -2,6 +2,7 @@
 
 import json
 import math
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,8 @@ def _bowl(values):
 
 def _drive(search, objective):
     """Ask and tell a whole search in batches; returns the trials' values in trial order."""
-    study, trials = Study(search), []
+    study = Study(search)
+    trials: list[dict[str, Any]] = []
     for first in range(0, search.samples, search.batch):
         batch = [study.ask() for _ in range(min(search.batch, search.samples - first))]
         for number, values in batch:
@@ -79,7 +81,8 @@ def _records(out):
 def test_a_search_records_its_trials_and_a_rerun_runs_nothing(corpus, tmp_path):
     spec = _search_spec(corpus)
     assert spec.points == [] and spec.search is not None
-    out, logs = tmp_path / "s", []
+    out = tmp_path / "s"
+    logs: list[str] = []
     counts = run_sweep(spec, out, log=logs.append)
     assert counts.completed == 3
     records = sorted(_records(out), key=lambda r: r["trial"])
@@ -108,7 +111,8 @@ def test_a_search_stopped_by_a_failed_run_resumes_to_the_same_trials(corpus, tmp
         return {"error": "Boom"} if len(calls) == 3 else execute(config, run_dir)
 
     monkeypatch.setattr(sweep_module, "_execute", failing_third)
-    cut, logs = tmp_path / "cut", []
+    cut = tmp_path / "cut"
+    logs: list[str] = []
     counts = run_sweep(_search_spec(corpus, samples=4), cut, log=logs.append)
     assert counts.failed == 1 and len(_records(cut)) == 3  # the batch finished; no trial asked after it
     assert any("search stopped at trial 2" in line for line in logs)

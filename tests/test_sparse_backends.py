@@ -5,6 +5,7 @@ import copy
 import io
 import json
 import pickle
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from sparsemup.sparse import BlockSparseLinear, RowSparseLinear, get_backends
 from sparsemup.sparse.blocksparse import to_dense
 from tolerances import model_rtol
 
-BUILD = {"rows": rows_gpt, "blocks": block_gpt}
+BUILD: dict[str, Callable[..., nn.Module]] = {"rows": rows_gpt, "blocks": block_gpt}
 LAYER = {"rows": RowSparseLinear, "blocks": BlockSparseLinear}
 
 
@@ -69,6 +70,7 @@ def test_sparsify_trains_like_masked_dense_with_rho_memory(kind):
     # Weights + AdamW state + index: ≤ 1.25 ρ of a dense fp32 weight with its two moments (12 bytes an entry).
     for name in get_backends(sparse):
         layer = sparse.get_submodule(name.rpartition(".")[0])
+        assert isinstance(layer, (BlockSparseLinear, RowSparseLinear))
         state = opts[1].state[layer.weight]
         stored = sum(t.numel() * t.element_size() for t in (layer.weight, state["exp_avg"], state["exp_avg_sq"],
                                                               layer.weight_index))
@@ -81,15 +83,15 @@ def test_state_dicts_convert_both_ways(kind):
     assert_state_dicts_convert_both_ways(lambda backend, seed: BUILD[kind](backend and kind, seed=seed))
 
 
-@pytest.mark.parametrize("kind, message", [("rows", "mask is not this layer's"), ("blocks", "block layout")])
-def test_another_layout_is_refused_before_any_copy(kind, message):
+@pytest.mark.parametrize("kind, message", [("rows", "mask is not this layer's"), ("blocks", "block pattern")])
+def test_another_pattern_is_refused_before_any_copy(kind, message):
     build = BUILD[kind]
     sparse = build(kind, seed=1)
     before = {k: v.clone() for k, v in sparse.state_dict().items()}
     with pytest.raises(ValueError, match=message):
         sparse.load_state_dict(build(seed=2).state_dict())  # masked dense, other masks
     with pytest.raises(ValueError, match="sit elsewhere"):
-        sparse.load_state_dict(build(kind, seed=2).state_dict())  # the same storage, other layout
+        sparse.load_state_dict(build(kind, seed=2).state_dict())  # the same storage, other pattern
     assert all(torch.equal(before[k], v) for k, v in sparse.state_dict().items())
 
 

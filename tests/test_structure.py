@@ -41,7 +41,7 @@ def test_mlp_roles_and_multipliers():
 
 def test_base_structure_mismatch():
     with torch.device("meta"):
-        base = TwoLayer(16, extra=True)
+        base: nn.Module = TwoLayer(16, extra=True)
     with pytest.raises(ValueError, match=r"structure does not match.*only in the base: \['more.bias', 'more.weight'\]"):
         smp.parameterize(TwoLayer(32), base)
     with torch.device("meta"):

@@ -283,7 +283,8 @@ def test_a_run_that_raises_goes_to_failures_not_results_and_is_retried(corpus, t
     shutil.copytree(corpus, data)
     spec = _spec(data)
     shutil.rmtree(data)  # the corpus disappears after planning: every run raises
-    out, logs = tmp_path / "f", []
+    out = tmp_path / "f"
+    logs: list[str] = []
     counts = run_sweep(spec, out, log=logs.append)
     assert counts.failed == 2 and not (out / "results.jsonl").exists()
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]

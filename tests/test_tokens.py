@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("tokenizers", reason="tokenizers is not installed: pip install 'sparsemup[hf]'")
 
-from helpers import tiny_config  # noqa: E402
+from helpers import known, tiny_config  # noqa: E402
 from sparsemup.cli import main  # noqa: E402
 from sparsemup.train import ConfigError, build_model  # noqa: E402
 from sparsemup.train.data import load_corpus, token_files  # noqa: E402
@@ -44,8 +44,8 @@ def test_tokenize_round_trips_and_records_bytes_per_token(corpus, bpe):
     again = tokenize_corpus(str(corpus), bpe.parent / "again", tokenizer=bpe / "tokenizer.json")
     assert again.tokens == files.tokens and again.vocab_size == 300
     # uint32 above 65536 tokens, read back as written
-    ids = {"train": np.array([0, 70000, 5, 6]), "val": np.array([1, 2, 3])}
-    big = write_token_files(bpe.parent / "big", ids, 70001, "", {"train": 8, "val": 3})
+    big_ids = {"train": np.array([0, 70000, 5, 6]), "val": np.array([1, 2, 3])}
+    big = write_token_files(bpe.parent / "big", big_ids, 70001, "", {"train": 8, "val": 3})
     assert big.dtype == "uint32" and load_corpus(str(big.folder), 0.1, 2).train.tolist() == [0, 70000, 5, 6]
 
 
@@ -54,7 +54,7 @@ def test_trainer_uses_the_data_vocabulary_and_bits_per_byte(bpe, tmp_path):
     model = build_model(cfg)
     assert any(p.shape[0] == 300 for p in model.parameters())
     result = train(cfg, tmp_path / "run")
-    per_token = token_files(str(bpe)).bytes_per_token["val"]
+    per_token = known(token_files(str(bpe))).bytes_per_token["val"]
     assert result.final_val_bits_per_byte == pytest.approx(result.final_val_loss / math.log(2) / per_token)
 
 
@@ -124,4 +124,5 @@ def test_an_hf_config_json_must_hold_the_token_vocabulary(bpe, tmp_path):
     template.vocab_size = 300  # as the error says: then it builds, with the data's vocabulary
     template.save_pretrained(tmp_path / "cfg")
     model = build_model(tiny_config(bpe, arch, "model.head_dim=16"))
+    assert isinstance(model, transformers.PreTrainedModel)
     assert model.get_input_embeddings().weight.shape[0] == 300

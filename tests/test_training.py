@@ -291,7 +291,8 @@ def test_sparse_backends_train_like_masked_dense_and_resume_bitwise(corpus, tmp_
     assert evaluate_checkpoint(tmp_path / "whole").val_loss > 0
     masked = build_model(tiny_config(corpus, *masks))
     masked.load_state_dict(saved["model"])
-    assert masked.blocks[0].mlp.fc.weight.dim() == 2 and masked.blocks[0].mlp.fc.weight.shape[1] == 64
+    fc = masked.get_parameter("blocks.0.mlp.fc.weight")
+    assert fc.dim() == 2 and fc.shape[1] == 64
 
 
 def test_block_settings_are_checked_before_anything_runs(corpus, tmp_path):

@@ -13,27 +13,19 @@ models with the same learning rate and init. Typical use::
 With ``mask_kind="blocks"``, ``smp.sparsify(model)`` (before the optimizer) stores and computes
 only the kept blocks of each hidden layer. The rule functions are in ``sparsemup.rules``; masks,
 hooks and the plan in ``sparsemup.core``; backends in ``sparsemup.sparse``; the trainer in
-``sparsemup.train``; sweeps in ``sparsemup.tuning`` (see the README's layout section).
+``sparsemup.train``; sweeps in ``sparsemup.tuning`` (see the README's package structure section).
 """
 
 from . import rules
-from .core import (
-    SCHEMES,
-    DotProductAttention,
-    Parameterization,
-    ParamInfo,
-    Role,
-    Scheme,
-    explain,
-    export,
-    get_parameterization,
-    make_optimizer,
-    param_groups,
-    parameterize,
-    register_layout,
-    set_optimizer_guard,
-)
-from .sparse import sparsify
+from .core.attention import DotProductAttention
+from .core.explain import explain
+from .core.export import export
+from .core.layout import register_layout
+from .core.optim import make_optimizer, param_groups, set_optimizer_guard
+from .core.parameterize import parameterize
+from .core.record import Parameterization, ParamInfo, get_parameterization
+from .core.rules import SCHEMES, Role, Scheme
+from .sparse.backend import sparsify
 
 __version__ = "0.1.0"
 

@@ -19,8 +19,8 @@ from .coord import QUANTITIES, UNSTABLE, Case, CheckRecord, CheckSettings, acros
 from .coord.depth import DEPTH_QUANTITIES, DepthFit, DepthRule, DepthVerdict
 from .coord.measurement import AxisVerdict, Fit
 from .coord.settings import parse_count, parse_counts, parse_densities, parse_model, setting_fields
-from .core import explain
 from .core.atomic import WriteError, make_dirs
+from .core.explain import explain
 from .core.rules import Family
 from .core.vocab import SCHEME_NAMES, hf_model_spec
 from .models import GPTConfig, build_gpt

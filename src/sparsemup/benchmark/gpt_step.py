@@ -19,11 +19,11 @@ from typing import Any, TypedDict
 import torch
 import torch.nn.functional as F
 
-from ..core import make_optimizer
 from ..core.atomic import write_text_atomic
+from ..core.optim import make_optimizer
 from ..core.vocab import Backend, MaskKind
 from ..models import GPTConfig, build_gpt
-from ..sparse import sparsify
+from ..sparse.backend import sparsify
 from ..sparse.machine import cpu_facts
 from ..sparse.timing import sync
 from .layers import Grid, block_for, derive_thresholds, main_table, run_layers

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.vocab import BackendChoice, MaskKind
 from ..models import GPTConfig, build_gpt, build_mlp
-from ..sparse import sparsify
+from ..sparse.backend import sparsify
 from .measurement import Case
 
 __all__ = ["LMSizes", "ModelDefaults", "COORD_DEFAULTS", "MLP_DEFAULTS", "GPT_DEFAULTS", "HF_DEFAULTS", "mlp_cases",

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core import make_optimizer
 from ..core.export import first_tensor
+from ..core.optim import make_optimizer
 from ..core.residual import residual_blocks
 from ..core.structure import named_modules
 from ..models import GPTConfig, build_gpt

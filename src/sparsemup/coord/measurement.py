@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core import Role, get_parameterization, make_optimizer
-from ..core.record import dense_gradients
+from ..core.optim import make_optimizer
+from ..core.record import dense_gradients, get_parameterization
+from ..core.rules import Role
 from ..core.structure import named_modules
 from ..dynamic import DynamicSparsity
 

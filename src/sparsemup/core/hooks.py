@@ -157,7 +157,7 @@ class CheckStateOnLoad:
                     assert isinstance(owner, SparseStorage)  # declare_storage names only such modules
                     other.to_masked_dense(state_dict, key, tuple(owner.mask().shape))
             if fmt.holds(state_dict, key):
-                fmt.check_layout(state_dict, key, owner, name)
+                fmt.check_pattern(state_dict, key, owner, name)
             elif key + MASK_SUFFIX in state_dict and key in state_dict:
                 fmt.from_masked_dense(state_dict, key, owner, name)
 

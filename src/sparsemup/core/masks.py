@@ -17,7 +17,7 @@ import torch
 from .vocab import MASK_KINDS, MaskKind
 
 __all__ = ["stable_seed", "random_mask", "row_nonzeros", "validate_mask", "nonzeros_per_row",
-           "blocks_per_row", "block_layout", "DEFAULT_BLOCK"]
+           "blocks_per_row", "block_columns", "DEFAULT_BLOCK"]
 
 DEFAULT_BLOCK = 32  # b of "blocks" masks: b×b tiles are what lets a sparse kernel run dense GEMMs
 
@@ -139,7 +139,7 @@ def validate_mask(
     return mask.detach().to("cpu")
 
 
-def block_layout(mask: torch.Tensor, block: int) -> torch.Tensor | None:
+def block_columns(mask: torch.Tensor, block: int) -> torch.Tensor | None:
     """The sorted kept block-columns of every block-row, (rows/b, k) int64 on ``mask``'s device, or
     None when ``mask`` is not made of whole b×b blocks with the same count in every block-row."""
     if mask.dim() != 2 or block < 1 or mask.shape[0] % block or mask.shape[1] % block:

@@ -20,7 +20,7 @@ __all__ = ["full_tensor", "full_state", "clip_grad_norm"]
 
 
 def _sharded(tensor: Any) -> bool:
-    """A DTensor on a 1-D mesh, sharded or replicated (the layouts FSDP2 makes)."""
+    """A DTensor on a 1-D mesh, sharded or replicated (the placements FSDP2 makes)."""
     if not hasattr(tensor, "device_mesh") or tensor.device_mesh.ndim != 1:
         return False
     return all(p.is_shard() or p.is_replicate() for p in tensor.placements)

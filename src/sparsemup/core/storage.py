@@ -46,11 +46,11 @@ class StorageFormat(ABC):
     @abstractmethod
     def from_masked_dense(self, state_dict: dict[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
         """Replace a masked-dense ``key`` and ``key + '_mask'`` by this format's entries for ``owner``;
-        raise ValueError naming ``name`` when the mask is not ``owner``'s layout or weights lie off it."""
+        raise ValueError naming ``name`` when the mask is not ``owner``'s sparsity pattern or weights lie off it."""
 
     @abstractmethod
-    def check_layout(self, state_dict: Mapping[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
-        """Raise ValueError naming ``name`` when ``state_dict``'s entries for ``key`` are not ``owner``'s layout."""
+    def check_pattern(self, state_dict: Mapping[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
+        """Raise ValueError naming ``name`` when ``state_dict``'s entries for ``key`` are not ``owner``'s pattern."""
 
 
 _FORMATS: dict[str, StorageFormat] = {}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from ..core import parameterize
+from ..core.parameterize import parameterize
 from ..core.record import RECORD_PREFIX, Parameterization
 from ..core.rules import Role
 from .configs import load_config, scale_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers.pytorch_utils import Conv1D
 
-from ..core import register_layout
+from ..core.layout import register_layout
 
 __all__ = ["Conv1D"]
 

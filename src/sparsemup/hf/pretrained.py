@@ -31,11 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from ..core import get_mask, get_parameterization, parameterize
 from ..core.atomic import current_umask, make_dirs, writing
 from ..core.export import export_with_folds
 from ..core.options import Options
-from ..core.record import Parameterization, set_mask
+from ..core.parameterize import parameterize
+from ..core.record import Parameterization, get_mask, get_parameterization, set_mask
 from ..core.rules import SCHEMES, Role, Scheme
 from ..core.structure import unwrap
 from .build import HF_RECORD, from_config

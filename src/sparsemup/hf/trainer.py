@@ -12,8 +12,8 @@ import torch
 import transformers
 from torch import nn
 
-from ..core import get_parameterization, make_optimizer
-from ..core.record import dense_gradients
+from ..core.optim import make_optimizer
+from ..core.record import dense_gradients, get_parameterization
 from ..core.structure import unwrap
 from ..core.vocab import WeightDecayMode
 from ..dynamic import DynamicSparsity

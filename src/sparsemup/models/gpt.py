@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import DotProductAttention, Parameterization, parameterize
+from ..core.attention import DotProductAttention
+from ..core.parameterize import parameterize
+from ..core.record import Parameterization
 
 __all__ = ["GPT", "GPTConfig", "gpt_init_scale", "build_gpt", "GPT_RESIDUAL_BRANCHES", "gpt_probe"]
 

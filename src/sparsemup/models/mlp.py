@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import Parameterization, parameterize
+from ..core.parameterize import parameterize
+from ..core.record import Parameterization
 
 __all__ = ["MLP", "build_mlp"]
 

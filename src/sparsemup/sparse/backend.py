@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from ..core import hooks
-from ..core.masks import block_layout
+from ..core.masks import block_columns
 from ..core.record import RECORD_PREFIX, get_parameterization
 from ..core.storage import storage_formats
 from ..core.structure import unwrap
 from ..core.vocab import BACKEND_CHOICES, BACKENDS, Backend, BackendChoice
 from .blocksparse import BlockSparseLinear
 from .calibration import LayerCase, broadcast_choice, calibrated
-from .rowsparse import RowSparseLinear, row_layout
+from .rowsparse import RowSparseLinear, row_columns
 from .timing import time_case
 
 __all__ = ["Fixes", "PYTHON_FIXES", "auto_choice", "check_backend", "sparsify", "get_backends", "to_masked_dense"]
@@ -132,7 +132,7 @@ def _place(model: nn.Module, name: str, tied: bool, block_size: int) -> _Place:
         return _Place(None, child, None, {"blocks": None, "rows": None})
     assert isinstance(module, nn.Linear)
     mask = getattr(module, attr + hooks.MASK_SUFFIX) != 0
-    return _Place(parent, child, module, {"blocks": block_layout(mask, block_size), "rows": row_layout(mask)})
+    return _Place(parent, child, module, {"blocks": block_columns(mask, block_size), "rows": row_columns(mask)})
 
 
 def sparsify(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.hooks import MASK_SUFFIX
-from ..core.masks import block_layout
+from ..core.masks import block_columns
 from ..core.storage import StorageFormat, register_storage
 from .kernels import BLOCKS
 from .sparselinear import SparseLinear, sparse_linear
@@ -52,10 +52,10 @@ def masked_dense_entries(values: torch.Tensor, index: torch.Tensor,
 
 def from_masked_dense(weight: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, block: int,
                       name: str) -> torch.Tensor:
-    """Block values of a masked-dense (weight, mask) for the layout ``index``, checking mask and zeros."""
-    layout = block_layout(mask != 0, block)
-    if layout is None or not torch.equal(layout.cpu(), index.cpu()):
-        raise ValueError(f"{name}: the state_dict's mask is not this layer's {block}x{block} block layout; load a "
+    """Block values of a masked-dense (weight, mask) for the kept block-columns ``index``, checking mask and zeros."""
+    kept = block_columns(mask != 0, block)
+    if kept is None or not torch.equal(kept.cpu(), index.cpu()):
+        raise ValueError(f"{name}: the state_dict's mask is not this layer's {block}x{block} block pattern; load a "
                          "checkpoint of the same model (same seed, density, mask_kind and block_size)")
     stray = int((weight * (mask == 0)).count_nonzero())
     if stray:
@@ -139,7 +139,7 @@ class BlockStorage(StorageFormat):
         state_dict[key + "_index"] = owner.weight_index.clone()
         state_dict[key + "_shape"] = owner.weight_shape.clone()
 
-    def check_layout(self, state_dict: Mapping[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
+    def check_pattern(self, state_dict: Mapping[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
         assert isinstance(owner, BlockSparseLinear)
         if not torch.equal(state_dict[key + "_index"].cpu(), owner.weight_index.cpu()):
             raise ValueError(f"{name}: the state_dict's blocks sit elsewhere than this layer's (another seed, "

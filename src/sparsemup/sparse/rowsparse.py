@@ -19,7 +19,7 @@ from ..core.storage import StorageFormat, register_storage
 from .kernels import ROWS, rows_dense
 from .sparselinear import SparseLinear, sparse_linear
 
-__all__ = ["RowSparseLinear", "RowStorage", "row_layout", "row_sparse_linear", "index_dtype"]
+__all__ = ["RowSparseLinear", "RowStorage", "row_columns", "row_sparse_linear", "index_dtype"]
 
 
 def index_dtype(in_features: int) -> torch.dtype:
@@ -27,7 +27,7 @@ def index_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
 
 
-def row_layout(mask: torch.Tensor) -> torch.Tensor | None:
+def row_columns(mask: torch.Tensor) -> torch.Tensor | None:
     """(out, k) sorted kept columns of a boolean mask with k ≥ 1 entries in every row; None when counts differ."""
     counts = mask.sum(dim=1)
     if mask.dim() != 2 or counts.numel() == 0 or int(counts.min()) != int(counts.max()) or int(counts[0]) == 0:
@@ -112,8 +112,8 @@ class RowStorage(StorageFormat):
     def from_masked_dense(self, state_dict: dict[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
         assert isinstance(owner, RowSparseLinear)  # only its weights are declared stored as "rows"
         mask = state_dict.pop(key + MASK_SUFFIX) != 0
-        layout = row_layout(mask)
-        if layout is None or not torch.equal(layout.cpu().long(), owner.weight_index.cpu().long()):
+        kept = row_columns(mask)
+        if kept is None or not torch.equal(kept.cpu().long(), owner.weight_index.cpu().long()):
             raise ValueError(f"{name}: the state_dict's mask is not this layer's (another seed or density?); load a "
                              "checkpoint of the same model")
         weight = state_dict[key]
@@ -124,7 +124,7 @@ class RowStorage(StorageFormat):
         state_dict[key + "_index"] = owner.weight_index.clone()
         state_dict[key + "_shape"] = owner.weight_shape.clone()
 
-    def check_layout(self, state_dict: Mapping[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
+    def check_pattern(self, state_dict: Mapping[str, torch.Tensor], key: str, owner: nn.Module, name: str) -> None:
         assert isinstance(owner, RowSparseLinear)
         if not torch.equal(state_dict[key + "_index"].cpu().long(), owner.weight_index.cpu().long()):
             raise ValueError(f"{name}: the state_dict's kept entries sit elsewhere than this layer's (another seed "

@@ -8,6 +8,7 @@ autocast and the input checks are the same for both.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ __all__ = ["SparseLinear", "sparse_linear"]
 
 
 class SparseLinear(SparseStorage):
-    """An ``nn.Linear`` storing only its mask's entries: ``weight`` (the subclass's layout), the ``weight_index``
+    """An ``nn.Linear`` storing only its mask's entries: ``weight`` (the subclass's storage), the ``weight_index``
     buffer (where they sit) and ``weight_shape`` (the logical (out, in))."""
 
     weight: nn.Parameter
@@ -96,6 +97,10 @@ class _SparseMatmul(torch.autograd.Function):
         return None, grad_x, grad_values, None
 
 
+# torch leaves Function.apply unannotated: name its signature once, so calls through it are checked.
+_sparse_matmul: Callable[..., torch.Tensor] = _SparseMatmul.apply
+
+
 def sparse_linear(kernels: FormatKernels, name: str, x: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` for a sparse weight (``values`` at ``index`` in the format of ``kernels``) on inputs with any
@@ -110,7 +115,6 @@ def sparse_linear(kernels: FormatKernels, name: str, x: torch.Tensor, values: to
         raise TypeError(f"{name}: input dtype {x.dtype} differs from the weight's {values.dtype}")
     lead = x.shape[:-1]
     with torch.autocast(device, enabled=False):
-        y: torch.Tensor = _SparseMatmul.apply(  # type: ignore[no-untyped-call]
-            kernels, x.reshape(-1, x.shape[-1]).contiguous(), values, index)
+        y = _sparse_matmul(kernels, x.reshape(-1, x.shape[-1]).contiguous(), values, index)
     y = y.view(*lead, y.shape[-1])
     return y if bias is None else y + bias

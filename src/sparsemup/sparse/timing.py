@@ -16,11 +16,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ..core.masks import block_layout, random_mask
+from ..core.masks import block_columns, random_mask
 from ..core.vocab import Backend, MaskKind
 from .blocksparse import block_sparse_linear, to_blocks
 from .calibration import TOKENS, LayerCase
-from .rowsparse import row_layout, row_sparse_linear
+from .rowsparse import row_columns, row_sparse_linear
 
 __all__ = ["DTYPES", "LayerStep", "Memory", "NoMemory", "masked_weight", "layer_step", "time_step", "time_case", "sync"]
 
@@ -78,12 +78,12 @@ def layer_step(backend: Backend, shape: tuple[int, int], density: float, dtype: 
 
         return (lambda x: F.linear(x, param)), mask_grad, state
     if backend == "rows":
-        columns = row_layout(mask)
+        columns = row_columns(mask)
         assert columns is not None  # a rows mask
         kept = weight.gather(1, columns.long()).requires_grad_()
         return (lambda x: row_sparse_linear(x, kept, columns)), lambda: None, \
             3 * kept.numel() * kept.element_size() + columns.numel() * columns.element_size()
-    index = block_layout(mask, block)
+    index = block_columns(mask, block)
     assert index is not None  # a blocks mask
     values = to_blocks(weight, index, block).requires_grad_()
     return (lambda x: block_sparse_linear(x, values, index)), lambda: None, \

@@ -11,7 +11,7 @@ from torch import nn
 from ..core.vocab import Backend, hf_model_spec
 from ..dynamic import GMP, SET, DynamicSparsity, Method, RigL
 from ..models import GPTConfig, build_gpt
-from ..sparse import sparsify
+from ..sparse.backend import sparsify
 from .data import data_vocab
 from .schema import Config
 from .validate import stop_step

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core import get_mask, get_parameterization
+from ..core.record import get_mask, get_parameterization
 from ..sparse import get_backends
 
 __all__ = [

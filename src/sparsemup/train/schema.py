@@ -1,7 +1,7 @@
 """The training configuration's schema: typed sections whose fields carry their documentation and flags.
 
 Each field's metadata holds ``doc`` (``describe()`` prints them), ``choices`` (the values a string
-field accepts), ``resumable`` (may differ on resume) and ``layout`` (not part of a sweep run's
+field accepts), ``resumable`` (may differ on resume) and ``incidental`` (not part of a sweep run's
 identity). The key lists below are derived from those flags, and ``with_defaults`` is the one
 place that completes configs recorded before a key existed.
 """
@@ -22,7 +22,7 @@ __all__ = [
     "ModelConfig", "SparsityConfig", "OptimConfig", "TrainConfig", "DataConfig", "DistConfig", "TransferConfig",
     "Config", "ConfigError",
     "OPTIMIZERS", "OptimizerName", "TRAINED_MASK_KINDS", "TrainedMaskKind", "ScheduleName", "DataFormat", "DeviceName",
-    "RESUMABLE_KEYS", "LAYOUT_KEYS", "flatten", "flat_defaults",
+    "RESUMABLE_KEYS", "INCIDENTAL_KEYS", "flatten", "flat_defaults",
     "with_defaults", "run_identity", "field_specs",
 ]
 
@@ -41,15 +41,16 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and the fix."""
 
 
-def _f(default: Any, doc: str, *, choices: tuple[str, ...] = (), resumable: bool = False, layout: bool = False) -> Any:
+def _f(default: Any, doc: str, *, choices: tuple[str, ...] = (), resumable: bool = False,
+       incidental: bool = False) -> Any:
     """A config field with its documentation and flags.
 
     choices: the values a string field accepts (validated generically).
-    resumable: may differ between a checkpoint and the run resuming it (cadence, logging, layout).
-    layout: does not change what a run computes, so not a sweep run's identity (implies resumable).
+    resumable: may differ between a checkpoint and the run resuming it (cadence, logging, where it runs).
+    incidental: does not change what a run computes, so not a sweep run's identity (implies resumable).
     """
-    return field(default=default, metadata={"doc": doc, "choices": choices, "resumable": resumable or layout,
-                                            "layout": layout})
+    return field(default=default, metadata={"doc": doc, "choices": choices, "resumable": resumable or incidental,
+                                            "incidental": incidental})
 
 
 @dataclass
@@ -139,12 +140,12 @@ class TrainConfig:
     seed: int = _f(0, "seed of masks, init and data order")
     eval_every: int = _f(50, "validation every N steps (0: only at the end)", resumable=True)
     eval_batches: int = _f(4, "validation batches (of batch_size sequences) per evaluation")
-    checkpoint_every: int = _f(100, "checkpoint every N steps (0: only at the end)", layout=True)
+    checkpoint_every: int = _f(100, "checkpoint every N steps (0: only at the end)", incidental=True)
     device: DeviceName = _f("auto", "auto (cuda if available, else cpu), cpu or cuda", choices=get_args(DeviceName),
-                     layout=True)
-    threads: int = _f(0, "torch CPU threads per process (0: torch's default)", layout=True)
-    tensorboard: bool = _f(True, "also log scalars to DIR/tensorboard", layout=True)
-    progress: bool = _f(True, "show a progress bar", layout=True)
+                     incidental=True)
+    threads: int = _f(0, "torch CPU threads per process (0: torch's default)", incidental=True)
+    tensorboard: bool = _f(True, "also log scalars to DIR/tensorboard", incidental=True)
+    progress: bool = _f(True, "show a progress bar", incidental=True)
 
 
 @dataclass
@@ -172,11 +173,11 @@ class TransferConfig:
     difference from the proxy's settings (not part of a run's identity: it changes no computation)."""
 
     proxy: str = _f("", "where the values came from (a run directory, config file or sweep store); empty: no "
-                    "transfer, nothing is checked", layout=True)
+                    "transfer, nothing is checked", incidental=True)
     proxy_config: str = _f("", "the proxy's settings as JSON ({\"section.key\": value}) that a run must keep",
-                           layout=True)
+                           incidental=True)
     allow: str = _f("", "comma-separated keys that may differ from the proxy's (the transfer's --set and --allow)",
-                    layout=True)
+                    incidental=True)
 
 
 @dataclass
@@ -271,7 +272,7 @@ def field_specs() -> dict[str, Field[Any]]:
 
 
 RESUMABLE_KEYS = frozenset(k for k, f in field_specs().items() if f.metadata["resumable"])
-LAYOUT_KEYS = tuple(k for k, f in field_specs().items() if f.metadata["layout"])
+INCIDENTAL_KEYS = tuple(k for k, f in field_specs().items() if f.metadata["incidental"])
 
 
 def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -297,5 +298,5 @@ def with_defaults(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_identity(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """A flat config without its layout keys: what a sweep records as a run's config and compares."""
-    return {k: v for k, v in flat.items() if k not in LAYOUT_KEYS}
+    """A flat config without its incidental keys: what a sweep records as a run's config and compares."""
+    return {k: v for k, v in flat.items() if k not in INCIDENTAL_KEYS}

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..core import get_mask, get_parameterization, make_optimizer
 from ..core.atomic import append_atomic, make_dirs, write_json_atomic, write_text_atomic
-from ..core.record import dense_gradients
+from ..core.optim import make_optimizer
+from ..core.record import dense_gradients, get_mask, get_parameterization
 from ..core.rules import Multipliers, Role, init_std
 from ..core.shards import clip_grad_norm
 from ..core.structure import match

@@ -207,7 +207,7 @@ def resolve(base: Config, point: Point, workers: int) -> Config:
 
 
 def _identity(cfg: Config) -> dict[str, ConfigValue]:
-    """The flat config without its layout keys: a sweep's base in sweep.json, a run's config in its record."""
+    """The flat config without its incidental keys: a sweep's base in sweep.json, a run's config in its record."""
     return run_identity(flatten(cfg.to_dict()))
 
 

@@ -1,4 +1,4 @@
-"""The package layout: subpackages import one way, nothing imports in a cycle, heavy optional
+"""Import direction: subpackages import one way, nothing imports in a cycle, heavy optional
 dependencies stay out of module level. Read from the source with ``ast``, nothing is imported."""
 
 import ast
@@ -30,7 +30,7 @@ ALIASES = {("sparsemup.sparse", "dynamic")}
 TOP_LEVEL = {"__init__": "api", "rules": "api", "cli": "cli", "__main__": "cli"}
 # Heavy optional dependencies: the only subpackages that may import them at module level (an extra's own
 # subpackage: hf/ for transformers); everywhere else they are imported inside functions.
-OPTIONAL = {"transformers": {"hf"}, "safetensors": {"hf"}, "ray": set(), "optuna": set(), "triton": set(),
+OPTIONAL = {"transformers": {"hf"}, "safetensors": {"hf"}, "ray": set(), "optuna": set(),
             "accelerate": set(), "tokenizers": set()}
 # Subpackages that import an optional dependency at module level: others import them inside functions too.
 EXTRAS = {"sparsemup.hf": "hf"}
