@@ -19,12 +19,15 @@ import numpy as np
 from ..train.schema import run_identity, with_defaults
 from .estimate import SEED, WINDOW, CurveEstimate, Noise, estimate, transfer
 
-__all__ = ["curves", "analyze", "pooled_noise", "setting_label"]
+__all__ = ["DRIFT_AXES", "REFERENCE", "curves", "analyze", "pooled_noise", "setting_label"]
 
 SEED_KEY = "train.seed"
 # Keys along which the optimum should not move; each gets a drift table when it varies (one table when
-# width is set with density, as in an iso-parameter sweep).
-DRIFT_AXES = ("model.density", "model.width")
+# width is set with density, as in an iso-parameter sweep). Depth transfers only under a depth rule
+# (model.depth_alpha): its table then says whether it does.
+DRIFT_AXES = ("model.density", "model.width", "model.depth")
+# Each axis's reference setting, where the hyperparameters are tuned: the densest, narrowest or shallowest.
+REFERENCE = {"model.density": "densest", "model.width": "narrowest", "model.depth": "shallowest"}
 
 
 def setting_label(setting: dict[str, Any]) -> str:
@@ -99,7 +102,7 @@ def _drifts(found: list[dict[str, Any]], fits: dict[int, CurveEstimate], along: 
         if len(members) < 2:
             continue
         members.sort(key=lambda n: found[n]["setting"][along], reverse=along == "model.density")
-        reference = fits.get(members[0])  # densest (density) or narrowest (width): where the HPs are tuned
+        reference = fits.get(members[0])  # REFERENCE[along]: where the HPs are tuned
         rows = []
         for n in members:
             c, o = found[n], found[n]["optimum"]

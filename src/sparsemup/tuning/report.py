@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import write_atomic, write_json_atomic, write_text_atomic
-from .analysis import SEED_KEY, analyze, setting_label
+from .analysis import REFERENCE, SEED_KEY, analyze, setting_label
 from .store import STORE_NAME, ResultStore, StoreError
 
 __all__ = ["load_records", "merge_records", "optimum_cell", "preset_values", "tables", "plot_curves", "with_interval",
            "write_report", "write_preset"]
 
-LINE_KEYS = ("model.density", "model.width")  # a line per value of the first that varies
+LINE_KEYS = ("model.density", "model.width", "model.depth")  # a line per value of the first that varies
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:
@@ -190,8 +190,8 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
     lines += [f"Runs: {result['runs']} ({result['diverged']} diverged). {noise_line(result)}", ""]
     if result["drifts"]:
         lines += ["**What transfer costs.** Per group, the largest loss paid for keeping the reference's optimum (the "
-                  "densest or narrowest setting's: where the hyperparameters are tuned) instead of each setting's own, "
-                  "and the spread of the optima that are located:", "", *regret_summary(result), ""]
+                  "densest, narrowest or shallowest setting's: where the hyperparameters are tuned) instead of each "
+                  "setting's own, and the spread of the optima that are located:", "", *regret_summary(result), ""]
     lines += [f"Optima in log2 {axis} (± standard error; flat: no optimum within noise, with its 95 % interval; "
               "an optimum on the edge of the stable grid is marked, not fitted):", "",
               f"| setting | seeds | best log2 {axis} | best loss |", "|---|---|---|---|"]
@@ -202,7 +202,7 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
     for d in result["drifts"]:
         along = d["along"].split(".")[-1]
         lines += ["", f"**{d['label'] or 'all'}**, across {along}: transferred log2 {axis} "
-                  f"{_num(d['transferred_log2_x'], '.2f')} (the {'densest' if along == 'density' else 'narrowest'} "
+                  f"{_num(d['transferred_log2_x'], '.2f')} (the {REFERENCE[d['along']]} "
                   "setting's optimum)", "",
                   f"| {along} | regret (nats) [95 %] | shift of the optimum [95 %] | best log2 {axis} | best loss "
                   "| loss at transferred |", "|---|---|---|---|---|---|"]
@@ -214,7 +214,7 @@ def tables(result: dict[str, Any], records: list[dict[str, Any]] | None = None) 
 
 
 def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
-    """Loss vs log2 x, a panel per scheme and a line per density (or width); one figure per other setting."""
+    """Loss vs log2 x, a panel per scheme and a line per density (or width, depth); one figure per other setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,7 +239,7 @@ def plot_curves(result: dict[str, Any], out: Path) -> list[Path]:
         schemes = list(dict.fromkeys(c["setting"].get("model.scheme", "") for c in members))
         fig, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes), 3.6), sharey=True, squeeze=False)
         finite = [y for c in members for y in c["loss"] if y is not None]
-        # One colour per density (or width) across every panel, densest / widest first.
+        # One colour per density (or width, depth) across every panel, densest / widest / deepest first.
         values = sorted({c["setting"][line_key] for c in members}, reverse=True) if line_key else []
         colour = {v: plt.cm.viridis(0.85 * i / max(1, len(values) - 1)) for i, v in enumerate(values)}
         for ax, scheme in zip(axes[0], schemes):
