@@ -15,7 +15,8 @@ from sparsemup.tuning.sweep import SweepSpec, load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 # stores that stop short of their plan on purpose, with why
-PARTIAL = {"d-iso-parameter": "seed 0 on CPU, stopped half way; results/d-iso-parameter-gpu holds all 168 runs"}
+PARTIAL = {"d-iso-parameter": "seed 0 on CPU, stopped half way; results/d-iso-parameter-gpu holds all 168 runs",
+           "depth-lr": "60 of 72 runs: stopped at its 15-minute CPU budget before seed 1 at depth 8"}
 # stores holding runs beyond their plan on purpose, with why
 EXTRA = {"demo-pilot": "two SP runs at ρ = 1 (2^-9.5, 2^-8.5) added by hand to place the dense optimum"}
 

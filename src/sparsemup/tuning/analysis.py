@@ -20,12 +20,16 @@ from ..train.schema import run_identity, with_defaults
 from .estimate import SEED, WINDOW, CurveEstimate, Noise, NoiseRecord, Optimum, TransferCost, estimate, transfer
 from .store import ConfigValue, RunRecord
 
-__all__ = ["Curve", "Drift", "Analysis", "curves", "analyze", "pooled_noise", "setting_label"]
+__all__ = ["DRIFT_AXES", "REFERENCE", "Curve", "Drift", "Analysis", "curves", "analyze", "pooled_noise",
+           "setting_label"]
 
 SEED_KEY = "train.seed"
 # Keys along which the optimum should not move; each gets a drift table when it varies (one table when
-# width is set with density, as in an iso-parameter sweep).
-DRIFT_AXES = ("model.density", "model.width")
+# width is set with density, as in an iso-parameter sweep). Depth transfers only under a depth rule
+# (model.depth_alpha): its table then says whether it does.
+DRIFT_AXES = ("model.density", "model.width", "model.depth")
+# Each axis's reference setting, where the hyperparameters are tuned: the densest, narrowest or shallowest.
+REFERENCE = {"model.density": "densest", "model.width": "narrowest", "model.depth": "shallowest"}
 
 
 class Curve(TypedDict):
@@ -148,7 +152,7 @@ def _drifts(found: list[Curve], fits: dict[int, CurveEstimate], along: str,
         if len(members) < 2:
             continue
         members.sort(key=lambda n: found[n]["setting"][along], reverse=along == "model.density")
-        reference = fits.get(members[0])  # densest (density) or narrowest (width): where the HPs are tuned
+        reference = fits.get(members[0])  # REFERENCE[along]: where the HPs are tuned
         rows: list[dict[str, Any]] = []  # keyed by ``along`` (and ``linked``): no fixed keys
         for n in members:
             c, o = found[n], found[n]["optimum"]

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from ..core.atomic import write_atomic, write_json_atomic, write_text_atomic
-from .analysis import SEED_KEY, Analysis, Curve, Drift, analyze, setting_label
+from .analysis import REFERENCE, SEED_KEY, Analysis, Curve, Drift, analyze, setting_label
 from .store import STORE_NAME, ConfigValue, ResultStore, RunRecord, StoreError
 
 __all__ = ["Preset", "load_records", "merge_records", "optimum_cell", "preset_values", "tables", "plot_curves",
            "with_interval", "write_report", "write_preset"]
 
-LINE_KEYS = ("model.density", "model.width")  # a line per value of the first that varies
+LINE_KEYS = ("model.density", "model.width", "model.depth")  # a line per value of the first that varies
 
 
 class Preset(TypedDict):
@@ -197,8 +197,8 @@ def tables(result: Analysis, records: list[RunRecord] | None = None) -> str:
     lines += [f"Runs: {result['runs']} ({result['diverged']} diverged). {noise_line(result)}", ""]
     if result["drifts"]:
         lines += ["**What transfer costs.** Per group, the largest loss paid for keeping the reference's optimum (the "
-                  "densest or narrowest setting's: where the hyperparameters are tuned) instead of each setting's own, "
-                  "and the spread of the optima that are located:", "", *regret_summary(result), ""]
+                  "densest, narrowest or shallowest setting's: where the hyperparameters are tuned) instead of each "
+                  "setting's own, and the spread of the optima that are located:", "", *regret_summary(result), ""]
     lines += [f"Optima in log2 {axis} (± standard error; flat: no optimum within noise, with its 95 % interval; "
               "an optimum on the edge of the stable grid is marked, not fitted):", "",
               f"| setting | seeds | best log2 {axis} | best loss |", "|---|---|---|---|"]
@@ -209,7 +209,7 @@ def tables(result: Analysis, records: list[RunRecord] | None = None) -> str:
     for d in result["drifts"]:
         along = d["along"].split(".")[-1]
         lines += ["", f"**{d['label'] or 'all'}**, across {along}: transferred log2 {axis} "
-                  f"{_num(d['transferred_log2_x'], '.2f')} (the {'densest' if along == 'density' else 'narrowest'} "
+                  f"{_num(d['transferred_log2_x'], '.2f')} (the {REFERENCE[d['along']]} "
                   "setting's optimum)", "",
                   f"| {along} | regret (nats) [95 %] | shift of the optimum [95 %] | best log2 {axis} | best loss "
                   "| loss at transferred |", "|---|---|---|---|---|---|"]
@@ -221,7 +221,7 @@ def tables(result: Analysis, records: list[RunRecord] | None = None) -> str:
 
 
 def plot_curves(result: Analysis, out: Path) -> list[Path]:
-    """Loss vs log2 x, a panel per scheme and a line per density (or width); one figure per other setting."""
+    """Loss vs log2 x, a panel per scheme and a line per density (or width, depth); one figure per other setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,7 +269,7 @@ def _plot_figure(plt: Any, members: list[Curve], line_key: str | None, tied: lis
     schemes = list(dict.fromkeys(c["setting"].get("model.scheme", "") for c in members))
     fig, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes), 3.6), sharey=True, squeeze=False)
     finite = [y for c in members for y in c["loss"] if y is not None]
-    # One colour per density (or width) across every panel, densest / widest first.
+    # One colour per density (or width, depth) across every panel, densest / widest / deepest first.
     values = sorted({c["setting"][line_key] for c in members}, reverse=True) if line_key else []
     colour: dict[ConfigValue | None, Any] = {v: plt.cm.viridis(0.85 * i / max(1, len(values) - 1))
                                              for i, v in enumerate(values)}
