@@ -11,7 +11,7 @@ from sparsemup.cli import main
 from sparsemup.tuning.analysis import analyze
 from sparsemup.tuning.estimate import point_estimate
 from sparsemup.tuning.report import preset_values
-from sparsemup.tuning.store import ResultStore, StoreError
+from sparsemup.tuning.store import ConfigValue, ResultStore, RunRecord, StoreError
 from sparsemup.tuning.sweep import load_sweep
 
 GRID = [-10, -9, -8, -7, -6, -5, -4]
@@ -39,14 +39,16 @@ def test_diverged_points_are_excluded_and_all_diverged_is_none():
     assert found["edge"] is None and found["log2_x"] == pytest.approx(-6.0)
 
 
-def _record(scheme, density, log2_lr, seed, loss):
-    status = "completed" if loss is not None else "diverged"
-    overrides = {"model.scheme": scheme, "model.density": density, "optim.lr": 2.0**log2_lr, "train.seed": seed}
-    return {"id": f"{scheme}{density}{log2_lr}{seed}", "status": status, "final_val_loss": loss,
-            "overrides": overrides, "config": {**overrides, "model.width": 128}}
+def _record(scheme: str, density: float, log2_lr: float, seed: int, loss: float | None) -> RunRecord:
+    overrides: dict[str, ConfigValue] = {"model.scheme": scheme, "model.density": density, "optim.lr": 2.0**log2_lr,
+                                         "train.seed": seed}
+    completed = loss is not None
+    return {"id": f"{scheme}{density}{log2_lr}{seed}", "status": "completed" if completed else "diverged",
+            "final_val_loss": loss, "steps": 8 if completed else 5, "diverged_at_step": None if completed else 6,
+            "seconds": 1.0, "overrides": overrides, "config": {**overrides, "model.width": 128}}
 
 
-def synthetic_records():
+def synthetic_records() -> list[RunRecord]:
     """SµPar's optimum at -7 at every density; SP's moves by +1 per halving of density; two seeds."""
     records = []
     for scheme, shift in (("sp", 1.0), ("supar", 0.0)):
@@ -188,7 +190,7 @@ def test_records_from_before_a_config_key_existed_join_the_same_curve():
         r["config"].update({"model.mask_kind": "rows", "model.block_size": 32, "model.backend": "masked_dense"})
     (curve,) = curves(old + new)
     assert len(curve["log2_x"]) == len(GRID)
-    assert analyze(old + new)["curves"][0]["optimum"]["log2_x"] == pytest.approx(-7)
+    assert known(analyze(old + new)["curves"][0]["optimum"])["log2_x"] == pytest.approx(-7)
 
 
 def test_preset_of_the_top_runs_is_their_geometric_mean():
@@ -216,9 +218,9 @@ def test_preset_of_the_top_runs_is_their_geometric_mean():
 def test_preset_of_the_top_runs_through_the_cli_feeds_a_sweep(tmp_path, capsys):
     store = ResultStore(tmp_path / "tune" / "results.jsonl")
     for k, (lr, std, loss) in enumerate(((2.0**-8, 0.02, 2.0), (2.0**-6, 0.08, 2.01), (2.0**-4, 0.5, 3.0))):
-        overrides = {"optim.lr": lr, "model.init_std": std, "train.seed": k}
-        store.append({"id": str(k), "status": "completed", "final_val_loss": loss, "overrides": overrides,
-                      "config": overrides})
+        overrides: dict[str, ConfigValue] = {"optim.lr": lr, "model.init_std": std, "train.seed": k}
+        store.append({"id": str(k), "status": "completed", "final_val_loss": loss, "steps": 8, "diverged_at_step": None,
+                      "seconds": 1.0, "overrides": overrides, "config": overrides})
     preset = tmp_path / "presets" / "base.toml"
     assert main(["report", str(tmp_path / "tune"), "--preset", str(preset), "--top", "2"]) == 0
     assert "geometric mean of the 2 best runs (0, 1)" in preset.read_text()

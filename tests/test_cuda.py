@@ -27,7 +27,7 @@ from helpers import (
 from sparsemup.core.masks import block_columns, random_mask
 from sparsemup.sparse.blocksparse import block_sparse_linear, to_blocks
 from sparsemup.train import evaluate_checkpoint
-from sparsemup.train.trainer import Trainer, train
+from sparsemup.train.trainer import Completed, Trainer, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -142,5 +142,6 @@ def test_block_backend_trainer_on_gpu(corpus, tmp_path):
               "train.device=cuda")
     dense = train(tiny_config(corpus, *blocks), tmp_path / "dense")
     sparse = train(tiny_config(corpus, *blocks, "model.backend=blocks"), tmp_path / "blocks")
-    assert sparse["backends"] == {"blocks": 4} and sparse["device"] == "cuda"
-    assert sparse["final_val_loss"] == pytest.approx(dense["final_val_loss"], rel=1e-3)
+    assert isinstance(dense, Completed) and isinstance(sparse, Completed)
+    assert sparse.backends == {"blocks": 4} and sparse.device == "cuda"
+    assert sparse.final_val_loss == pytest.approx(dense.final_val_loss, rel=1e-3)

@@ -9,7 +9,7 @@ import torch
 import sparsemup as smp
 from helpers import known, lm_loss, tiny_config, tokens, train_steps
 from sparsemup.cli import main
-from sparsemup.coord import CheckSettings, run_check
+from sparsemup.coord import CheckSettings, across_depth, run_check
 from sparsemup.core.export import export_with_folds
 from sparsemup.models import GPTConfig, build_gpt
 from sparsemup.rules import adam_eps_multiplier
@@ -340,6 +340,7 @@ def test_depth_check_runs_on_a_transformers_model():
     settings = CheckSettings.resolve("hf:llama", "supar", widths=[128], densities=[1.0], steps=2, seeds=1,
                                      base_width=128, depths=[2, 4], depth_alpha=1.0)
     result = run_check(settings)
+    assert across_depth(result)
     assert {r["depth"] for r in result["measurements"]} == {2, 4}
     fitted = {(f["quantity"], f["step"]) for f in result["slopes"]}
     assert fitted == {("act", 0), ("act", 1), ("act", 2), ("delta", 1), ("delta", 2), ("block_delta", 1),

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import sparsemup as smp
-from helpers import curve, read_metrics, sweep_base, tiny_config, tiny_overrides, torchrun
+from helpers import curve, known, read_metrics, sweep_base, tiny_config, tiny_overrides, torchrun
 from sparsemup.cli import main
 from sparsemup.core.rules import Family, Multipliers, lr_multiplier
 from sparsemup.train import checkpoint
 from sparsemup.train.trainer import Trainer, train
 from sparsemup.tuning.analysis import analyze
 from sparsemup.tuning.store import ResultStore
-from sparsemup.tuning.sweep import parse_sweep, run_sweep
+from sparsemup.tuning.sweep import SweepCounts, parse_sweep, run_sweep
 from tolerances import model_rtol
 
 # Two blocks tuned at one: m_L = 2, every residual branch scaled by 1/2, hidden LRs by m_L^(α−1) = 1.
@@ -27,10 +27,10 @@ def test_a_sweep_over_depth_and_depth_rule_resumes_and_reports_each_rule_along_d
     base = sweep_base(corpus, steps=2)
     grid = {"model.depth_alpha,model.base_depth": [[0, 0], [1, 1]], "model.depth": [1, 2]}
     spec = parse_sweep({"base": base, "grid": grid}, "depth sweep")
-    out, logs = tmp_path / "sweep", []
-    assert run_sweep(spec, out, log=logs.append)["completed"] == 4
-    assert run_sweep(spec, out, log=logs.append) == {"planned": 4, "stored": 4, "completed": 0, "diverged": 0,
-                                                     "failed": 0}
+    out = tmp_path / "sweep"
+    logs: list[str] = []
+    assert run_sweep(spec, out, log=logs.append).completed == 4
+    assert run_sweep(spec, out, log=logs.append) == SweepCounts(planned=4, stored=4, completed=0, diverged=0, failed=0)
     assert "4 already stored, 0 to run" in logs[-1]
     records = list(ResultStore(out / "results.jsonl").records.values())
     assert {(r["config"]["model.depth"], r["config"]["model.depth_alpha"], r["config"]["model.base_depth"])
@@ -114,14 +114,14 @@ def hidden_lrs_follow_both_rules(trainer):
     """Every GMP-updated group's LR is η_base·schedule·lr_multiplier at its mask's realised density and the model's
     m_L = 2: the density rule's multiplier times the depth factor m_L^(α−1); returns how many groups were checked."""
     record = smp.get_parameterization(trainer.inner)
-    alpha, checked = record.options.depth_alpha, 0
+    alpha, checked = known(record.options.depth_alpha), 0
     scale = trainer.cfg.optim.lr * trainer.schedule(trainer.step)
     for group in trainer.optimizer.param_groups:
         if "static_lr" not in group:
             continue
         (name,) = group["param_names"]
         info = record.info(name)
-        mask = smp.core.get_mask(trainer.inner, name)
+        mask = known(smp.core.get_mask(trainer.inner, name))
         m = info.multipliers
         density = float(mask.count_nonzero()) / mask.numel() / info.base_density
         mult = lr_multiplier(info.role, record.scheme, Multipliers(m.width, m.fan_out, density, m.depth), Family.ADAM,

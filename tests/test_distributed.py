@@ -1,5 +1,7 @@
 """Multi-process training on CPU: DDP and FSDP2 under torchrun (2 processes, gloo) match one process."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,16 +9,18 @@ import sparsemup as smp
 from helpers import TINY_RTOL, mask_of, read_metrics, tiny_config, tiny_overrides, torchrun
 from sparsemup.train import build_model, checkpoint
 from sparsemup.train.distributed import check_same_masks, mask_digest
-from sparsemup.train.trainer import train
+from sparsemup.train.trainer import Completed, train
 
 # Constant LR so that a run stopped at step 4 and extended to 8 is the 8-step run.
 COMMON = ("optim.schedule=constant", "train.eval_every=4")
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
+def reference(corpus, tmp_path_factory) -> tuple[Path, Completed]:
     out = tmp_path_factory.mktemp("single") / "run"
-    return out, train(tiny_config(corpus, *COMMON), out)
+    result = train(tiny_config(corpus, *COMMON), out)
+    assert isinstance(result, Completed)
+    return out, result
 
 
 def torchrun_train(out, *args):
@@ -50,11 +54,11 @@ def test_ddp_on_two_processes_matches_one_process(corpus, reference, tmp_path):
     assert losses(out)[1] == pytest.approx(losses(ref_out)[1], rel=TINY_RTOL)
     result = (out / "result.json").read_text()
     assert '"world_size":2' in result and '"fsdp":false' in result
-    assert ref["mask_sha256"] in result  # both ranks hashed the masks; they equal the single-process ones
+    assert ref.mask_sha256 in result  # both ranks hashed the masks; they equal the single-process ones
     assert_masks_exact(out, corpus)
     # A checkpoint from 2 processes resumes in 1 (the format and the global batch do not depend on it).
     before = read_metrics(out)
-    assert train(tiny_config(corpus, *COMMON, "train.steps=10"), out, resume=True)["world_size"] == 1
+    assert train(tiny_config(corpus, *COMMON, "train.steps=10"), out, resume=True).world_size == 1
     after = read_metrics(out)
     assert len(after) == 10 and after[:8] == before and float(after[-1]["train_loss"]) < float(before[0]["train_loss"])
 
@@ -92,9 +96,10 @@ def test_sparse_backend_on_two_processes_matches_one_process(corpus, tmp_path, b
     masks = ("model.mask_kind=blocks", "model.block_size=8") if backend == "blocks" else ()
     sparse = (*COMMON, "model.width=64", "model.base_width=32", *masks, f"model.backend={backend}")
     single = train(tiny_config(corpus, *sparse), tmp_path / "single")
+    assert isinstance(single, Completed)
     out = tmp_path / "multi"
     torchrun_train(out, *(["--fsdp"] if fsdp else []), "--set", *tiny_overrides(corpus, *sparse))
     assert losses(out)[0] == pytest.approx(losses(tmp_path / "single")[0], rel=TINY_RTOL)
     result = (out / "result.json").read_text()
-    assert single["mask_sha256"] in result and f'"backends":{{"{backend}":4}}' in result
+    assert single.mask_sha256 in result and f'"backends":{{"{backend}":4}}' in result
     assert checkpoint.load(out)["model"]["blocks.0.attn.qkv.weight"].dim() == (4 if backend == "blocks" else 2)

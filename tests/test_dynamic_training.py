@@ -28,7 +28,7 @@ from sparsemup.core.record import dense_gradients
 from sparsemup.core.rules import Family, Multipliers, Role, lr_multiplier
 from sparsemup.dynamic import GMP, SET, DynamicSparsity, RigL
 from sparsemup.train import ConfigError, build_model, checkpoint, evaluate_checkpoint
-from sparsemup.train.trainer import Trainer, train
+from sparsemup.train.trainer import Completed, Trainer, train
 from sparsemup.train.validate import validate
 
 RIGL = ("sparsity.method=rigl", "sparsity.update_every=2", "train.checkpoint_every=3")
@@ -199,6 +199,7 @@ def test_a_rigl_run_resumed_after_a_kill_is_the_uninterrupted_run_bitwise(corpus
         assert killed.train_step()
     killed.close()
     resumed = train(tiny_config(corpus, *RIGL), tmp_path / "split", resume=True)
+    assert isinstance(whole, Completed) and isinstance(resumed, Completed)
     assert curve(read_metrics(tmp_path / "split")) == curve(read_metrics(tmp_path / "whole"))
     a, b = checkpoint.load(tmp_path / "whole"), checkpoint.load(tmp_path / "split")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -270,6 +271,7 @@ def test_a_sparse_by_storage_model_is_refused():
 def test_rigl_on_two_processes_takes_the_single_process_masks(corpus, tmp_path):
     items = tiny_overrides(corpus, *RIGL, "optim.schedule=constant")
     single = train(tiny_config(corpus, *RIGL, "optim.schedule=constant"), tmp_path / "one")
+    assert isinstance(single, Completed)
     torchrun(["-m", "sparsemup.cli", "train", "--out", str(tmp_path / "two"), "--set", *items], tmp_path)
     result = json.loads((tmp_path / "two" / "result.json").read_text())
     # Each rank checked after every update that both hold the same masks; they are the one-process masks.

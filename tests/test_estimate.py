@@ -1,13 +1,11 @@
 """The optimum estimator on synthetic curves with a known optimum and stores-like, heavy-tailed noise (fixed seeds;
 the choice of window and the full study: scripts/estimator_study.py, docs/SWEEPS.md)."""
 
-from typing import Any
-
 import numpy as np
 import pytest
 
 from helpers import known
-from sparsemup.tuning.estimate import _PAIR_MEDIAN_PER_SCALE, NU, Noise, estimate, point_estimate
+from sparsemup.tuning.estimate import _PAIR_MEDIAN_PER_SCALE, NU, Noise, Optimum, estimate, point_estimate
 from sparsemup.tuning.synthetic import noisy, random_curve
 
 OCTAVES = np.arange(-11.0, -2.5, 1.0)
@@ -18,7 +16,7 @@ def draws(grid, seeds, n, seed):
     """``n`` noisy synthetic curves with interior optima: (true optimum, estimate)."""
     rng = np.random.default_rng(seed)
     noise = Noise.pooled([])  # the default: what a one-seed store gets
-    out: list[tuple[float, dict[str, Any]]] = []
+    out: list[tuple[float, Optimum]] = []
     while len(out) < n:
         curve = random_curve(rng, float(rng.uniform(-9, -6)))
         ys, _ = noisy(curve, grid, seeds, rng)
@@ -26,6 +24,12 @@ def draws(grid, seeds, n, seed):
         if not found.optimum["edge"]:
             out.append((curve.optimum, found.optimum))
     return out
+
+
+def interval(optimum: Optimum) -> tuple[float, float]:
+    assert optimum["interval"] is not None  # an optimum off the grid's edge has one
+    lo, hi = optimum["interval"]
+    return lo, hi
 
 
 def test_the_noise_scale_constant_is_the_median_difference_of_two_t_draws():
@@ -41,7 +45,7 @@ def test_true_optimum_is_recovered_within_tolerance_and_the_interval_covers_it(g
     errors = np.array([abs(o["log2_x"] - true) for true, o in found])
     # The stated tolerance (docs/SWEEPS.md): median error ≤ 0.2 log2, 85 % of optima within 0.5.
     assert np.median(errors) <= 0.2 and np.mean(errors <= 0.5) >= 0.85
-    covered = [o["interval"][0] <= true <= o["interval"][1] for true, o in found]
+    covered = [interval(o)[0] <= true <= interval(o)[1] for true, o in found]
     assert np.mean(covered) >= 0.9  # 95 % intervals, heavy-tailed noise included
 
 
@@ -52,16 +56,18 @@ def test_a_single_dip_beside_a_flat_minimum_moves_the_optimum_less_than_its_unce
     noise = Noise.pooled([])
     flat_bottom = 1.8 + 0.02 * (grid - centre) ** 2
     before = known(estimate(grid, flat_bottom.tolist(), [1] * grid.size, noise, rng)).optimum
+    se = before["se"]
+    assert se is not None  # the minimum is inside the grid
     k = int(np.argmin(flat_bottom))
     for beside in (k - 1, k + 1):
         dipped = flat_bottom.copy()
         dipped[beside] -= 0.01
         after = known(estimate(grid, dipped.tolist(), [1] * grid.size, noise, rng)).optimum
-        assert abs(after["log2_x"] - before["log2_x"]) < before["se"]
+        assert abs(after["log2_x"] - before["log2_x"]) < se
     # The parabola through the grid minimum and its neighbours (window 0) jumps by more.
     dipped = flat_bottom.copy()
     dipped[k + 1 if grid[k] < centre else k - 1] -= 0.01
-    assert abs(known(point_estimate(grid, dipped.tolist(), window=0))["log2_x"] - before["log2_x"]) > 0.3 * before["se"]
+    assert abs(known(point_estimate(grid, dipped.tolist(), window=0))["log2_x"] - before["log2_x"]) > 0.3 * se
 
 
 def test_a_flat_curve_is_flagged_and_a_curved_one_is_not():

@@ -21,7 +21,7 @@ from helpers import curve, mask_of, masked_zero_violations, read_metrics, tiny_c
 from sparsemup.cli import main  # noqa: E402
 from sparsemup.core import explain_rows  # noqa: E402
 from sparsemup.train import ConfigError, build_model, checkpoint  # noqa: E402
-from sparsemup.train.trainer import Trainer, train  # noqa: E402
+from sparsemup.train.trainer import Completed, Trainer, train  # noqa: E402
 
 
 def llama_template(tied: bool = False):
@@ -253,7 +253,7 @@ def hf_train_config(corpus):
 
 def test_trainer_runs_a_transformers_model_and_resumes_exactly(corpus, tmp_path):
     result = train(hf_train_config(corpus), tmp_path / "whole")
-    assert result["status"] == "completed" and math.isfinite(result["final_val_loss"])
+    assert isinstance(result, Completed) and math.isfinite(result.final_val_loss)
     killed = Trainer(hf_train_config(corpus), tmp_path / "split")
     for _ in range(7):
         assert killed.train_step()

@@ -86,8 +86,10 @@ def test_save_model_loads_in_plain_transformers(tmp_path):
     args = arguments(tmp_path, optim="adamw_torch", max_grad_norm=0.5)
     trainer = hf.Trainer(model=model, args=args, train_dataset=Tokens())
     trainer.train()
-    assert all("lr_mult" in group for group in trainer.optimizer.param_groups)
-    lrs = {group["lr_mult"] for group in trainer.optimizer.param_groups}
+    optimizer = trainer.optimizer
+    assert optimizer is not None  # train() made it
+    assert all("lr_mult" in group for group in optimizer.param_groups)
+    lrs = {group["lr_mult"] for group in optimizer.param_groups}
     assert len(lrs) > 1  # the scheme's per-layer LRs, not Trainer's one
     trainer.save_model(str(tmp_path / "final"))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "final")

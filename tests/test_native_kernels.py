@@ -166,6 +166,7 @@ def test_block_kernels_name_bad_inputs(built):
 def test_status_names_the_active_path(built):
     status = native.status()
     assert status["active"] and status["isa"] in ("avx512f", "avx2", "default")
+    assert status["cache"] is not None  # active: built in (or loaded from) its cache folder
     assert status["reason"] in ("built", "cached") and status["build_key"] in status["cache"]
 
 
@@ -253,8 +254,10 @@ def test_a_truncated_build_in_the_cache_is_rebuilt_after_one_warning(built, tmp_
     import subprocess
     import sys
 
-    cache = tmp_path / native.status()["build_key"]
-    shutil.copytree(native.status()["cache"], cache, ignore=shutil.ignore_patterns("*lock"))
+    status = native.status()
+    assert status["cache"] is not None
+    cache = tmp_path / status["build_key"]
+    shutil.copytree(status["cache"], cache, ignore=shutil.ignore_patterns("*lock"))
     lib = next(cache.glob("*.so"))
     lib.with_name(lib.name + ".sha256").write_text(native._digest(lib) + "\n")
     with lib.open("r+b") as f:

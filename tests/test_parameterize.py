@@ -283,7 +283,8 @@ def test_parameterize_takes_the_fields_of_options_as_keywords():
     params = inspect.signature(smp.parameterize).parameters
     assert list(params) == ["model", "base", *fields]
     assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in fields)
-    assert "mask_kind:" in smp.parameterize.__doc__ and "Returns the ``Parameterization``" in smp.parameterize.__doc__
+    doc = smp.parameterize.__doc__
+    assert doc is not None and "mask_kind:" in doc and "Returns the ``Parameterization``" in doc
     with torch.device("meta"):
         base = MLP(8, 16, 4, depth=1)
     with pytest.raises(TypeError, match=r"parameterize\(\): .*unexpected keyword argument 'sed'"):

@@ -47,7 +47,9 @@ def test_random_search_is_reproducible_and_in_range(corpus):
     assert [p.id for p in a.points] != [p.id for p in c.points]
     assert len(a.points) == 5
     for p in a.points:
-        assert -10 <= math.log2(p.overrides["optim.lr"]) <= -4 and 0.01 <= p.overrides["model.init_std"] <= 0.1
+        lr, std = p.overrides["optim.lr"], p.overrides["model.init_std"]
+        assert isinstance(lr, float) and isinstance(std, float)
+        assert -10 <= math.log2(lr) <= -4 and 0.01 <= std <= 0.1
 
 
 @pytest.mark.parametrize("text, message", [

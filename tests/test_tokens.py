@@ -14,7 +14,7 @@ from sparsemup.cli import main  # noqa: E402
 from sparsemup.train import ConfigError, build_model  # noqa: E402
 from sparsemup.train.data import load_corpus, token_files  # noqa: E402
 from sparsemup.train.tokenize import load_tokenizer, tokenize_corpus, write_token_files  # noqa: E402
-from sparsemup.train.trainer import train  # noqa: E402
+from sparsemup.train.trainer import Completed, train  # noqa: E402
 from sparsemup.train.validate import validate  # noqa: E402
 
 
@@ -54,6 +54,7 @@ def test_trainer_uses_the_data_vocabulary_and_bits_per_byte(bpe, tmp_path):
     model = build_model(cfg)
     assert any(p.shape[0] == 300 for p in model.parameters())
     result = train(cfg, tmp_path / "run")
+    assert isinstance(result, Completed)
     per_token = known(token_files(str(bpe))).bytes_per_token["val"]
     assert result.final_val_bits_per_byte == pytest.approx(result.final_val_loss / math.log(2) / per_token)
 

@@ -10,7 +10,7 @@ from helpers import TINY_RTOL, curve, masked_zero_violations, read_metrics, tiny
 from sparsemup.cli import main
 from sparsemup.train import ConfigError, build_model, checkpoint, evaluate_checkpoint, load_config
 from sparsemup.train.config import to_toml
-from sparsemup.train.trainer import Schedule, Trainer, train
+from sparsemup.train.trainer import Completed, Schedule, Trainer, train
 
 
 def test_run_writes_config_metrics_checkpoint_and_result(corpus, tmp_path):
@@ -274,6 +274,7 @@ ROWS = ("model.width=64", "model.base_width=32")
 def test_sparse_backends_train_like_masked_dense_and_resume_bitwise(corpus, tmp_path, masks, backend):
     dense = train(tiny_config(corpus, *masks), tmp_path / "dense")
     whole = train(tiny_config(corpus, *masks, f"model.backend={backend}"), tmp_path / "whole")
+    assert isinstance(dense, Completed) and isinstance(whole, Completed)
     assert whole.backends == {backend: 4} and dense.backends == {}
     assert whole.final_val_loss == pytest.approx(dense.final_val_loss, rel=TINY_RTOL)
     assert whole.mask_sha256 != dense.mask_sha256  # same masks, but the digest covers the backend too

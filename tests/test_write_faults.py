@@ -14,7 +14,7 @@ from helpers import sweep_base, tiny_overrides
 from sparsemup.cli import main
 from sparsemup.core.atomic import WriteError, append_atomic, write_atomic, write_text_atomic
 from sparsemup.train import checkpoint
-from sparsemup.tuning.store import ResultStore
+from sparsemup.tuning.store import ResultStore, RunRecord
 from sparsemup.tuning.sweep import parse_sweep, run_sweep
 
 
@@ -88,7 +88,8 @@ def test_a_full_disk_at_a_checkpoint_stops_with_enospc_and_keeps_the_previous_on
 
 def test_an_immutable_results_store_is_named_and_its_records_kept(tmp_path):
     store = ResultStore(tmp_path / "results.jsonl")
-    record = {"id": "a", "overrides": {}, "status": "completed", "final_val_loss": 2.0, "config": {}}
+    record: RunRecord = {"id": "a", "overrides": {}, "status": "completed", "final_val_loss": 2.0, "steps": 2,
+                         "diverged_at_step": None, "seconds": 1.0, "config": {}}
     store.append(record)
     if subprocess.run(["chattr", "+i", str(store.path)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not available here (needs root and a filesystem that supports it)")

@@ -72,7 +72,7 @@ def apply_plan(plan: Plan) -> Parameterization:
     device = plan.params[0].tied.param.device if plan.params else torch.device("cpu")
     target.register_buffer(hooks.SIGNATURE, plan.signature().to(device))
     masked = [(u.name, int(p.mask.sum())) for p in plan.params if p.mask is not None for u in p.tied.usages]
-    target.register_load_state_dict_pre_hook(hooks.CheckStateOnLoad(masked))  # type: ignore[no-untyped-call]
+    target.register_load_state_dict_pre_hook(hooks.CheckStateOnLoad(masked))
     for name, scale in plan.attention_scales.items():
         attention = modules[name]
         assert isinstance(attention, DotProductAttention)  # the plan found it so

@@ -11,11 +11,16 @@ first use (it needs accelerate, also in the extra).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._extra import MissingExtraError  # first: without transformers, its error names the extra
 from .build import build
 from .configs import causal_lm_types, layer_sizes, load_config, scale_config, small_config
 from .layouts import Conv1D
 from .pretrained import from_pretrained, load_into, save_into, save_pretrained
+
+if TYPE_CHECKING:  # imported lazily at run time (``__getattr__``): the type checker sees them as they are
+    from .trainer import TRAINER_OPTIMIZERS, Trainer
 
 __all__ = ["TRAINER_OPTIMIZERS", "Conv1D", "MissingExtraError", "Trainer", "build", "causal_lm_types",
            "from_pretrained", "layer_sizes", "load_config", "load_into", "save_into", "save_pretrained", "scale_config",

@@ -21,7 +21,7 @@ HF_RECORD = RECORD_PREFIX + "hf"  # {"base_config": dict, "delta_config": dict |
 def from_config(config: PretrainedConfig, device: torch.device | str | None = None) -> PreTrainedModel:
     """The causal LM of ``config`` in fp32 on ``device`` (``"meta"`` for a base: shapes only)."""
     with torch.device(device or "cpu"):
-        model: PreTrainedModel = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(
             config, dtype=torch.float32)
     return model
 
@@ -66,7 +66,7 @@ def build(
 def _check_roles(model: PreTrainedModel, record: Parameterization) -> None:
     """In a causal LM only embeddings are inputs and only the LM head is an output: any other input or output
     weight is a layer whose size the config scaling missed (a field name sparsemup.hf does not know)."""
-    output = model.get_output_embeddings()  # type: ignore[no-untyped-call]
+    output = model.get_output_embeddings()
     for info in record.params.values():
         for usage, role in info.usage_roles.items():
             owner = model.get_submodule(usage.rpartition(".")[0])

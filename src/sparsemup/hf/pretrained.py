@@ -87,7 +87,7 @@ def _options_from_json(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tied(model: PreTrainedModel) -> bool:
-    output = model.get_output_embeddings()  # type: ignore[no-untyped-call]
+    output = model.get_output_embeddings()
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 

@@ -103,7 +103,7 @@ def time_step(forward: Callable[[torch.Tensor], torch.Tensor], after: Callable[[
         y = forward(x)
         sync(x.device)
         t1 = time.perf_counter()
-        y.backward(grad_y)  # type: ignore[no-untyped-call]
+        y.backward(grad_y)
         after()
         sync(x.device)
         t2 = time.perf_counter()

@@ -149,7 +149,7 @@ def wrap(model: nn.Module, ctx: Context, fsdp: bool, units: Sequence[nn.Module])
     ddp = nn.parallel.DistributedDataParallel
     # Nor at start for the layouts' integer buffers (the row-sparse index is int16, which gloo cannot send):
     # they follow from the masks, whose digest every rank has just compared.
-    ddp._set_params_and_buffers_to_ignore_for_model(  # type: ignore[no-untyped-call]
+    ddp._set_params_and_buffers_to_ignore_for_model(
         model, [name for name, buffer in model.named_buffers() if not buffer.is_floating_point()])
     no_sync: dict[str, Any] = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
                else "broadcast_buffers": False}

@@ -326,7 +326,7 @@ class Trainer:
                 with self._sync(i == t.grad_accum - 1):
                     logits = logits_of(self.model(x[rows]))
                     loss = F.cross_entropy(logits.flatten(0, 1).float(), y[rows].flatten()) / t.grad_accum
-                    loss.backward()  # type: ignore[no-untyped-call]
+                    loss.backward()
                 total += loss.detach()
         gradients = self.dynamic.take_gradients() if dense and self.dynamic is not None else None
         return float(distributed.all_mean(total, ctx)), gradients

@@ -85,7 +85,7 @@ def run_on_ray(jobs: Sequence[tuple[Job, dict[str, Any], str]], workers: int,
     import ray
 
     task = ray.remote(max_retries=RETRIES, retry_exceptions=False)(execute)
-    gpus = float(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
+    gpus = float(ray.cluster_resources().get("GPU", 0))
     queue = list(jobs)
     pending: dict[Any, Job] = {}
     while queue or pending:
