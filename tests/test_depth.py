@@ -346,6 +346,21 @@ def test_depth_check_runs_on_a_transformers_model():
     assert result["settings"]["head_dim"] == 64 and "depth" not in result["settings"]
 
 
+def test_depth_check_measures_training_not_dropout():
+    """GPT-2's config drops 10% of the stream: with dropout on, each step's new masks would change the last block's
+    output at any learning rate. At a learning rate too small to move a weight the measured change must be 0."""
+    pytest.importorskip("sparsemup.hf")
+    from sparsemup.coord.depth import hf_depth_cases, measure_depth
+    from sparsemup.core import make_optimizer
+
+    case = next(c for c in hf_depth_cases("gpt2", "supar", [128], [1.0], [2, 3], 1, 128, 1.0, 2) if not c.base)
+    model = case.build()
+    assert getattr(model.config, "resid_pdrop", 0) > 0  # the template does drop: the check must turn it off
+    rows = measure_depth(model, case.inputs, case.targets, case.loss_fn,
+                         make_optimizer(model, torch.optim.Adam, lr=1e-30), 1, [])
+    assert [r["rms"] for r in rows if r["quantity"] in ("delta", "block_delta")] == [0.0, 0.0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", ["none", "half", "one"])
 def test_the_documented_gpt_depth_verdicts_are_unchanged(rule, tmp_path):
