@@ -36,7 +36,14 @@ def test_no_depth_rule_is_todays_model_bitwise():
     assert all("eps" not in g or g["eps"] == 1e-8 for g in opts[1].param_groups)
     assert [g["lr"] for g in opts[0].param_groups] == [g["lr"] for g in opts[1].param_groups]
     x = tokens(seq=17)
-    losses = [[train_steps(m, o, 1, x).item() for _ in range(2)] for m, o in zip((plain, none), opts)]
+    # One thread: bitwise equality is a claim about the models, not about how a BLAS splits a product over threads
+    # (a run under heavy load once differed in the 7th digit with 2).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = [[train_steps(m, o, 1, x).item() for _ in range(2)] for m, o in zip((plain, none), opts)]
+    finally:
+        torch.set_num_threads(threads)
     assert losses[0] == losses[1]
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), none.parameters()))
 
@@ -346,6 +353,21 @@ def test_depth_check_runs_on_a_transformers_model():
     assert fitted == {("act", 0), ("act", 1), ("act", 2), ("delta", 1), ("delta", 2), ("block_delta", 1),
                       ("block_delta", 2)}
     assert result["settings"]["head_dim"] == 64 and "depth" not in result["settings"]
+
+
+def test_depth_check_measures_training_not_dropout():
+    """GPT-2's config drops 10% of the stream: with dropout on, each step's new masks would change the last block's
+    output at any learning rate. At a learning rate too small to move a weight the measured change must be 0."""
+    pytest.importorskip("sparsemup.hf")
+    from sparsemup.coord.depth import hf_depth_cases, measure_depth
+    from sparsemup.core import make_optimizer
+
+    case = next(c for c in hf_depth_cases("gpt2", "supar", [128], [1.0], [2, 3], 1, 128, 1.0, 2) if not c.base)
+    model = case.build()
+    assert getattr(model.config, "resid_pdrop", 0) > 0  # the template does drop: the check must turn it off
+    rows = measure_depth(model, case.inputs, case.targets, case.loss_fn,
+                         make_optimizer(model, torch.optim.Adam, lr=1e-30), 1, [])
+    assert [r["rms"] for r in rows if r["quantity"] in ("delta", "block_delta")] == [0.0, 0.0]
 
 
 @pytest.mark.slow

@@ -162,17 +162,23 @@ def hf_depth_cases(spec: str, scheme: str, widths: Sequence[int], densities: Seq
             build = partial(hf.build, hf.small_config(spec, d["vocab_size"], depth), width, base_width,
                             head_dim=head_dim or d["head_dim"], scheme=scheme, density=density, seed=seed,
                             init_std=d["init_std"], **_depth_rule(depth_alpha, base_depth))
-            yield Case(width, density, seed, partial(_without_cache, build), tokens[:, :-1], tokens[:, 1:],
+            yield Case(width, density, seed, partial(_measurable, build), tokens[:, :-1], tokens[:, 1:],
                        _logits_loss, base, depth)
 
 
-def _without_cache(build: Callable[[], nn.Module]) -> nn.Module:
+def _measurable(build: Callable[[], nn.Module]) -> nn.Module:
     """The model of ``build`` with transformers' KV cache off, so a block re-run on its step-0 arguments sees no
-    cache that the first call filled."""
+    cache that the first call filled, and with dropout off (GPT-2's config drops 10%), so that the stream's change
+    is what training did: with dropout on, each step's new dropout masks change the stream at any learning rate."""
     model = build()
     config = getattr(model, "config", None)
     if config is not None:
         config.use_cache = False
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama, Qwen2: a rate, not a module
+            setattr(module, "attention_dropout", 0.0)  # noqa: B010 (a float attribute; Module types them as tensors)
     return model
 
 
