@@ -360,7 +360,7 @@ def test_depth_check_measures_training_not_dropout():
     output at any learning rate. At a learning rate too small to move a weight the measured change must be 0."""
     pytest.importorskip("sparsemup.hf")
     from sparsemup.coord.depth import hf_depth_cases, measure_depth
-    from sparsemup.core import make_optimizer
+    from sparsemup.core.optim import make_optimizer
 
     case = next(c for c in hf_depth_cases("gpt2", "supar", [128], [1.0], [2, 3], 1, 128, 1.0, 2) if not c.base)
     model = case.build()
